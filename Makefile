@@ -1,0 +1,38 @@
+# clipmask: the native workflow. See README.md.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU installs pin torch to the local CPU build; a GPU host sets TORCH_SPEC=torch (CUDA wheels).
+TORCH_SPEC ?= torch==2.13.0
+export VENV
+
+.PHONY: install up down demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[worker,dev]'
+	touch $@
+
+up: install
+	scripts/stack.sh up
+
+down:
+	scripts/stack.sh down
+
+demo: install
+	scripts/demo.sh
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) bench/engine.py --model tiny --images 8 --prompts 4
+
+clean: down
+	rm -rf .run

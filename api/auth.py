@@ -1,0 +1,28 @@
+"""Bearer API-key authentication for every /v1 route."""
+
+from __future__ import annotations
+
+from flask import g, request
+
+from api.problems import ApiProblem
+from api.services import db
+from shared.models import Tenant
+from shared.tenants import authenticate
+
+
+def require_tenant() -> None:
+    """before_request hook: resolve the key to its tenant or answer 401."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiProblem(401, "unauthorized", "Send your API key as 'Authorization: Bearer <api_key>'.")
+    tenant = authenticate(db(), token.strip())
+    db().rollback()  # end the read transaction; handlers open their own
+    if tenant is None:
+        raise ApiProblem(401, "unauthorized", "The API key is unknown or revoked.")
+    g.tenant = tenant
+
+
+def current_tenant() -> Tenant:
+    tenant: Tenant = g.tenant
+    return tenant

@@ -1,0 +1,201 @@
+"""Request and response schemas. The OpenAPI document is generated from these same models."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from api.problems import ApiProblem
+from shared.fetch import check_url_syntax
+
+JOB_EVENTS = ("job.succeeded", "job.failed", "job.canceled")
+MAX_PROMPTS = 16
+MAX_PROMPT_CHARS = 200
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_CHARS = 500
+
+# The stable error code for a bad value in each field (first bad field wins).
+FIELD_CODES = {
+    "prompts": "invalid_prompts",
+    "threshold": "invalid_threshold",
+    "webhook_url": "invalid_webhook_url",
+    "webhook_events": "invalid_webhook_events",
+    "metadata": "invalid_metadata",
+    "image_url": "invalid_image_url",
+    "image_base64": "invalid_image_base64",
+}
+
+
+def _check_http_url(value: str) -> str:
+    value = value.strip()
+    if len(value) > 4096:
+        raise ValueError("the URL is longer than 4096 characters")
+    problem = check_url_syntax(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+class JobParams(BaseModel):
+    """Everything about a job except where the image comes from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(
+        min_length=1, max_length=MAX_PROMPTS,
+        description=f"1 to {MAX_PROMPTS} text prompts, each 1 to {MAX_PROMPT_CHARS} characters after trimming.",
+    )
+    threshold: float = Field(
+        default=0.4, gt=0, lt=1, description="A pixel is in the mask where sigmoid(logit) >= threshold.",
+    )
+    webhook_url: str | None = Field(default=None, description="http(s) URL that receives the job's events.")
+    webhook_events: list[Literal["job.succeeded", "job.failed", "job.canceled"]] | None = Field(
+        default=None, description="Subset of job events to deliver; default all.",
+    )
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description=f"String pairs echoed back, at most {MAX_METADATA_PAIRS}.",
+    )
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _prompts_list(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed, got {len(value)}")
+        return value
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, value: list[str]) -> list[str]:
+        cleaned = []
+        for index, prompt in enumerate(value):
+            text = prompt.strip()
+            if not text:
+                raise ValueError(f"prompt {index} is blank")
+            if len(text) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt {index} is longer than {MAX_PROMPT_CHARS} characters")
+            cleaned.append(text)
+        return cleaned
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value)
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _events(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else sorted(set(value), key=JOB_EVENTS.index)
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if len(value) > MAX_METADATA_PAIRS:
+                raise ValueError(f"at most {MAX_METADATA_PAIRS} pairs are allowed")
+            for key, item in value.items():
+                if not isinstance(item, str):
+                    raise ValueError(f"the value of {key!r} must be a string")
+                if len(key) > MAX_METADATA_CHARS or len(item) > MAX_METADATA_CHARS:
+                    raise ValueError(f"keys and values are at most {MAX_METADATA_CHARS} characters")
+        return value
+
+
+class JobCreateJson(JobParams):
+    """`POST /v1/jobs` with a JSON body: exactly one of image_url or image_base64."""
+
+    image_url: str | None = Field(default=None, description="http(s) URL the worker downloads.")
+    image_base64: str | None = Field(default=None, description="Base64 image bytes or a data: URI.")
+
+    @field_validator("image_url")
+    @classmethod
+    def _image_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value)
+
+
+class JobCreateMultipart(JobParams):
+    """`POST /v1/jobs` as multipart/form-data: the file part `image` plus the fields above."""
+
+    image: bytes = Field(description="The image file.", json_schema_extra={"format": "binary"})
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def validation_problem(exc: ValidationError) -> ApiProblem:
+    """Turn pydantic's errors into a 422 whose `code` names the first bad field."""
+    errors = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        errors.append({"field": _field_path(loc), "message": message})
+    first = exc.errors()[0]
+    top = str(first["loc"][0]) if first["loc"] else ""
+    code = "unknown_field" if first["type"] == "extra_forbidden" else FIELD_CODES.get(top, "invalid_request")
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+    return ApiProblem(422, code, f"The request has invalid fields: {detail}", errors=errors)
+
+
+# ---- response objects (documentation and the contract test use them) -------------------
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class MaskResult(BaseModel):
+    prompt: str
+    mask_url: str = Field(description="Presigned GET URL of an 8-bit grayscale PNG (0/255) at image size.")
+    bbox: Annotated[list[int], Field(min_length=4, max_length=4)] | None = Field(
+        description="[x0, y0, x1, y1], exclusive end; null for an empty mask."
+    )
+    area_fraction: float
+    score: float = Field(description="Highest probability anywhere in the image for this prompt.")
+
+
+class JobError(BaseModel):
+    code: str = Field(description="image_fetch_failed, image_too_large, image_invalid, storage_failed, internal")
+    message: str
+
+
+class JobObject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    object: Literal["job"]
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    input: dict[str, Any] = Field(description='{"image_url": ...} or {"upload": {filename, content_type, bytes}}')
+    image: ImageSize | None
+    prompts: list[str]
+    threshold: float
+    results: list[MaskResult]
+    error: JobError | None
+    metadata: dict[str, str]
+    batch_id: str | None
+    webhook_url: str | None
+
+
+class JobList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    object: Literal["list"]
+    data: list[JobObject]
+    next_cursor: str | None
+
+
+class Problem(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[dict[str, str]] | None = None

@@ -1,0 +1,48 @@
+"""What a request handler needs, built once per app from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from flask import current_app, g
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import make_engine, make_session_factory
+from shared.queue import make_celery
+from shared.settings import Settings
+from shared.storage import ObjectStorage
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    storage: ObjectStorage
+    celery: Celery
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        engine = make_engine(settings.database_url)
+        return cls(settings, engine, make_session_factory(engine), ObjectStorage(settings), make_celery(settings))
+
+
+def services() -> Services:
+    svc: Services = current_app.extensions["clipmask"]
+    return svc
+
+
+def db() -> Session:
+    """The request's session (closed at teardown)."""
+    if "db" not in g:
+        g.db = services().sessions()
+    session: Session = g.db
+    return session
+
+
+def close_db(_exc: BaseException | None = None) -> None:
+    session = g.pop("db", None)
+    if session is not None:
+        session.close()

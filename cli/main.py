@@ -1,0 +1,114 @@
+"""The `clipmask` console script.
+
+  clipmask tenant create NAME     JSON {tenant_id, api_key, webhook_secret}
+  clipmask dev-model DIR          tiny random-weight CLIPSeg for offline runs (--size full: real shape)
+  clipmask migrate                alembic upgrade head
+  clipmask init-storage           create the bucket if missing
+  clipmask model-available [ID]   exit 0 if the hub model can be loaded here
+  clipmask demo                   tenant + one job on a generated sample image, waits, prints it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from shared.settings import Settings
+
+
+def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
+    from shared.db import make_engine, make_session_factory
+
+    return make_session_factory(make_engine(settings.database_url, pool_size=1))
+
+
+def cmd_tenant_create(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.db import session_scope
+    from shared.tenants import create_tenant
+
+    with session_scope(_sessions(settings)) as session:
+        new = create_tenant(session, name=args.name)
+    print(json.dumps({"tenant_id": new.tenant_id, "api_key": new.api_key, "webhook_secret": new.webhook_secret}))
+    return 0
+
+
+def cmd_dev_model(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.engine.devmodel import write_dev_model
+
+    out = write_dev_model(args.directory, size=args.size)
+    print(json.dumps({"model_dir": str(out), "size": args.size, "random_weights": True}))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.migrate import upgrade
+
+    upgrade(settings.database_url)
+    return 0
+
+
+def cmd_init_storage(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.storage import ObjectStorage
+
+    ObjectStorage(settings).ensure_bucket()
+    return 0
+
+
+def cmd_model_available(args: argparse.Namespace, settings: Settings) -> int:
+    model = args.model or settings.model
+    if Path(model).is_dir():
+        return 0 if (Path(model) / "config.json").exists() else 1
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(model, "config.json", etag_timeout=10)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not loadable here"
+        print(f"{model} cannot be loaded here: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.demo import run_demo
+
+    return run_demo(settings, base_url=args.base_url, out_dir=Path(args.out), random_weights=args.random_weights)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipmask", description="clipmask administration and tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tenant = sub.add_parser("tenant", help="manage tenants").add_subparsers(dest="tenant_command", required=True)
+    create = tenant.add_parser("create", help="create a tenant and print its API key and webhook secret")
+    create.add_argument("name")
+    create.set_defaults(func=cmd_tenant_create)
+
+    dev = sub.add_parser("dev-model", help="write a random-weight CLIPSeg into DIR (no download)")
+    dev.add_argument("directory")
+    dev.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    dev.set_defaults(func=cmd_dev_model)
+
+    sub.add_parser("migrate", help="alembic upgrade head").set_defaults(func=cmd_migrate)
+    sub.add_parser("init-storage", help="create the bucket if missing").set_defaults(func=cmd_init_storage)
+
+    avail = sub.add_parser("model-available", help="exit 0 if the model can be loaded on this machine")
+    avail.add_argument("model", nargs="?")
+    avail.set_defaults(func=cmd_model_available)
+
+    demo = sub.add_parser("demo", help="segment a generated sample image through the running stack")
+    demo.add_argument("--base-url", default="http://127.0.0.1:8000")
+    demo.add_argument("--out", default=".run/demo")
+    demo.add_argument("--random-weights", action="store_true", help="label the masks as random-weight")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args, Settings()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

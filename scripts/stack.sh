@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Native stack: `stack.sh up` starts (in the background) an S3-protocol server, the API under
+# gunicorn, one Celery worker and Flower, after making sure Postgres and Redis answer; it returns
+# when /readyz is 200. `stack.sh down` stops exactly the processes whose pid files it wrote.
+# Running `up` twice is harmless. Pids and logs live under $CLIPMASK_RUN_DIR (default .run/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUN=${CLIPMASK_RUN_DIR:-.run}
+BIN=${VENV:-.venv}/bin
+mkdir -p "$RUN/logs" "$RUN/pids"
+
+# Defaults for the native stack; any CLIPMASK_* already set in the environment wins.
+export CLIPMASK_DATABASE_URL=${CLIPMASK_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/clipmask}
+export CLIPMASK_REDIS_URL=${CLIPMASK_REDIS_URL:-redis://127.0.0.1:6379/0}
+export CLIPMASK_S3_ENDPOINT_URL=${CLIPMASK_S3_ENDPOINT_URL:-http://127.0.0.1:9000}
+export CLIPMASK_S3_ACCESS_KEY_ID=${CLIPMASK_S3_ACCESS_KEY_ID:-clipmask}
+export CLIPMASK_S3_SECRET_ACCESS_KEY=${CLIPMASK_S3_SECRET_ACCESS_KEY:-clipmask-secret}
+export CLIPMASK_FLOWER_USER=${CLIPMASK_FLOWER_USER:-admin}
+export CLIPMASK_FLOWER_PASSWORD=${CLIPMASK_FLOWER_PASSWORD:-change-me}
+API_BIND=${CLIPMASK_API_BIND:-127.0.0.1:8000}
+FLOWER_PORT=${CLIPMASK_FLOWER_PORT:-5555}
+S3_PORT=${CLIPMASK_S3_PORT:-9000}
+
+say() { echo "[stack] $*"; }
+
+alive() { [ -f "$RUN/pids/$1.pid" ] && kill -0 "$(cat "$RUN/pids/$1.pid")" 2>/dev/null; }
+
+start_bg() {  # name command...
+  local name=$1; shift
+  if alive "$name"; then say "$name already running (pid $(cat "$RUN/pids/$name.pid"))"; return; fi
+  setsid nohup "$@" >>"$RUN/logs/$name.log" 2>&1 < /dev/null &
+  echo $! >"$RUN/pids/$name.pid"
+  say "$name started (pid $!), log $RUN/logs/$name.log"
+}
+
+wait_for() {  # description seconds command...
+  local what=$1 secs=$2; shift 2
+  for _ in $(seq 1 $((secs * 4))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.25; done
+  say "$what did not come up in ${secs}s"; return 1
+}
+
+ensure_postgres() {
+  if pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then return; fi
+  say "Postgres not answering; starting it"
+  if command -v pg_ctlcluster >/dev/null; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+    touch "$RUN/pids/postgres.started"
+  else
+    say "no pg_ctlcluster here: start PostgreSQL yourself or set CLIPMASK_DATABASE_URL"; exit 1
+  fi
+  wait_for Postgres 30 pg_isready -h 127.0.0.1 -p 5432 -q
+}
+
+ensure_redis() {
+  if redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then return; fi
+  say "Redis not answering; starting it"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --pidfile "$PWD/$RUN/pids/redis-server.pid" --logfile "$PWD/$RUN/logs/redis.log"
+  wait_for Redis 15 redis-cli -h 127.0.0.1 -p 6379 ping
+}
+
+ensure_database() {
+  case "$CLIPMASK_DATABASE_URL" in
+    *@127.0.0.1:5432/clipmask|*@localhost:5432/clipmask)
+      psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='clipmask'" | grep -q 1 \
+        || psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE clipmask" ;;
+  esac
+}
+
+up() {
+  ensure_postgres
+  ensure_redis
+  ensure_database
+  if [ "$CLIPMASK_S3_ENDPOINT_URL" = "http://127.0.0.1:$S3_PORT" ]; then
+    start_bg s3 "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT"
+    wait_for "S3 server" 30 curl -sf "http://127.0.0.1:$S3_PORT/moto-api/"
+  fi
+  "$BIN/clipmask" migrate
+  "$BIN/clipmask" init-storage
+  start_bg api "$BIN/gunicorn" --workers "${CLIPMASK_API_WORKERS:-2}" --bind "$API_BIND" \
+    --access-logfile - --graceful-timeout 20 "api.wsgi:app"
+  start_bg worker "$BIN/celery" -A worker.celery_app worker --pool threads \
+    --concurrency "${CLIPMASK_WORKER_CONCURRENCY:-8}" -Q "${CLIPMASK_INTERACTIVE_QUEUE:-interactive}" \
+    -n "clipmask@%h" --loglevel INFO -E
+  start_bg flower "$BIN/celery" -A worker.celery_app flower --address=127.0.0.1 --port="$FLOWER_PORT" \
+    --basic-auth="$CLIPMASK_FLOWER_USER:$CLIPMASK_FLOWER_PASSWORD" --persistent=True --db="$RUN/flower.db"
+  echo "${CLIPMASK_MODEL:-CIDAS/clipseg-rd64-refined}" >"$RUN/model"
+  wait_for "API /readyz" 60 curl -sf "http://$API_BIND/readyz"
+  say "ready: API http://$API_BIND  Flower http://127.0.0.1:$FLOWER_PORT  S3 $CLIPMASK_S3_ENDPOINT_URL"
+}
+
+down() {
+  for name in flower worker api s3; do
+    if alive "$name"; then
+      pid=$(cat "$RUN/pids/$name.pid")
+      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 80); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      say "$name stopped"
+    fi
+    rm -f "$RUN/pids/$name.pid"
+  done
+  if [ -f "$RUN/pids/redis-server.pid" ]; then
+    kill "$(cat "$RUN/pids/redis-server.pid")" 2>/dev/null || true; rm -f "$RUN/pids/redis-server.pid"
+    say "redis stopped"
+  fi
+  if [ -f "$RUN/pids/postgres.started" ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main stop || true
+    rm -f "$RUN/pids/postgres.started"; say "postgres stopped"
+  fi
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up|down"; exit 2 ;;
+esac

@@ -1,0 +1,168 @@
+"""Safe HTTP(S) image fetch: scheme allow-list, address guard, timeouts, byte and redirect caps.
+
+The address guard runs inside the connection itself: the host name is resolved once, every
+address is checked, and the socket connects to the checked address. A DNS answer that changes
+between check and connect (rebinding) can't slip through, and every redirect hop goes through
+the same connection class, so "after every redirect" holds by construction.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from shared.errors import ImageFetchFailed
+
+
+class AddressRefused(ImageFetchFailed):
+    """The URL resolves to a loopback, private, link-local, metadata or otherwise non-global address."""
+
+
+def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def _resolve_checked(host: str, port: int, allow_private: bool) -> list[tuple]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ImageFetchFailed(f"cannot resolve host {host!r}: {exc.strerror}") from exc
+    if not allow_private:
+        for info in infos:
+            ip = ipaddress.ip_address(info[4][0].split("%")[0])
+            if not is_public_address(ip):
+                raise AddressRefused(
+                    f"refused to connect to {host!r}: it resolves to {ip}, a non-public address"
+                )
+    return infos
+
+
+def _connect(host: str, port: int, timeout: float | None, allow_private: bool) -> socket.socket:
+    last: OSError | None = None
+    for family, socktype, proto, _, addr in _resolve_checked(host, port, allow_private):
+        sock = socket.socket(family, socktype, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise ImageFetchFailed(f"cannot connect to {host}:{port}: {last}")
+
+
+def _connection_classes(allow_private: bool) -> tuple[type[HTTPConnection], type[HTTPSConnection]]:
+    class GuardedHTTP(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            return _connect(self._dns_host, self.port, self.timeout, allow_private)
+
+    class GuardedHTTPS(HTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            return _connect(self._dns_host, self.port, self.timeout, allow_private)
+
+    return GuardedHTTP, GuardedHTTPS
+
+
+_CLASSES = {True: _connection_classes(True), False: _connection_classes(False)}
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    allow_private: bool = False
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 15.0
+    total_timeout_s: float = 60.0
+    max_bytes: int = 25 * 1024 * 1024
+    max_redirects: int = 5
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes
+    content_type: str | None
+    final_url: str
+
+
+def check_url_syntax(url: str) -> str | None:
+    """Why a URL can't be fetched at all (scheme, host), or None. Cheap; used by the API too."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return "not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return "only http and https URLs are accepted"
+    if not parts.hostname:
+        return "the URL has no host"
+    if parts.username or parts.password:
+        return "credentials in the URL are not accepted"
+    return None
+
+
+def fetch_image_bytes(url: str, policy: FetchPolicy) -> Fetched:
+    """GET `url` following at most `max_redirects` redirects; raise ImageFetchFailed on any problem."""
+    deadline = time.monotonic() + policy.total_timeout_s
+    http_cls, https_cls = _CLASSES[policy.allow_private]
+    for _hop in range(policy.max_redirects + 1):
+        problem = check_url_syntax(url)
+        if problem:
+            raise ImageFetchFailed(f"{problem}: {url[:200]}")
+        parts = urlsplit(url)
+        scheme, host = parts.scheme, parts.hostname or ""
+        port = parts.port or (443 if scheme == "https" else 80)
+        pool_cls = urllib3.HTTPSConnectionPool if scheme == "https" else urllib3.HTTPConnectionPool
+        pool = pool_cls(
+            host, port, maxsize=1, retries=False,
+            timeout=urllib3.Timeout(connect=policy.connect_timeout_s, read=policy.read_timeout_s),
+        )
+        pool.ConnectionCls = https_cls if scheme == "https" else http_cls
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        try:
+            resp = pool.urlopen(
+                "GET", path, redirect=False, preload_content=False, retries=False,
+                headers={"User-Agent": "clipmask-fetch/1", "Accept": "image/*,*/*;q=0.5"},
+            )
+            try:
+                if resp.status in (301, 302, 303, 307, 308):
+                    location = resp.headers.get("Location")
+                    if not location:
+                        raise ImageFetchFailed(f"redirect without Location from {url[:200]}")
+                    url = urljoin(url, location)
+                    continue
+                if resp.status != 200:
+                    raise ImageFetchFailed(f"the image URL answered HTTP {resp.status}")
+                declared = resp.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+                    raise ImageFetchFailed(f"the image is larger than {policy.max_bytes} bytes")
+                chunks: list[bytes] = []
+                size = 0
+                # read1 returns what has arrived, so a server that drips bytes meets the deadline
+                while chunk := resp.read1(64 * 1024):
+                    size += len(chunk)
+                    if size > policy.max_bytes:
+                        raise ImageFetchFailed(f"the image is larger than {policy.max_bytes} bytes")
+                    if time.monotonic() > deadline:
+                        raise ImageFetchFailed(f"the download took longer than {policy.total_timeout_s:g} s")
+                    chunks.append(chunk)
+                return Fetched(b"".join(chunks), resp.headers.get("Content-Type"), url)
+            finally:
+                resp.release_conn()
+                resp.close()
+        except ImageFetchFailed:
+            raise
+        except (Urllib3Error, OSError) as exc:
+            raise ImageFetchFailed(f"could not download the image: {type(exc).__name__}: {exc}") from exc
+        finally:
+            pool.close()
+    raise ImageFetchFailed(f"more than {policy.max_redirects} redirects")

@@ -1,0 +1,76 @@
+"""Image sniffing (cheap, header only) and decoding (EXIF orientation, RGB, pixel cap)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from shared.errors import ImageInvalid, ImageTooLarge
+
+# Our own cap is checked before decoding; Pillow's global bomb guard stays as a second line.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+
+def sniff(data: bytes) -> str | None:
+    """The image's MIME type from its header (no full decode), or None if Pillow can't read it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                return Image.MIME.get(img.format or "", f"image/{(img.format or 'unknown').lower()}")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        return None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img.convert("F") if img.mode == "F" else img.convert("I"), dtype=np.float64)
+        top = arr.max() if arr.size else 0.0
+        scale = 255.0 / top if top > 255 else 1.0
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode to an RGB image upright per EXIF; first frame of animations; transparency on white.
+
+    Raises ImageInvalid for empty, truncated or unknown data and ImageTooLarge past `max_pixels`
+    (checked on the header, before any pixel is decoded).
+    """
+    if not data:
+        raise ImageInvalid("the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(
+                    f"the image has {width}x{height} = {width * height} pixels, more than {max_pixels}"
+                )
+            if width < 1 or height < 1:
+                raise ImageInvalid("the image has no pixels")
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            rgb = _to_rgb(img)
+            rgb.load()
+            return rgb
+    except (ImageTooLarge, ImageInvalid):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"the image is too large to decode: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+        raise ImageInvalid(f"the data is not a readable image: {exc}") from exc
+

@@ -1,0 +1,125 @@
+"""The job state machine and the public job object.
+
+Every transition is one conditional UPDATE (`... WHERE status IN (allowed sources)`), so a
+cancel racing a worker, or a redelivered message racing a finished job, can never move a job
+along an edge the contract doesn't have: the loser's UPDATE matches no row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from shared.models import Job
+from shared.storage import ObjectStorage
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
+FINISHED = frozenset({SUCCEEDED, FAILED, CANCELED})
+
+# target -> statuses it may be entered from (the contract's only moves)
+ALLOWED_FROM: dict[str, tuple[str, ...]] = {
+    RUNNING: (QUEUED, RUNNING),  # running -> running: a redelivered message re-runs the job
+    SUCCEEDED: (RUNNING,),
+    FAILED: (QUEUED, RUNNING),  # queued -> failed only for a job that can't even start (row broken)
+    CANCELED: (QUEUED, RUNNING),
+    QUEUED: (RUNNING,),  # a running job whose worker died is requeued
+}
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def isoformat(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _transition(session: Session, job_id: str, target: str, **values: Any) -> Job | None:
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ALLOWED_FROM[target]))
+        .values(status=target, **values)
+        .returning(Job)
+        .execution_options(synchronize_session=False)
+    )
+    job = session.execute(stmt).scalar_one_or_none()
+    if job is not None:
+        session.refresh(job)
+    return job
+
+
+def mark_running(session: Session, job_id: str, *, model_id: str | None) -> Job | None:
+    """queued/running -> running; None when the job is finished (or gone): nothing to do."""
+    return _transition(
+        session, job_id, RUNNING,
+        started_at=func.coalesce(Job.started_at, func.now()), attempts=Job.attempts + 1, model_id=model_id,
+    )
+
+
+def record_image_size(session: Session, job_id: str, *, width: int, height: int) -> None:
+    session.execute(
+        update(Job).where(Job.id == job_id).values(image_width=width, image_height=height)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def mark_succeeded(session: Session, job_id: str, *, results: list[dict[str, Any]]) -> Job | None:
+    """running -> succeeded with its results; None when the job was canceled meanwhile."""
+    return _transition(session, job_id, SUCCEEDED, results=results, error=None, finished_at=now())
+
+
+def mark_failed(session: Session, job_id: str, *, code: str, message: str) -> Job | None:
+    return _transition(
+        session, job_id, FAILED, results=[], error={"code": code, "message": message[:1000]}, finished_at=now()
+    )
+
+
+def cancel(session: Session, job_id: str) -> Job | None:
+    return _transition(session, job_id, CANCELED, finished_at=now())
+
+
+def get_job(session: Session, job_id: str, *, tenant_id: str) -> Job | None:
+    """The tenant's job; another tenant's job is None, exactly like a missing one."""
+    return session.execute(
+        select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)
+    ).scalar_one_or_none()
+
+
+def job_object(job: Job, storage: ObjectStorage) -> dict[str, Any]:
+    """The public job object of the contract; mask URLs are presigned now (they expire)."""
+    image = None
+    if job.image_width is not None and job.image_height is not None:
+        image = {"width": job.image_width, "height": job.image_height}
+    results = []
+    if job.status == SUCCEEDED:
+        for item in job.results or []:
+            results.append({
+                "prompt": item["prompt"],
+                "mask_url": storage.presign_get(item["mask_key"]),
+                "bbox": item["bbox"],
+                "area_fraction": item["area_fraction"],
+                "score": item["score"],
+            })
+    return {
+        "id": job.id,
+        "object": "job",
+        "status": job.status,
+        "created_at": isoformat(job.created_at),
+        "started_at": isoformat(job.started_at),
+        "finished_at": isoformat(job.finished_at),
+        "input": job.input,
+        "image": image,
+        "prompts": list(job.prompts),
+        "threshold": job.threshold,
+        "results": results,
+        "error": job.error if job.status == FAILED else None,
+        "metadata": dict(job.metadata_ or {}),
+        "batch_id": job.batch_id,
+        "webhook_url": job.webhook_url,
+    }

@@ -1,0 +1,75 @@
+"""One typed settings object, read from the environment (prefix CLIPMASK_) by entry points only.
+
+Modules never read os.environ themselves: `create_app(settings)`, the worker bootstrap and the
+CLI build a Settings once and pass it down.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLIPMASK_", extra="ignore")
+
+    # --- storage of record and queue -------------------------------------------------------
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/clipmask"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix for every Redis key Celery writes; lets several stacks (or test runs) share a Redis.
+    redis_key_prefix: str = ""
+    interactive_queue: str = "interactive"
+
+    # --- object storage (S3 protocol) ------------------------------------------------------
+    s3_endpoint_url: str | None = None  # None: AWS itself
+    # Endpoint written into presigned URLs; set it when clients reach storage by another
+    # address than the services do (compose: http://minio:9000 inside, localhost:9000 outside).
+    s3_public_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "clipmask"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_create_bucket: bool = True
+    s3_connect_timeout_s: float = 5.0
+    s3_read_timeout_s: float = 30.0
+    s3_max_attempts: int = 4
+    presign_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+
+    # --- limits ------------------------------------------------------------------------------
+    max_body_bytes: int = 25 * MIB
+    max_fetch_bytes: int = 25 * MIB
+    max_image_pixels: int = 50_000_000
+
+    # --- image fetching ----------------------------------------------------------------------
+    allow_private_networks: bool = False
+    fetch_connect_timeout_s: float = 5.0
+    fetch_read_timeout_s: float = 15.0
+    fetch_total_timeout_s: float = 60.0
+    fetch_max_redirects: int = 5
+
+    # --- model / engine --------------------------------------------------------------------
+    model: str = "CIDAS/clipseg-rd64-refined"  # hub id or local directory
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # on CUDA; CPU always runs fp32
+    engine: Literal["fast", "stock"] = "fast"
+    max_batch_images: int = Field(default=16, ge=1, le=1024)
+    max_batch_wait_ms: float = Field(default=5.0, ge=0)
+    text_cache_size: int = Field(default=4096, ge=0)
+    torch_compile: bool = False
+
+    # --- worker ----------------------------------------------------------------------------
+    worker_concurrency: int = Field(default=8, ge=1)
+    job_max_retries: int = 5  # retries of transient failures (database or broker down)
+
+    # --- api -------------------------------------------------------------------------------
+    idempotency_ttl_s: int = 24 * 3600
+    public_base_url: str = "http://127.0.0.1:8000"
+
+    # --- operations ------------------------------------------------------------------------
+    flower_user: str = "admin"
+    flower_password: str = "change-me"
+    log_level: str = "INFO"

@@ -1,0 +1,107 @@
+"""Object storage over the S3 protocol (AWS, MinIO, moto's server), through boto3."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from shared.errors import StorageFailed
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def upload_key(*, tenant_id: str, job_id: str) -> str:
+    return f"uploads/{tenant_id}/{job_id}"
+
+
+def mask_key(*, tenant_id: str, job_id: str, index: int) -> str:
+    """Deterministic: a re-run of the same job overwrites the same objects."""
+    return f"masks/{tenant_id}/{job_id}/{index}.png"
+
+
+class ObjectStorage:
+    """A bucket with put/get/delete/presign. Every failure surfaces as StorageFailed."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.bucket = settings.s3_bucket
+        self.presign_ttl_s = settings.presign_ttl_s
+        self.max_get_bytes = max(settings.max_body_bytes, settings.max_fetch_bytes)
+        common: dict[str, Any] = {
+            "region_name": settings.s3_region,
+            "aws_access_key_id": settings.s3_access_key_id,
+            "aws_secret_access_key": settings.s3_secret_access_key,
+        }
+        config = Config(
+            connect_timeout=settings.s3_connect_timeout_s,
+            read_timeout=settings.s3_read_timeout_s,
+            retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+        )
+        self._client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config, **common)
+        public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
+        self._presigner = boto3.client("s3", endpoint_url=public, config=config, **common)
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing (start-up step)."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageFailed(f"cannot reach bucket {self.bucket}: {exc}") from exc
+            self._client.create_bucket(Bucket=self.bucket)
+        except BotoCoreError as exc:
+            raise StorageFailed(f"object storage unreachable: {exc}") from exc
+
+    def ping(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageFailed(f"object storage not ready: {exc}") from exc
+
+    def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageFailed(f"could not write {key}: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            obj = self._client.get_object(Bucket=self.bucket, Key=key)
+            body = obj["Body"]
+            data: bytes = body.read(self.max_get_bytes + 1)
+            body.close()
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageFailed(f"could not read {key}: {exc}") from exc
+        if len(data) > self.max_get_bytes:
+            raise StorageFailed(f"object {key} is larger than {self.max_get_bytes} bytes")
+        return data
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            try:
+                self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+                )
+            except (BotoCoreError, ClientError) as exc:
+                raise StorageFailed(f"could not delete objects: {exc}") from exc
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+        return keys
+
+    def presign_get(self, key: str) -> str:
+        """A time-limited GET URL, signed for the public endpoint. Pure computation, no I/O."""
+        url: str = self._presigner.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_ttl_s
+        )
+        return url

@@ -1,0 +1,70 @@
+"""Tenants and API keys. Keys are shown once, stored as sha256 hashes."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.models import ApiKey, Tenant
+
+KEY_PREFIX = "cm_"
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewTenant:
+    tenant_id: str
+    api_key: str
+    webhook_secret: str
+
+
+def create_tenant(session: Session, *, name: str) -> NewTenant:
+    """Create a tenant with one API key and a Standard Webhooks secret (`whsec_...`)."""
+    tenant = Tenant(
+        id=f"ten_{uuid.uuid4().hex}",
+        name=name,
+        webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii"),
+    )
+    session.add(tenant)
+    session.flush()
+    api_key = create_api_key(session, tenant_id=tenant.id)
+    return NewTenant(tenant_id=tenant.id, api_key=api_key, webhook_secret=tenant.webhook_secret)
+
+
+def create_api_key(session: Session, *, tenant_id: str) -> str:
+    """Add a key to a tenant and return it in clear (the only time it exists in clear)."""
+    api_key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(
+        ApiKey(id=f"key_{uuid.uuid4().hex}", tenant_id=tenant_id, key_hash=hash_key(api_key),
+               prefix=api_key[:10])
+    )
+    session.flush()
+    return api_key
+
+
+def authenticate(session: Session, api_key: str) -> Tenant | None:
+    """The tenant owning an active key, or None for an unknown, revoked or disabled one."""
+    row = session.execute(
+        select(Tenant)
+        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        .where(ApiKey.key_hash == hash_key(api_key), ApiKey.revoked_at.is_(None), Tenant.disabled_at.is_(None))
+    ).scalar_one_or_none()
+    return row
+
+
+def revoke_key(session: Session, *, api_key: str) -> bool:
+    key = session.execute(select(ApiKey).where(ApiKey.key_hash == hash_key(api_key))).scalar_one_or_none()
+    if key is None or key.revoked_at is not None:
+        return False
+    key.revoked_at = dt.datetime.now(dt.UTC)
+    return True

@@ -1,0 +1,77 @@
+"""Everything a worker process needs, built from the settings (no work at import time)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery
+
+from shared.db import make_engine, make_session_factory
+from shared.fetch import FetchPolicy
+from shared.queue import make_celery
+from shared.settings import Settings
+from shared.storage import ObjectStorage
+from worker.runner import RunnerDeps, Segments
+
+log = logging.getLogger(__name__)
+
+
+class LazySegmenter:
+    """Loads the model once per worker process, on first use, in the process that uses it
+    (never before a fork; with the threads pool nothing forks at all)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._segmenter: Any = None
+
+    def __call__(self) -> Segments:
+        if self._segmenter is None:
+            with self._lock:
+                if self._segmenter is None:
+                    from worker.engine import open_segmenter
+
+                    s = self.settings
+                    self._segmenter = open_segmenter(
+                        s.model, device=s.device, dtype=s.dtype, kind=s.engine,
+                        max_batch_images=s.max_batch_images, max_batch_wait_ms=s.max_batch_wait_ms,
+                        text_cache_size=s.text_cache_size, torch_compile=s.torch_compile,
+                    )
+        segmenter: Segments = self._segmenter
+        return segmenter
+
+
+def build_deps(settings: Settings) -> RunnerDeps:
+    engine = make_engine(settings.database_url, pool_size=settings.worker_concurrency)
+    storage = ObjectStorage(settings)
+    policy = FetchPolicy(
+        allow_private=settings.allow_private_networks,
+        connect_timeout_s=settings.fetch_connect_timeout_s,
+        read_timeout_s=settings.fetch_read_timeout_s,
+        total_timeout_s=settings.fetch_total_timeout_s,
+        max_bytes=settings.max_fetch_bytes,
+        max_redirects=settings.fetch_max_redirects,
+    )
+    return RunnerDeps(make_session_factory(engine), storage, LazySegmenter(settings), policy,
+                      settings.max_image_pixels, settings.model)
+
+
+def build_worker_app(settings: Settings) -> Celery:
+    """The Celery app with the clipmask tasks registered against lazily built dependencies."""
+    from worker.tasks import register_tasks
+
+    app = make_celery(settings)
+    deps: dict[str, RunnerDeps] = {}
+    lock = threading.Lock()
+
+    def get_deps() -> RunnerDeps:
+        with lock:
+            if "deps" not in deps:
+                deps["deps"] = build_deps(settings)
+            return deps["deps"]
+
+    register_tasks(app, get_deps, max_retries=settings.job_max_retries)
+    app.conf.clipmask_get_deps = get_deps
+    return app

@@ -1,0 +1,22 @@
+"""Celery entry point: `celery -A worker.celery_app worker --pool threads -Q interactive`.
+
+Settings come from CLIPMASK_* variables. The model is loaded when the worker is ready (so the
+first job doesn't pay for it), in the worker process itself.
+"""
+
+from celery.signals import worker_ready
+
+from shared.logs import configure_logging
+from shared.settings import Settings
+from worker.bootstrap import build_worker_app
+
+settings = Settings()
+configure_logging(settings.log_level)
+app = build_worker_app(settings)
+
+
+@worker_ready.connect
+def _load_model(**_kwargs: object) -> None:
+    deps = app.conf.clipmask_get_deps()
+    deps.storage.ensure_bucket()
+    deps.segmenter()

@@ -1,0 +1,64 @@
+"""CLIPSeg segmentation engine. Imports torch, transformers, numpy and PIL only (no Celery,
+Flask, SQLAlchemy or boto3), so it runs and benchmarks on its own, also on a GPU machine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+from worker.engine.batcher import DynamicBatcher
+from worker.engine.fast import FastEngine, SegmentRequest
+from worker.engine.loading import LoadedModel, load_clipseg
+from worker.engine.postprocess import PromptMask, SegmentResult
+from worker.engine.stock import StockEngine
+
+__all__ = [
+    "FastEngine", "LoadedModel", "PromptMask", "SegmentRequest", "SegmentResult", "Segmenter", "StockEngine",
+    "load_clipseg", "open_segmenter",
+]
+
+
+@dataclass
+class Segmenter:
+    """What the job runner calls: thread-safe `segment(image, prompts, threshold)`."""
+
+    loaded: LoadedModel
+    kind: str
+    batcher: DynamicBatcher[SegmentRequest, SegmentResult] | None
+    stock: StockEngine | None
+
+    def segment(self, image: Image.Image, prompts: list[str], threshold: float) -> SegmentResult:
+        if self.batcher is not None:
+            return self.batcher(SegmentRequest(image, prompts, threshold))
+        assert self.stock is not None
+        return self.stock.segment(image, prompts, threshold)
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+
+def open_segmenter(
+    model: str, *, device: str = "auto", dtype: str = "bf16", kind: str = "fast", max_batch_images: int = 16,
+    max_batch_wait_ms: float = 5.0, text_cache_size: int = 4096, torch_compile: bool = False,
+) -> Segmenter:
+    """Load the model once and start the inference thread (kind="fast") in the calling process."""
+    loaded = load_clipseg(model, device=device, dtype=dtype)
+    if kind == "stock":
+        import threading
+
+        stock = StockEngine(loaded)
+        lock = threading.Lock()
+        original = stock.segment
+
+        def serialized(image: Image.Image, prompts: list[str], threshold: float) -> SegmentResult:
+            with lock:  # one forward at a time on the device, like the fast path's single thread
+                return original(image, prompts, threshold)
+
+        stock.segment = serialized  # type: ignore[method-assign]
+        return Segmenter(loaded, kind, None, stock)
+    engine = FastEngine(loaded, text_cache_size=text_cache_size, compile=torch_compile)
+    batcher: DynamicBatcher[SegmentRequest, SegmentResult] = DynamicBatcher(
+        engine.segment_batch, max_batch=max_batch_images, max_wait_ms=max_batch_wait_ms)
+    return Segmenter(loaded, kind, batcher, None)

@@ -1,0 +1,179 @@
+"""The fast CLIPSeg path.
+
+Compared with the stock call (image repeated per prompt, all vision layers), per batch it:
+- runs the vision encoder once per image, and only up to the deepest layer in
+  `config.extract_layers` (the decoder reads nothing later; the pooled output is unused);
+- expands those activations per prompt (an index_select) for the light decoder;
+- takes text embeddings from a bounded LRU cache keyed by prompt string;
+- stacks images from many jobs into one forward pass;
+- resizes and normalises on the device (antialiased bilinear, like the processor's PIL resize),
+  and upsamples/thresholds on the device (postprocess.py).
+Everything it reads (sizes, mean/std, layers) comes from the checkpoint's own files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from worker.engine.loading import LoadedModel
+from worker.engine.postprocess import SegmentResult, logits_to_masks
+
+
+@dataclass
+class SegmentRequest:
+    image: Image.Image | np.ndarray  # RGB; an (H, W, 3) uint8 array is used as is
+    prompts: list[str]
+    threshold: float
+
+
+def as_uint8_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError("images must be RGB uint8 (H, W, 3)")
+    return arr
+
+
+class TextEmbeddingCache:
+    """prompt string -> conditional embedding, least recently used evicted beyond `capacity`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get_many(self, prompts: Sequence[str], compute: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._items))
+        self.misses += len(missing)
+        self.hits += len(prompts) - len(missing)
+        fresh: dict[str, torch.Tensor] = {}
+        if missing:
+            embeddings = compute(missing)
+            fresh = dict(zip(missing, embeddings, strict=True))
+        rows = []
+        for prompt in prompts:
+            if prompt in fresh:
+                rows.append(fresh[prompt])
+            else:
+                self._items.move_to_end(prompt)
+                rows.append(self._items[prompt])
+        if self.capacity > 0:
+            for prompt, emb in fresh.items():
+                self._items[prompt] = emb
+                self._items.move_to_end(prompt)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return torch.stack(rows)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class FastEngine:
+    def __init__(self, loaded: LoadedModel, *, text_cache_size: int = 4096, compile: bool = False) -> None:
+        self.loaded = loaded
+        model = loaded.model
+        self.extract_layers = list(model.config.extract_layers)
+        self.depth = max(self.extract_layers) + 1
+        vision = model.clip.vision_model
+        self._vision_layers = list(vision.encoder.layers[: self.depth])
+        params = inspect.signature(self._vision_layers[0].forward).parameters
+        # transformers < 5 layers take (hidden, attention_mask, causal_attention_mask) and return a tuple
+        self._layer_extra: tuple[None, ...] = (None, None) if "causal_attention_mask" in params else (None,)
+        pre = loaded.preprocessing
+        dev, dtype = loaded.device, loaded.dtype
+        self._mean = torch.tensor(pre.mean, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(pre.std, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
+        self.text_cache = TextEmbeddingCache(text_cache_size)
+        self._lock = threading.Lock()
+        self._vision_fn: Callable[[torch.Tensor], list[torch.Tensor]] = self._vision
+        self._decoder_fn: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] = self._decode
+        if compile:
+            self._vision_fn = torch.compile(self._vision, dynamic=True)
+            self._decoder_fn = torch.compile(self._decode, dynamic=True)
+        self.dtype = dtype
+
+    # ---- stages ---------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 (H, W, 3) arrays -> normalised (B, 3, S, S) in the model dtype, on the device."""
+        pre, dev = self.loaded.preprocessing, self.loaded.device
+        batch = []
+        for arr in images:
+            t = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=not arr.flags.writeable))
+            if dev.type == "cuda":
+                t = t.pin_memory().to(dev, non_blocking=True)
+            t = t.permute(2, 0, 1).unsqueeze(0).float()
+            if t.shape[-2:] != (pre.height, pre.width):
+                t = F.interpolate(t, size=(pre.height, pre.width), mode="bilinear", antialias=True,
+                                  align_corners=False)
+                t = t.round_().clamp_(0, 255)  # the processor resizes in PIL, on uint8 levels
+            batch.append(t)
+        pixels = torch.cat(batch).mul_(pre.rescale)
+        return ((pixels - self._mean) / self._std).to(self.dtype)
+
+    def _vision(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        vision = self.loaded.model.clip.vision_model
+        hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
+        hidden = vision.pre_layrnorm(hidden)
+        wanted = set(self.extract_layers)
+        activations = []
+        for index, layer in enumerate(self._vision_layers):
+            hidden = layer(hidden, *self._layer_extra)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+            if index in wanted:
+                activations.append(hidden)
+        return activations
+
+    def _decode(self, activations: list[torch.Tensor], conditional: torch.Tensor) -> torch.Tensor:
+        return self.loaded.model.decoder(activations, conditional).logits
+
+    def _text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        lm = self.loaded
+        tokens = lm.tokenizer(prompts, padding=True, return_tensors="pt")
+        return lm.model.get_conditional_embeddings(
+            batch_size=len(prompts),
+            input_ids=tokens["input_ids"].to(lm.device),
+            attention_mask=tokens["attention_mask"].to(lm.device),
+        )
+
+    # ---- public -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def batch_logits(self, images: Sequence[np.ndarray], prompts: Sequence[list[str]]) -> list[torch.Tensor]:
+        """Per image, (P_i, h, w) float32 logits on the device; one vision pass for the batch."""
+        pixels = self.preprocess(images)
+        activations = self._vision_fn(pixels)
+        counts = [len(p) for p in prompts]
+        index = torch.repeat_interleave(torch.arange(len(images), device=pixels.device),
+                                        torch.tensor(counts, device=pixels.device))
+        flat = [p for group in prompts for p in group]
+        with self._lock:
+            conditional = self.text_cache.get_many(flat, self._text_embeddings)
+        expanded = [a.index_select(0, index) for a in activations]
+        logits = self._decoder_fn(expanded, conditional.to(self.dtype)).float()
+        if logits.dim() == 2:
+            logits = logits.unsqueeze(0)
+        return list(torch.split(logits, counts))
+
+    @torch.inference_mode()
+    def segment_batch(self, requests: Sequence[SegmentRequest]) -> list[SegmentResult]:
+        arrays = [as_uint8_array(r.image) for r in requests]
+        per_image = self.batch_logits(arrays, [r.prompts for r in requests])
+        results = []
+        for req, arr, logits in zip(requests, arrays, per_image, strict=True):
+            masks = logits_to_masks(logits, prompts=req.prompts, height=arr.shape[0], width=arr.shape[1],
+                                    threshold=req.threshold)
+            results.append(SegmentResult(masks, logits.cpu()))
+        return results
+
+    def segment(self, image: Image.Image | np.ndarray, prompts: list[str], threshold: float) -> SegmentResult:
+        return self.segment_batch([SegmentRequest(image, prompts, threshold)])[0]

@@ -1,0 +1,98 @@
+"""Loading a CLIPSeg checkpoint (hub id or local directory) and reading its preprocessing."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pil_image_processor_class() -> Any:
+    """ViT's PIL-based image processor (transformers 5 names it ViTImageProcessorPil; before, the
+    plain ViTImageProcessor was PIL-based). The torchvision one would need torchvision."""
+    try:
+        from transformers import ViTImageProcessorPil
+
+        return ViTImageProcessorPil
+    except ImportError:
+        from transformers import ViTImageProcessor
+
+        return ViTImageProcessor
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CLIPMASK_DEVICE=cuda but no CUDA device is available")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the checkpoint's processor does to an image, read from its own files."""
+
+    height: int
+    width: int
+    rescale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # CLIPSegForImageSegmentation
+    processor: Any  # CLIPSegProcessor
+    tokenizer: Any
+    preprocessing: Preprocessing
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+
+def read_preprocessing(image_processor: Any) -> Preprocessing:
+    size = image_processor.size
+    if isinstance(size, dict):
+        height = size.get("height") or size.get("shortest_edge")
+        width = size.get("width") or size.get("shortest_edge")
+    else:
+        height = width = getattr(size, "height", None) or int(size)
+    rescale = image_processor.rescale_factor if getattr(image_processor, "do_rescale", True) else 1.0
+    mean = image_processor.image_mean if image_processor.do_normalize else [0.0, 0.0, 0.0]
+    std = image_processor.image_std if image_processor.do_normalize else [1.0, 1.0, 1.0]
+    return Preprocessing(int(height), int(width), float(rescale), tuple(mean), tuple(std))  # type: ignore[arg-type]
+
+
+def load_processor(source: str) -> Any:
+    """The checkpoint's CLIPSegProcessor, with the PIL image backend (no torchvision needed)."""
+    from transformers import CLIPSegProcessor, CLIPTokenizer
+
+    image_processor = pil_image_processor_class().from_pretrained(source)
+    tokenizer = CLIPTokenizer.from_pretrained(source)
+    return CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def load_clipseg(source: str, *, device: str = "auto", dtype: str = "bf16") -> LoadedModel:
+    """Load weights once (hub id like CIDAS/clipseg-rd64-refined, or a directory); fp32 on CPU."""
+    from transformers import CLIPSegForImageSegmentation
+
+    dev = resolve_device(device)
+    torch_dtype = DTYPES[dtype] if dev.type == "cuda" else torch.float32
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    try:
+        model = CLIPSegForImageSegmentation.from_pretrained(source, attn_implementation="sdpa", **kwargs)
+    except (ValueError, ImportError):
+        model = CLIPSegForImageSegmentation.from_pretrained(source, **kwargs)
+    model = model.to(dev).eval()
+    processor = load_processor(source)
+    where = "directory" if Path(source).is_dir() else "hub"
+    log.info("loaded CLIPSeg from %s %s on %s (%s)", where, source, dev, torch_dtype)
+    return LoadedModel(model, processor, processor.tokenizer, read_preprocessing(processor.image_processor),
+                       dev, torch_dtype, source)

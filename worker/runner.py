@@ -1,0 +1,133 @@
+"""The job runner: mark running -> fetch -> decode -> segment -> encode -> store -> record.
+
+A plain function over its collaborators (sessions, storage, segmenter), so it is tested without
+a broker. It is idempotent: a redelivered message re-runs a running job to the same object keys
+and the same final row, and does nothing for a finished job.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import jobs as jobstate
+from shared.db import session_scope
+from shared.errors import JobFailure
+from shared.fetch import FetchPolicy, fetch_image_bytes
+from shared.images import decode_image
+from shared.models import Job
+from shared.storage import ObjectStorage, mask_key
+
+log = logging.getLogger(__name__)
+
+
+class Segments(Protocol):
+    def segment(self, image: Image.Image, prompts: list[str], threshold: float) -> Any: ...
+
+
+class TransientError(Exception):
+    """The database or another dependency is down; the task should be retried later."""
+
+
+@dataclass
+class RunnerDeps:
+    sessions: sessionmaker[Session]
+    storage: ObjectStorage
+    segmenter: Callable[[], Segments]  # built lazily: the model loads once, on first use
+    fetch_policy: FetchPolicy
+    max_pixels: int
+    model_id: str
+
+
+def encode_png(mask: Any) -> bytes:
+    """8-bit grayscale PNG (0/255). Fast compression: masks are flat and compress well anyway."""
+    buf = io.BytesIO()
+    Image.fromarray(mask, mode="L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _still_running(deps: RunnerDeps, job_id: str) -> bool:
+    with session_scope(deps.sessions) as session:
+        status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
+    return status == jobstate.RUNNING
+
+
+def run_job(job_id: str, *, deps: RunnerDeps) -> str:
+    """Run one job to a final state; returns that state ('skipped' if there was nothing to do).
+
+    JobFailure -> failed with its code; any other exception -> failed with `internal`;
+    database errors -> TransientError (the job stays where it was, the caller retries).
+    """
+    ctx = {"job_id": job_id}
+    try:
+        with session_scope(deps.sessions) as session:
+            job = jobstate.mark_running(session, job_id, model_id=deps.model_id)
+        if job is None:
+            log.info("job not runnable (finished, canceled or unknown); message dropped", extra=ctx)
+            return "skipped"
+        ctx["tenant_id"] = job.tenant_id
+        if job.batch_id:
+            ctx["batch_id"] = job.batch_id
+        log.info("job started (attempt %d)", job.attempts, extra=ctx)
+        return _run(job, deps=deps, ctx=ctx)
+    except DBAPIError as exc:
+        log.warning("database unavailable; job will be retried", extra=ctx | {"error": str(exc)[:300]})
+        raise TransientError(str(exc)) from exc
+
+
+def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str]) -> str:
+    started = time.monotonic()
+    try:
+        if job.upload_key:
+            data = deps.storage.get(job.upload_key)
+        else:
+            data = fetch_image_bytes(job.input["image_url"], deps.fetch_policy).data
+        image = decode_image(data, max_pixels=deps.max_pixels)
+        del data
+        with session_scope(deps.sessions) as session:
+            jobstate.record_image_size(session, job.id, width=image.width, height=image.height)
+        if not _still_running(deps, job.id):
+            log.info("job canceled before inference", extra=ctx)
+            return jobstate.CANCELED
+        result = deps.segmenter().segment(image, list(job.prompts), job.threshold)
+        results = []
+        for index, item in enumerate(result.masks):
+            key = mask_key(tenant_id=job.tenant_id, job_id=job.id, index=index)
+            deps.storage.put(key, encode_png(item.mask), content_type="image/png")
+            results.append({
+                "prompt": item.prompt, "mask_key": key, "bbox": item.bbox,
+                "area_fraction": round(item.area_fraction, 6), "score": round(item.score, 6),
+            })
+        with session_scope(deps.sessions) as session:
+            done = jobstate.mark_succeeded(session, job.id, results=results)
+        if done is None:
+            log.info("job canceled during inference; its masks are discarded", extra=ctx)
+            deps.storage.delete([r["mask_key"] for r in results])
+            return jobstate.CANCELED
+        log.info("job succeeded", extra=ctx | {"duration_ms": round((time.monotonic() - started) * 1000)})
+        return jobstate.SUCCEEDED
+    except DBAPIError:
+        raise
+    except JobFailure as exc:
+        return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message)
+    except Exception as exc:  # noqa: BLE001 - the one top-level catch: fail the job, keep the worker
+        log.exception("job failed with an unexpected error", extra=ctx)
+        return _fail(job, deps=deps, ctx=ctx, code="internal", message=f"{type(exc).__name__}: {exc}")
+
+
+def _fail(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], code: str, message: str) -> str:
+    with session_scope(deps.sessions) as session:
+        failed = jobstate.mark_failed(session, job.id, code=code, message=message)
+    if failed is None:
+        return jobstate.CANCELED
+    log.info("job failed: %s", message, extra=ctx | {"code": code})
+    return jobstate.FAILED
