@@ -19,4 +19,4 @@ if [ -f "$RUN/model" ] && [ -f "$RUN/pids/worker.pid" ] && kill -0 "$(cat "$RUN/
   echo "note: the running worker uses $(cat "$RUN/model"); run 'make down' first to switch models"
 fi
 scripts/stack.sh up
-exec "$BIN/clipmask" demo "${random[@]}"
+exec "$BIN/clipmask" demo --base-url "http://${CLIPMASK_API_BIND:-127.0.0.1:8000}" "${random[@]}"

@@ -1,0 +1,123 @@
+"""The job runner called directly (no broker) with real Postgres, S3 and the tiny model."""
+
+from __future__ import annotations
+
+import uuid
+from unittest import mock
+
+import pytest
+
+from shared import jobs as jobstate
+from shared.db import session_scope
+from shared.errors import StorageFailed
+from shared.models import Job
+from shared.storage import mask_key, upload_key
+from tests.conftest import make_image
+from worker.bootstrap import build_deps
+from worker.runner import TransientError, run_job
+
+
+@pytest.fixture(scope="module")
+def deps(settings, storage):
+    built = build_deps(settings)
+    yield built
+    built.segmenter().close()
+
+
+def new_upload_job(sessions, storage, tenant, *, prompts=("shirt", "pants"), status="queued") -> str:
+    job_id = str(uuid.uuid4())
+    key = upload_key(tenant_id=tenant.tenant_id, job_id=job_id)
+    data = make_image(64, 48, fmt="PNG")
+    storage.put(key, data, content_type="image/png")
+    with session_scope(sessions) as session:
+        session.add(Job(id=job_id, tenant_id=tenant.tenant_id, status=status, upload_key=key,
+                        input={"upload": {"filename": None, "content_type": "image/png", "bytes": len(data)}},
+                        prompts=list(prompts), threshold=0.4, results=[], metadata_={}))
+    return job_id
+
+
+def load(sessions, job_id) -> Job:
+    with sessions() as session:
+        return session.get(Job, job_id)
+
+
+def test_runs_to_succeeded_and_writes_one_mask_per_prompt(deps, sessions, storage, tenant):
+    job_id = new_upload_job(sessions, storage, tenant)
+    assert run_job(job_id, deps=deps) == "succeeded"
+    job = load(sessions, job_id)
+    assert job.status == "succeeded" and job.attempts == 1 and job.model_id == deps.model_id
+    assert [r["mask_key"] for r in job.results] == [
+        mask_key(tenant_id=tenant.tenant_id, job_id=job_id, index=i) for i in range(2)]
+    assert storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/") == [r["mask_key"] for r in job.results]
+
+
+def test_redelivered_message_for_a_finished_job_changes_nothing(deps, sessions, storage, tenant):
+    job_id = new_upload_job(sessions, storage, tenant)
+    run_job(job_id, deps=deps)
+    before = load(sessions, job_id)
+    assert run_job(job_id, deps=deps) == "skipped"
+    after = load(sessions, job_id)
+    assert (after.status, after.results, after.finished_at, after.attempts) == (
+        before.status, before.results, before.finished_at, before.attempts)
+
+
+def test_rerun_of_a_running_job_overwrites_the_same_keys(deps, sessions, storage, tenant):
+    """A worker died mid-job; the message comes back: same object keys, one set of results."""
+    job_id = new_upload_job(sessions, storage, tenant, status="running")
+    assert run_job(job_id, deps=deps) == "succeeded"
+    keys = storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/")
+    assert len(keys) == 2 and len(load(sessions, job_id).results) == 2
+
+
+def test_canceled_job_is_not_run(deps, sessions, storage, tenant):
+    job_id = new_upload_job(sessions, storage, tenant, status="canceled")
+    assert run_job(job_id, deps=deps) == "skipped"
+    assert load(sessions, job_id).status == "canceled"
+    assert storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/") == []
+
+
+def test_cancel_during_inference_is_not_overwritten(deps, sessions, storage, tenant):
+    job_id = new_upload_job(sessions, storage, tenant)
+    real = deps.segmenter()
+
+    class CancelingSegmenter:
+        def segment(self, image, prompts, threshold):
+            with session_scope(sessions) as session:  # the user cancels while the model runs
+                jobstate.cancel(session, job_id)
+            return real.segment(image, prompts, threshold)
+
+    with mock.patch.object(deps, "segmenter", lambda: CancelingSegmenter()):
+        assert run_job(job_id, deps=deps) == "canceled"
+    job = load(sessions, job_id)
+    assert job.status == "canceled" and job.results == []
+    assert storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/") == []
+
+
+def test_storage_failure_fails_the_job_with_storage_failed(deps, sessions, storage, tenant):
+    job_id = new_upload_job(sessions, storage, tenant)
+    with mock.patch.object(deps.storage, "put", side_effect=StorageFailed("S3 said no")):
+        assert run_job(job_id, deps=deps) == "failed"
+    job = load(sessions, job_id)
+    assert job.status == "failed" and job.error["code"] == "storage_failed" and job.results == []
+
+
+def test_unexpected_error_fails_with_internal(deps, sessions, storage, tenant):
+    job_id = new_upload_job(sessions, storage, tenant)
+
+    class Broken:
+        def segment(self, image, prompts, threshold):
+            raise RuntimeError("CUDA error: device-side assert")
+
+    with mock.patch.object(deps, "segmenter", lambda: Broken()):
+        assert run_job(job_id, deps=deps) == "failed"
+    job = load(sessions, job_id)
+    assert job.error == {"code": "internal", "message": "RuntimeError: CUDA error: device-side assert"}
+
+
+def test_database_down_is_transient(deps, settings):
+    from shared.db import make_engine, make_session_factory
+
+    dead = make_session_factory(make_engine("postgresql+psycopg://postgres@127.0.0.1:9/none", pool_size=1))
+    with mock.patch.object(deps, "sessions", dead), pytest.raises(TransientError):
+        run_job(str(uuid.uuid4()), deps=deps)
+
