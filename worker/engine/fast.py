@@ -150,10 +150,15 @@ class FastEngine:
     @torch.inference_mode()
     def batch_logits(self, images: Sequence[np.ndarray], prompts: Sequence[list[str]]) -> list[torch.Tensor]:
         """Per image, (P_i, h, w) float32 logits on the device; one vision pass for the batch."""
-        pixels = self.preprocess(images)
+        return self.logits_from_pixels(self.preprocess(images), prompts)
+
+    @torch.inference_mode()
+    def logits_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[list[str]]) -> list[torch.Tensor]:
+        """The model part alone, from normalised (B, 3, S, S) pixel values."""
+        pixels = pixels.to(self.loaded.device, self.dtype)
         activations = self._vision_fn(pixels)
         counts = [len(p) for p in prompts]
-        index = torch.repeat_interleave(torch.arange(len(images), device=pixels.device),
+        index = torch.repeat_interleave(torch.arange(len(counts), device=pixels.device),
                                         torch.tensor(counts, device=pixels.device))
         flat = [p for group in prompts for p in group]
         with self._lock:

@@ -1,0 +1,168 @@
+"""The fast engine against stock `CLIPSegForImageSegmentation` fed by `CLIPSegProcessor`.
+
+Stated tolerances (fp32, CPU, tiny random-weight model):
+- Same pixel values in (the model math alone: truncated vision encoder, per-prompt expansion,
+  cached text embeddings, batching): probabilities within 1e-4.
+- From the image (the engine resizes on the device with antialiased bilinear; the processor
+  resizes in PIL): probabilities within 0.08 at any pixel and 0.01 on average. Random weights
+  amplify pixel noise, which the trained checkpoint does not: these bounds are loose on purpose.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from worker.engine import FastEngine, SegmentRequest, StockEngine, load_clipseg
+from worker.engine.batcher import DynamicBatcher
+
+PIXEL_TOL = 1e-4
+IMAGE_MAX_TOL = 0.08
+IMAGE_MEAN_TOL = 0.01
+
+PROMPT_SETS = {
+    1: ["shirt"],
+    3: ["shirt", "pants", "a long red dress"],
+    8: ["shirt", "pants", "dress", "shoes", "hat", "jacket", "skirt", "a bag with a strap"],
+}
+SIZES = [(96, 96), (120, 80), (200, 300), (1536, 1024), (37, 500)]  # (width, height)
+
+
+def picture(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth gradients plus blocks plus mild noise: photo-like statistics at any size."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([xx / max(width, 1), yy / max(height, 1), (xx + yy) / (width + height)], axis=-1) * 200
+    base[height // 4 : height // 2, width // 3 : 2 * width // 3] = rng.integers(0, 255, 3)
+    base += rng.normal(0, 8, base.shape)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_clipseg(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engines(loaded):
+    return FastEngine(loaded, text_cache_size=64), StockEngine(loaded)
+
+
+def probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(logits.float())
+
+
+@pytest.mark.parametrize("n_prompts", sorted(PROMPT_SETS))
+def test_same_pixels_same_probabilities(engines, loaded, n_prompts):
+    fast, stock = engines
+    prompts = PROMPT_SETS[n_prompts]
+    images = [picture(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    pixels = loaded.processor(images=images, return_tensors="pt")["pixel_values"]
+    batched = fast.logits_from_pixels(pixels, [prompts] * len(images))
+    for image, got in zip(images, batched, strict=True):
+        inputs = loaded.processor(text=prompts, images=[image] * len(prompts), padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            want = loaded.model(**inputs).logits.reshape(len(prompts), *got.shape[-2:])
+        assert (probs(got) - probs(want)).abs().max().item() < PIXEL_TOL
+
+
+@pytest.mark.parametrize("n_prompts", sorted(PROMPT_SETS))
+@pytest.mark.parametrize("batched", [False, True])
+def test_images_match_the_processor_path(engines, n_prompts, batched):
+    fast, stock = engines
+    prompts = PROMPT_SETS[n_prompts]
+    images = [picture(w, h, seed=10 + i) for i, (w, h) in enumerate(SIZES)]
+    requests = [SegmentRequest(img, prompts, 0.4) for img in images]
+    results = fast.segment_batch(requests) if batched else [fast.segment_batch([r])[0] for r in requests]
+    for image, result in zip(images, results, strict=True):
+        diff = (probs(result.logits) - probs(stock.stock_logits(image, prompts))).abs()
+        assert diff.max().item() < IMAGE_MAX_TOL, (image.size, diff.max().item())
+        assert diff.mean().item() < IMAGE_MEAN_TOL, (image.size, diff.mean().item())
+        assert [m.mask.shape for m in result.masks] == [(image.height, image.width)] * len(prompts)
+
+
+def test_masks_agree_with_stock_masks(engines):
+    fast, stock = engines
+    image = picture(300, 400, seed=3)
+    ours = fast.segment(image, PROMPT_SETS[3], 0.4)
+    theirs = stock.segment(image, PROMPT_SETS[3], 0.4)
+    for a, b in zip(ours.masks, theirs.masks, strict=True):
+        assert (a.mask == b.mask).mean() > 0.97
+        assert a.score == pytest.approx(b.score, abs=IMAGE_MAX_TOL)
+
+
+def test_mixed_prompt_counts_in_one_batch(engines):
+    """Jobs with different prompt lists share one forward pass and get their own results back."""
+    fast, stock = engines
+    images = [picture(64 + 20 * i, 80, seed=i) for i in range(3)]
+    prompt_lists = [PROMPT_SETS[1], PROMPT_SETS[8], PROMPT_SETS[3]]
+    results = fast.segment_batch([SegmentRequest(i, p, 0.4) for i, p in zip(images, prompt_lists, strict=True)])
+    for image, prompts, result in zip(images, prompt_lists, results, strict=True):
+        assert [m.prompt for m in result.masks] == prompts
+        single = fast.segment(image, prompts, 0.4)
+        assert torch.allclose(result.logits, single.logits, atol=1e-4)
+
+
+def test_vision_encoder_stops_at_the_deepest_extracted_layer(engines, loaded):
+    fast, _ = engines
+    layers = loaded.model.clip.vision_model.encoder.layers
+    calls = [0] * len(layers)
+    hooks = [layer.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(layers)]
+    try:
+        fast.segment(picture(50, 50, seed=1), PROMPT_SETS[3], 0.4)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    depth = max(loaded.model.config.extract_layers) + 1
+    assert depth < len(layers)
+    assert calls == [1] * depth + [0] * (len(layers) - depth)  # once per image, not per prompt
+
+
+def test_text_embeddings_are_cached_and_bounded(loaded):
+    fast = FastEngine(loaded, text_cache_size=3)
+    image = picture(40, 40, seed=2)
+    fast.segment(image, ["a", "b"], 0.4)
+    assert (fast.text_cache.hits, fast.text_cache.misses) == (0, 2)
+    fast.segment(image, ["b", "a"], 0.4)
+    assert (fast.text_cache.hits, fast.text_cache.misses) == (2, 2)
+    fast.segment(image, ["c", "d"], 0.4)
+    assert len(fast.text_cache) == 3  # "b" (least recently used) evicted
+    fast.segment(image, ["b"], 0.4)
+    assert fast.text_cache.misses == 5
+
+
+def test_dynamic_batcher_gathers_concurrent_requests(engines):
+    fast, _ = engines
+    batcher = DynamicBatcher(fast.segment_batch, max_batch=8, max_wait_ms=200)
+    images = [picture(60 + i, 70, seed=i) for i in range(8)]
+    results: dict[int, object] = {}
+
+    def submit(i: int) -> None:
+        results[i] = batcher(SegmentRequest(images[i], PROMPT_SETS[3], 0.4), timeout=60)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    assert max(batcher.batch_sizes) > 1 and sum(batcher.batch_sizes) == 8
+    for i, image in enumerate(images):
+        alone = fast.segment(image, PROMPT_SETS[3], 0.4)
+        assert torch.allclose(results[i].logits, alone.logits, atol=1e-4)
+
+
+def test_one_bad_request_does_not_fail_its_batch(engines):
+    fast, _ = engines
+    batcher = DynamicBatcher(fast.segment_batch, max_batch=4, max_wait_ms=100)
+    good = batcher.submit(SegmentRequest(picture(30, 30, seed=1), ["a"], 0.4))
+    bad = batcher.submit(SegmentRequest(np.zeros((5, 5), dtype=np.float32), ["a"], 0.4))
+    assert good.result(timeout=60).masks[0].mask.shape == (30, 30)
+    with pytest.raises(ValueError, match="RGB uint8"):
+        bad.result(timeout=60)
+    batcher.close()
