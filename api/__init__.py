@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import health, jobs, openapi
+from api import health, jobs, metrics, openapi
 from api.problems import register_error_handlers
 from api.services import Services, close_db
 from shared.settings import Settings
@@ -20,6 +20,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.extensions["clipmask"] = services or Services.build(settings)
     app.teardown_appcontext(close_db)
     register_error_handlers(app)
-    for module in (health, jobs, openapi):
+    metrics.install(app)
+    for module in (health, jobs, metrics, openapi):
         app.register_blueprint(module.bp)
     return app

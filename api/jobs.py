@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.auth import current_tenant, require_tenant
 from api.idempotency import find, fingerprint, replay, request_key
+from api.metrics import JOBS_CREATED
 from api.problems import ApiProblem
 from api.schemas import JobCreateJson, JobParams, validation_problem
 from api.services import db, services
@@ -43,6 +44,7 @@ class NewJobInput:
     image_bytes: bytes | None
     filename: str | None
     fingerprint: str
+    source: str  # url, base64 or upload (a metrics label)
 
 
 def _json_body() -> dict[str, Any]:
@@ -101,7 +103,8 @@ def _parse_json() -> NewJobInput:
     if parsed.image_base64 is not None:
         image_bytes = _decode_base64(parsed.image_base64)
         _check_image_bytes(image_bytes, "image_base64")
-    return NewJobInput(params, parsed.image_url, image_bytes, None, fingerprint(body))
+    source = "url" if parsed.image_url is not None else "base64"
+    return NewJobInput(params, parsed.image_url, image_bytes, None, fingerprint(body), source)
 
 
 def _parse_multipart() -> NewJobInput:
@@ -135,7 +138,7 @@ def _parse_multipart() -> NewJobInput:
     data = upload.read()
     _check_image_bytes(data, "image")
     digest = hashlib.sha256(data).hexdigest()
-    return NewJobInput(params, None, data, upload.filename or None, fingerprint({**fields, "image": digest}))
+    return NewJobInput(params, None, data, upload.filename or None, fingerprint({**fields, "image": digest}), "upload")
 
 
 def _parse_create() -> NewJobInput:
@@ -211,6 +214,7 @@ def create_job() -> Response:
             svc.storage.delete([stored_key])
         raise ApiProblem(503, "dependency_unavailable", "The queue (Redis) is not answering; try again shortly.",
                          headers={"Retry-After": "5"}) from exc
+    JOBS_CREATED.labels(new.source).inc()
     log.info("job accepted", extra={"job_id": job_id, "tenant_id": tenant.id})
     resp = jsonify(body)
     resp.status_code = 202

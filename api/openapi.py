@@ -129,6 +129,12 @@ def document() -> dict[str, Any]:
                 "operationId": "readyz", "security": [], "summary": "Postgres, Redis and storage answer",
                 "responses": {"200": {"description": "ready"}, "503": _problem(503)},
             }},
+            "/metrics": {"get": {
+                "operationId": "metrics", "security": [], "summary": "Prometheus metrics (text format)",
+                "responses": {"200": {"description": "clipmask_http_requests_total, "
+                                      "clipmask_http_request_duration_seconds, clipmask_jobs_created_total, "
+                                      "clipmask_queue_depth"}},
+            }},
             "/openapi.json": {"get": {
                 "operationId": "openapi", "security": [], "summary": "This document",
                 "responses": {"200": {"description": "OpenAPI 3.1 document"}},

@@ -5,5 +5,5 @@ from shared.logs import configure_logging
 from shared.settings import Settings
 
 settings = Settings()
-configure_logging(settings.log_level)
+configure_logging(settings.log_level, settings.log_format)
 app = create_app(settings)

@@ -43,10 +43,11 @@ def _call(method: str, url: str, *, key: str, body: dict[str, Any] | None = None
 
 
 def run_demo(settings: Settings, *, base_url: str, out_dir: Path, random_weights: bool) -> int:
-    from shared.db import make_engine, make_session_factory, session_scope
+    from cli.admin import sessions_for
+    from shared.db import session_scope
     from shared.tenants import create_tenant
 
-    with session_scope(make_session_factory(make_engine(settings.database_url, pool_size=1))) as session:
+    with session_scope(sessions_for(settings)) as session:
         tenant = create_tenant(session, name="demo")
     image = sample_image()
     job = _call("POST", f"{base_url}/v1/jobs", key=tenant.api_key, body={

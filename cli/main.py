@@ -1,6 +1,9 @@
 """The `clipmask` console script.
 
   clipmask tenant create NAME     JSON {tenant_id, api_key, webhook_secret}
+  clipmask tenant list|disable ID, key create TENANT|revoke KEY
+  clipmask jobs list [--status S], jobs retry ID|--failed
+  clipmask retention [--days N]   delete finished jobs older than the retention period
   clipmask dev-model DIR          tiny random-weight CLIPSeg for offline runs (--size full: real shape)
   clipmask migrate                alembic upgrade head
   clipmask init-storage           create the bucket if missing
@@ -18,17 +21,12 @@ from pathlib import Path
 from shared.settings import Settings
 
 
-def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
-    from shared.db import make_engine, make_session_factory
-
-    return make_session_factory(make_engine(settings.database_url, pool_size=1))
-
-
 def cmd_tenant_create(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.admin import sessions_for
     from shared.db import session_scope
     from shared.tenants import create_tenant
 
-    with session_scope(_sessions(settings)) as session:
+    with session_scope(sessions_for(settings)) as session:
         new = create_tenant(session, name=args.name)
     print(json.dumps({"tenant_id": new.tenant_id, "api_key": new.api_key, "webhook_secret": new.webhook_secret}))
     return 0
@@ -89,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("directory")
     dev.add_argument("--size", choices=["tiny", "full"], default="tiny")
     dev.set_defaults(func=cmd_dev_model)
+
+    from cli.admin import add_commands
+
+    add_commands(sub, tenant)
 
     sub.add_parser("migrate", help="alembic upgrade head").set_defaults(func=cmd_migrate)
     sub.add_parser("init-storage", help="create the bucket if missing").set_defaults(func=cmd_init_storage)

@@ -78,20 +78,23 @@ up() {
   fi
   "$BIN/clipmask" migrate
   "$BIN/clipmask" init-storage
-  start_bg api "$BIN/gunicorn" --workers "${CLIPMASK_API_WORKERS:-2}" --bind "$API_BIND" \
-    --access-logfile - --graceful-timeout 20 "api.wsgi:app"
+  if ! alive api; then rm -rf "$RUN/prometheus"; mkdir -p "$RUN/prometheus"; fi
+  PROMETHEUS_MULTIPROC_DIR="$PWD/$RUN/prometheus" start_bg api "$BIN/gunicorn" -c python:api.gunicorn_conf \
+    --workers "${CLIPMASK_API_WORKERS:-2}" --bind "$API_BIND" --access-logfile - --graceful-timeout 20 "api.wsgi:app"
   start_bg worker "$BIN/celery" -A worker.celery_app worker --pool threads \
     --concurrency "${CLIPMASK_WORKER_CONCURRENCY:-8}" -Q "${CLIPMASK_INTERACTIVE_QUEUE:-interactive}" \
     -n "clipmask@%h" --loglevel INFO -E
+  start_bg beat "$BIN/celery" -A worker.celery_app beat --schedule "$RUN/celerybeat-schedule" --loglevel INFO
   start_bg flower "$BIN/celery" -A worker.celery_app flower --address=127.0.0.1 --port="$FLOWER_PORT" \
     --basic-auth="$CLIPMASK_FLOWER_USER:$CLIPMASK_FLOWER_PASSWORD" --persistent=True --db="$RUN/flower.db"
   echo "${CLIPMASK_MODEL:-CIDAS/clipseg-rd64-refined}" >"$RUN/model"
   wait_for "API /readyz" 60 curl -sf "http://$API_BIND/readyz"
-  say "ready: API http://$API_BIND  Flower http://127.0.0.1:$FLOWER_PORT  S3 $CLIPMASK_S3_ENDPOINT_URL"
+  say "ready: API http://$API_BIND  Flower http://127.0.0.1:$FLOWER_PORT  S3 $CLIPMASK_S3_ENDPOINT_URL" \
+    " worker metrics http://127.0.0.1:${CLIPMASK_WORKER_METRICS_PORT:-9808}/metrics"
 }
 
 down() {
-  for name in flower worker api s3; do
+  for name in flower beat worker api s3; do
     if alive "$name"; then
       pid=$(cat "$RUN/pids/$name.pid")
       kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true

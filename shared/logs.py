@@ -26,12 +26,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure_logging(level: str) -> None:
-    """Root logger to stderr in JSON lines (UTC timestamps)."""
+class TextFormatter(logging.Formatter):
+    """Human-readable lines with the context fields appended as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = [f"{name}={getattr(record, name)}" for name in (*CONTEXT_FIELDS, "code", "duration_ms")
+                  if getattr(record, name, None) is not None]
+        return f"{line} {' '.join(extras)}" if extras else line
+
+
+def configure_logging(level: str, fmt: str = "json") -> None:
+    """Root logger to stderr: JSON lines (default) or text, UTC timestamps."""
     import time
 
     handler = logging.StreamHandler(sys.stderr)
-    formatter = JsonFormatter()
+    formatter: logging.Formatter = (
+        JsonFormatter() if fmt == "json" else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     root = logging.getLogger()

@@ -12,6 +12,7 @@ from celery import Celery
 from shared.settings import Settings
 
 SEGMENT_TASK = "clipmask.segment"
+RETENTION_TASK = "clipmask.retention"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -38,6 +39,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
+        # `celery beat` (one per deployment) schedules retention; the task deletes in chunks.
+        beat_schedule={"retention": {"task": RETENTION_TASK, "schedule": settings.retention_interval_s}},
     )
     return app
 

@@ -73,3 +73,9 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: str = "change-me"
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    worker_metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: no metrics server
+    worker_metrics_host: str = "127.0.0.1"  # 0.0.0.0 in containers
+    retention_days: float = Field(default=30, gt=0)
+    retention_interval_s: float = Field(default=3600, gt=0)
+    retention_chunk: int = Field(default=500, ge=1, le=10_000)

@@ -82,6 +82,12 @@ class ObjectStorage:
             raise StorageFailed(f"object {key} is larger than {self.max_get_bytes} bytes")
         return data
 
+    def copy(self, source: str, target: str) -> None:
+        try:
+            self._client.copy_object(Bucket=self.bucket, Key=target, CopySource={"Bucket": self.bucket, "Key": source})
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageFailed(f"could not copy {source}: {exc}") from exc
+
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
             chunk = keys[start : start + 1000]

@@ -99,6 +99,7 @@ def settings(database_url: str, s3_endpoint: str, tiny_model_dir: Path) -> Setti
         fetch_total_timeout_s=10,
         fetch_read_timeout_s=3,
         log_level="INFO",
+        worker_metrics_port=free_port(),
     )
 
 
@@ -126,12 +127,19 @@ def sessions(settings: Settings) -> Any:
 def worker(settings: Settings, storage: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A real `celery worker` process (threads pool) consuming this run's queue."""
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    proc = start_worker(settings, log_path, name=f"test-{RUN_ID}")
+    yield log_path
+    stop_process(proc)
+
+
+def start_worker(settings: Settings, log_path: Path, *, name: str) -> subprocess.Popen:
+    """Start `celery worker` with these settings and return once it says it is ready."""
     env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "threads",
-             "--concurrency", "4", "-Q", settings.interactive_queue, "-n", f"test-{RUN_ID}@%h",
-             "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
+             "--concurrency", "4", "-Q", settings.interactive_queue, "-n", f"{name}@%h",
+             "--loglevel", "INFO", "--without-mingle", "--without-gossip", "-E"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     deadline = time.monotonic() + 90
@@ -140,12 +148,17 @@ def worker(settings: Settings, storage: Any, tmp_path_factory: pytest.TempPathFa
             proc.kill()
             raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.2)
-    yield log_path
+    return proc
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM the process group (Celery's warm shutdown), SIGKILL if it outstays `timeout`."""
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
 
 
 # ---- API ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from shared.fetch import FetchPolicy
 from shared.queue import make_celery
 from shared.settings import Settings
 from shared.storage import ObjectStorage
+from worker import metrics
 from worker.runner import RunnerDeps, Segments
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class LazySegmenter:
                         s.model, device=s.device, dtype=s.dtype, kind=s.engine,
                         max_batch_images=s.max_batch_images, max_batch_wait_ms=s.max_batch_wait_ms,
                         text_cache_size=s.text_cache_size, torch_compile=s.torch_compile,
+                        on_batch=metrics.on_batch,
                     )
         segmenter: Segments = self._segmenter
         return segmenter
@@ -55,7 +57,8 @@ def build_deps(settings: Settings) -> RunnerDeps:
         max_redirects=settings.fetch_max_redirects,
     )
     return RunnerDeps(make_session_factory(engine), storage, LazySegmenter(settings), policy,
-                      settings.max_image_pixels, settings.model)
+                      settings.max_image_pixels, settings.model, on_stage=metrics.on_stage,
+                      on_finish=metrics.on_finish)
 
 
 def build_worker_app(settings: Settings) -> Celery:
@@ -72,6 +75,6 @@ def build_worker_app(settings: Settings) -> Celery:
                 deps["deps"] = build_deps(settings)
             return deps["deps"]
 
-    register_tasks(app, get_deps, max_retries=settings.job_max_retries)
+    register_tasks(app, get_deps, settings=settings)
     app.conf.clipmask_get_deps = get_deps
     return app

@@ -38,6 +38,14 @@ class TransientError(Exception):
     """The database or another dependency is down; the task should be retried later."""
 
 
+def _no_stage(stage: str, seconds: float) -> None:
+    pass
+
+
+def _no_finish(status: str, code: str | None, seconds: float) -> None:
+    pass
+
+
 @dataclass
 class RunnerDeps:
     sessions: sessionmaker[Session]
@@ -46,6 +54,8 @@ class RunnerDeps:
     fetch_policy: FetchPolicy
     max_pixels: int
     model_id: str
+    on_stage: Callable[[str, float], None] = _no_stage  # (fetch|decode|infer|encode|upload, seconds)
+    on_finish: Callable[[str, str | None, float], None] = _no_finish  # (status, error code, seconds)
 
 
 def encode_png(mask: Any) -> bytes:
@@ -84,50 +94,91 @@ def run_job(job_id: str, *, deps: RunnerDeps) -> str:
         raise TransientError(str(exc)) from exc
 
 
+class _Stages:
+    """Times the stages of one job and reports them to `on_stage`."""
+
+    def __init__(self, report: Callable[[str, float], None]) -> None:
+        self.report = report
+        self.totals: dict[str, float] = {}
+
+    def time(self, stage: str) -> _Stage:
+        return _Stage(self, stage)
+
+    def flush(self) -> None:
+        for stage, seconds in self.totals.items():
+            self.report(stage, seconds)
+
+
+class _Stage:
+    def __init__(self, stages: _Stages, name: str) -> None:
+        self.stages, self.name = stages, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        totals = self.stages.totals
+        totals[self.name] = totals.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
 def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str]) -> str:
     started = time.monotonic()
+    stages = _Stages(deps.on_stage)
     try:
-        if job.upload_key:
-            data = deps.storage.get(job.upload_key)
-        else:
-            data = fetch_image_bytes(job.input["image_url"], deps.fetch_policy).data
-        image = decode_image(data, max_pixels=deps.max_pixels)
+        with stages.time("fetch"):
+            if job.upload_key:
+                data = deps.storage.get(job.upload_key)
+            else:
+                data = fetch_image_bytes(job.input["image_url"], deps.fetch_policy).data
+        with stages.time("decode"):
+            image = decode_image(data, max_pixels=deps.max_pixels)
         del data
         with session_scope(deps.sessions) as session:
             jobstate.record_image_size(session, job.id, width=image.width, height=image.height)
         if not _still_running(deps, job.id):
             log.info("job canceled before inference", extra=ctx)
-            return jobstate.CANCELED
-        result = deps.segmenter().segment(image, list(job.prompts), job.threshold)
+            return _finish(deps, started, jobstate.CANCELED)
+        with stages.time("infer"):
+            result = deps.segmenter().segment(image, list(job.prompts), job.threshold)
         results = []
         for index, item in enumerate(result.masks):
             key = mask_key(tenant_id=job.tenant_id, job_id=job.id, index=index)
-            deps.storage.put(key, encode_png(item.mask), content_type="image/png")
+            with stages.time("encode"):
+                png = encode_png(item.mask)
+            with stages.time("upload"):
+                deps.storage.put(key, png, content_type="image/png")
             results.append({
                 "prompt": item.prompt, "mask_key": key, "bbox": item.bbox,
                 "area_fraction": round(item.area_fraction, 6), "score": round(item.score, 6),
             })
         with session_scope(deps.sessions) as session:
             done = jobstate.mark_succeeded(session, job.id, results=results)
+        stages.flush()
         if done is None:
             log.info("job canceled during inference; its masks are discarded", extra=ctx)
             deps.storage.delete([r["mask_key"] for r in results])
-            return jobstate.CANCELED
+            return _finish(deps, started, jobstate.CANCELED)
         log.info("job succeeded", extra=ctx | {"duration_ms": round((time.monotonic() - started) * 1000)})
-        return jobstate.SUCCEEDED
+        return _finish(deps, started, jobstate.SUCCEEDED)
     except DBAPIError:
         raise
     except JobFailure as exc:
-        return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message)
+        return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message, started=started)
     except Exception as exc:  # noqa: BLE001 - the one top-level catch: fail the job, keep the worker
         log.exception("job failed with an unexpected error", extra=ctx)
-        return _fail(job, deps=deps, ctx=ctx, code="internal", message=f"{type(exc).__name__}: {exc}")
+        return _fail(job, deps=deps, ctx=ctx, code="internal", message=f"{type(exc).__name__}: {exc}",
+                     started=started)
 
 
-def _fail(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], code: str, message: str) -> str:
+def _finish(deps: RunnerDeps, started: float, status: str, code: str | None = None) -> str:
+    deps.on_finish(status, code, time.monotonic() - started)
+    return status
+
+
+def _fail(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], code: str, message: str, started: float) -> str:
     with session_scope(deps.sessions) as session:
         failed = jobstate.mark_failed(session, job.id, code=code, message=message)
     if failed is None:
-        return jobstate.CANCELED
+        return _finish(deps, started, jobstate.CANCELED)
     log.info("job failed: %s", message, extra=ctx | {"code": code})
-    return jobstate.FAILED
+    return _finish(deps, started, jobstate.FAILED, code)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 
 from celery import Celery, Task
 
-from shared.queue import SEGMENT_TASK
+from shared.queue import RETENTION_TASK, SEGMENT_TASK
+from shared.retention import purge_expired
+from shared.settings import Settings
 from worker.runner import RunnerDeps, TransientError, run_job
 
 
-def register_tasks(app: Celery, get_deps: Callable[[], RunnerDeps], *, max_retries: int) -> None:
+def register_tasks(app: Celery, get_deps: Callable[[], RunnerDeps], *, settings: Settings) -> None:
+    max_retries = settings.job_max_retries
+
     @app.task(name=SEGMENT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
               max_retries=max_retries)
     def segment(self: Task, job_id: str) -> str:
@@ -18,3 +23,10 @@ def register_tasks(app: Celery, get_deps: Callable[[], RunnerDeps], *, max_retri
             return run_job(job_id, deps=get_deps())
         except TransientError as exc:
             raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))) from exc
+
+    @app.task(name=RETENTION_TASK, acks_late=True)
+    def retention() -> int:
+        deps = get_deps()
+        return purge_expired(
+            sessions=deps.sessions, storage=deps.storage, older_than=dt.timedelta(days=settings.retention_days),
+            chunk=settings.retention_chunk, idempotency_ttl=dt.timedelta(seconds=settings.idempotency_ttl_s))

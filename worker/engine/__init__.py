@@ -3,6 +3,7 @@ Flask, SQLAlchemy or boto3), so it runs and benchmarks on its own, also on a GPU
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image
@@ -42,6 +43,7 @@ class Segmenter:
 def open_segmenter(
     model: str, *, device: str = "auto", dtype: str = "bf16", kind: str = "fast", max_batch_images: int = 16,
     max_batch_wait_ms: float = 5.0, text_cache_size: int = 4096, torch_compile: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Segmenter:
     """Load the model once and start the inference thread (kind="fast") in the calling process."""
     loaded = load_clipseg(model, device=device, dtype=dtype)
@@ -60,5 +62,5 @@ def open_segmenter(
         return Segmenter(loaded, kind, None, stock)
     engine = FastEngine(loaded, text_cache_size=text_cache_size, compile=torch_compile)
     batcher: DynamicBatcher[SegmentRequest, SegmentResult] = DynamicBatcher(
-        engine.segment_batch, max_batch=max_batch_images, max_wait_ms=max_batch_wait_ms)
+        engine.segment_batch, max_batch=max_batch_images, max_wait_ms=max_batch_wait_ms, on_batch=on_batch)
     return Segmenter(loaded, kind, batcher, None)

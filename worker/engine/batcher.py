@@ -27,9 +27,10 @@ _STOP = object()
 class DynamicBatcher(Generic[Req, Res]):
     def __init__(
         self, run_batch: Callable[[Sequence[Req]], list[Res]], *, max_batch: int, max_wait_ms: float,
-        name: str = "clipmask-inference",
+        name: str = "clipmask-inference", on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._on_batch = on_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self._queue: queue.Queue[object] = queue.Queue()
@@ -79,6 +80,8 @@ class DynamicBatcher(Generic[Req, Res]):
 
     def _run(self, batch: list[tuple[Req, Future[Res]]]) -> None:
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
         try:
             results = self._run_batch([req for req, _ in batch])
         except Exception as exc:  # noqa: BLE001 - isolate the bad request, keep the others

@@ -1,0 +1,14 @@
+"""gunicorn settings: `gunicorn -c python:api.gunicorn_conf api.wsgi:app`.
+
+With PROMETHEUS_MULTIPROC_DIR set, each worker process writes its metrics to files there and
+/metrics merges them; a dead worker's live gauges are dropped here.
+"""
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    import os
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,85 @@
+"""Prometheus metrics of the API, and /metrics.
+
+Multi-process safe: under gunicorn with several workers, set PROMETHEUS_MULTIPROC_DIR (the
+stack does) and prometheus_client keeps each process's values in files that /metrics merges.
+Queue depth is read from Redis when scraped, so any API process reports the same figure.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import redis
+from flask import Blueprint, Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from api.services import services
+
+bp = Blueprint("metrics", __name__)
+
+HTTP_REQUESTS = Counter("clipmask_http_requests", "HTTP requests answered", ["route", "method", "status"])
+HTTP_LATENCY = Histogram(
+    "clipmask_http_request_duration_seconds", "Time to answer an HTTP request", ["route", "method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+JOBS_CREATED = Counter("clipmask_jobs_created", "Jobs accepted (202)", ["source"])
+
+
+class QueueDepthCollector(Collector):
+    """clipmask_queue_depth{queue}: messages waiting in each Celery queue (Redis LLEN)."""
+
+    def __init__(self, redis_url: str, prefix: str, queues: list[str]) -> None:
+        self.redis_url, self.prefix, self.queues = redis_url, prefix, queues
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("clipmask_queue_depth", "Messages waiting in a queue", labels=["queue"])
+        try:
+            client = redis.Redis.from_url(self.redis_url, socket_timeout=1, socket_connect_timeout=1)
+            for queue in self.queues:
+                family.add_metric([queue], float(client.llen(self.prefix + queue)))
+            client.close()
+        except redis.RedisError:
+            pass  # no figure is better than a wrong one; /readyz tells that Redis is down
+        yield family
+
+
+def _route() -> str:
+    rule = request.url_rule
+    return rule.rule if rule is not None else "unmatched"
+
+
+def install(app: Flask) -> None:
+    """Time and count every request, labelled by route template (not by raw path)."""
+
+    @app.before_request
+    def _start() -> None:
+        g.metrics_start = time.perf_counter()
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        start = g.pop("metrics_start", None)
+        route, method = _route(), request.method
+        if start is not None:
+            HTTP_LATENCY.labels(route, method).observe(time.perf_counter() - start)
+        HTTP_REQUESTS.labels(route, method, str(response.status_code)).inc()
+        return response
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    settings = services().settings
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    else:
+        registry = CollectorRegistry()
+        for collector in list(REGISTRY._collector_to_names):  # this process's metrics
+            registry.register(collector)
+    registry.register(QueueDepthCollector(settings.redis_url, settings.redis_key_prefix,
+                                          [settings.interactive_queue]))
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

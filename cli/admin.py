@@ -1,0 +1,177 @@
+"""Operator commands: jobs list/retry, tenant list/disable, key create/revoke, retention.
+
+Output is one JSON object per line, so it pipes into jq and scripts.
+
+`jobs retry` makes a new job with the failed job's input (and a copy of its upload). The
+contract's state machine has no edge out of `failed`, so the original keeps its history and
+its id; the new job's metadata is the original's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import uuid
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import jobs as jobstate
+from shared.db import make_engine, make_session_factory, session_scope
+from shared.models import ApiKey, Job, Tenant
+from shared.settings import Settings
+
+
+def sessions_for(settings: Settings) -> sessionmaker[Session]:
+    return make_session_factory(make_engine(settings.database_url, pool_size=1))
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, default=str))
+
+
+def jobs_list(args: argparse.Namespace, settings: Settings) -> int:
+    query = select(Job).order_by(Job.created_at.desc()).limit(args.limit)
+    if args.status:
+        query = query.where(Job.status == args.status)
+    if args.tenant:
+        query = query.where(Job.tenant_id == args.tenant)
+    with sessions_for(settings)() as session:
+        for job in session.execute(query).scalars():
+            _emit({"id": job.id, "tenant_id": job.tenant_id, "status": job.status,
+                   "created_at": jobstate.isoformat(job.created_at), "error": job.error,
+                   "prompts": job.prompts, "input": job.input, "attempts": job.attempts})
+    return 0
+
+
+def jobs_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.queue import enqueue_segment, make_celery
+    from shared.storage import ObjectStorage, upload_key
+
+    if not args.job_id and not args.failed:
+        print("give a job id or --failed", file=sys.stderr)
+        return 2
+    sessions = sessions_for(settings)
+    query = select(Job).where(Job.status == jobstate.FAILED)
+    if args.job_id:
+        query = query.where(Job.id == args.job_id)
+    if args.tenant:
+        query = query.where(Job.tenant_id == args.tenant)
+    with sessions() as session:
+        originals = session.execute(query.order_by(Job.created_at).limit(args.limit)).scalars().all()
+    if args.job_id and not originals:
+        print(f"job {args.job_id} does not exist or is not failed", file=sys.stderr)
+        return 1
+    storage = ObjectStorage(settings)
+    celery = make_celery(settings)
+    for old in originals:
+        new_id = str(uuid.uuid4())
+        new_upload = None
+        if old.upload_key:
+            new_upload = upload_key(tenant_id=old.tenant_id, job_id=new_id)
+            storage.copy(old.upload_key, new_upload)
+        with session_scope(sessions) as session:
+            session.add(Job(
+                id=new_id, tenant_id=old.tenant_id, status=jobstate.QUEUED, created_at=jobstate.now(),
+                input=old.input, upload_key=new_upload, prompts=old.prompts, threshold=old.threshold, results=[],
+                metadata_=old.metadata_, batch_id=old.batch_id, webhook_url=old.webhook_url,
+                webhook_events=old.webhook_events,
+            ))
+        enqueue_segment(celery, job_id=new_id, queue=settings.interactive_queue)
+        _emit({"retried": old.id, "new_job_id": new_id, "tenant_id": old.tenant_id})
+    return 0
+
+
+def tenant_list(args: argparse.Namespace, settings: Settings) -> int:
+    with sessions_for(settings)() as session:
+        for tenant in session.execute(select(Tenant).order_by(Tenant.created_at)).scalars():
+            _emit({"tenant_id": tenant.id, "name": tenant.name, "created_at": jobstate.isoformat(tenant.created_at),
+                   "disabled_at": jobstate.isoformat(tenant.disabled_at)})
+    return 0
+
+
+def tenant_disable(args: argparse.Namespace, settings: Settings) -> int:
+    with session_scope(sessions_for(settings)) as session:
+        changed = session.execute(
+            update(Tenant).where(Tenant.id == args.tenant_id, Tenant.disabled_at.is_(None))
+            .values(disabled_at=jobstate.now())
+        ).rowcount
+    if not changed:
+        print(f"no enabled tenant {args.tenant_id}", file=sys.stderr)
+        return 1
+    _emit({"tenant_id": args.tenant_id, "disabled": True})
+    return 0
+
+
+def key_create(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.tenants import create_api_key
+
+    with session_scope(sessions_for(settings)) as session:
+        if session.get(Tenant, args.tenant_id) is None:
+            print(f"no tenant {args.tenant_id}", file=sys.stderr)
+            return 1
+        key = create_api_key(session, tenant_id=args.tenant_id)
+    _emit({"tenant_id": args.tenant_id, "api_key": key})
+    return 0
+
+
+def key_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    """Revoke by the key itself or by its id (key_...); the key answers 401 from then on."""
+    from shared.tenants import hash_key
+
+    where = ApiKey.id == args.key if args.key.startswith("key_") else ApiKey.key_hash == hash_key(args.key)
+    with session_scope(sessions_for(settings)) as session:
+        key = session.execute(select(ApiKey).where(where)).scalar_one_or_none()
+        if key is None or key.revoked_at is not None:
+            print("no such active key", file=sys.stderr)
+            return 1
+        key.revoked_at = jobstate.now()
+        _emit({"key_id": key.id, "tenant_id": key.tenant_id, "revoked": True})
+    return 0
+
+
+def retention(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.retention import purge_expired
+    from shared.storage import ObjectStorage
+
+    days = args.days if args.days is not None else settings.retention_days
+    deleted = purge_expired(
+        sessions=sessions_for(settings), storage=ObjectStorage(settings), older_than=dt.timedelta(days=days),
+        chunk=settings.retention_chunk, idempotency_ttl=dt.timedelta(seconds=settings.idempotency_ttl_s))
+    _emit({"deleted_jobs": deleted, "older_than_days": days})
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction, tenant_sub: argparse._SubParsersAction) -> None:
+    jobs = sub.add_parser("jobs", help="inspect and retry jobs").add_subparsers(dest="jobs_command", required=True)
+    listing = jobs.add_parser("list", help="newest first, one JSON object per line")
+    listing.add_argument("--status", choices=jobstate.STATUSES)
+    listing.add_argument("--tenant")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(func=jobs_list)
+    retry = jobs.add_parser("retry", help="resubmit a failed job (or all failed jobs) as new jobs")
+    retry.add_argument("job_id", nargs="?")
+    retry.add_argument("--failed", action="store_true", help="every failed job (bounded by --limit)")
+    retry.add_argument("--tenant")
+    retry.add_argument("--limit", type=int, default=1000)
+    retry.set_defaults(func=jobs_retry)
+
+    tenant_sub.add_parser("list", help="all tenants").set_defaults(func=tenant_list)
+    disable = tenant_sub.add_parser("disable", help="refuse the tenant's keys from now on")
+    disable.add_argument("tenant_id")
+    disable.set_defaults(func=tenant_disable)
+
+    keys = sub.add_parser("key", help="API keys").add_subparsers(dest="key_command", required=True)
+    create = keys.add_parser("create", help="another key for a tenant (rotation)")
+    create.add_argument("tenant_id")
+    create.set_defaults(func=key_create)
+    revoke = keys.add_parser("revoke", help="revoke a key, given in clear or by id (key_...)")
+    revoke.add_argument("key")
+    revoke.set_defaults(func=key_revoke)
+
+    purge = sub.add_parser("retention", help="delete finished jobs older than the retention period now")
+    purge.add_argument("--days", type=float)
+    purge.set_defaults(func=retention)

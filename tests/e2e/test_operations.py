@@ -1,0 +1,287 @@
+"""What an operator sees and does: metrics (API and worker), Flower, logs, retention, admin CLI,
+graceful shutdown. Against the real stack (Postgres, Redis, S3 server, worker processes)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from api import create_app
+from shared import jobs as jobstate
+from shared.db import session_scope
+from shared.models import Job
+from shared.storage import mask_key, upload_key
+from tests.conftest import ROOT, free_port, make_image, settings_env, start_worker, stop_process, wait_for_job
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def value(metrics: dict, name: str, **labels: str) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+def clipmask(settings, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **settings_env(settings)}
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def lines(out: subprocess.CompletedProcess) -> list[dict]:
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+def test_api_metrics_count_requests_by_route_and_jobs_by_source(client, tenant, image_server):
+    before = samples(client.get("/metrics").get_data(as_text=True))
+    url = image_server.add("/metrics-api.jpg", make_image(20, 20))
+    job_id = client.post("/v1/jobs", json={"image_url": url, "prompts": ["a"]}, headers=tenant.headers).get_json()["id"]
+    client.get(f"/v1/jobs/{job_id}", headers=tenant.headers)
+    client.get(f"/v1/jobs/{uuid.uuid4()}", headers=tenant.headers)
+    resp = client.get("/metrics")
+    assert resp.status_code == 200 and resp.mimetype == "text/plain"
+    after = samples(resp.get_data(as_text=True))
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("clipmask_http_requests_total", route="/v1/jobs", method="POST", status="202") == 1
+    assert delta("clipmask_http_requests_total", route="/v1/jobs/<job_id>", method="GET", status="200") == 1
+    assert delta("clipmask_http_requests_total", route="/v1/jobs/<job_id>", method="GET", status="404") == 1
+    assert delta("clipmask_http_request_duration_seconds_count", route="/v1/jobs", method="POST") == 1
+    assert delta("clipmask_jobs_created_total", source="url") == 1
+    queue_depth = [k for k in after if k[0] == "clipmask_queue_depth"]
+    assert queue_depth and dict(queue_depth[0][1])["queue"].startswith("interactive")
+
+
+def test_worker_metrics_after_jobs(client, tenant, image_server, settings, worker):
+    port = settings.worker_metrics_port
+    before = samples(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
+    ok = image_server.add("/metrics-worker.jpg", make_image(40, 30))
+    ids = [client.post("/v1/jobs", json={"image_url": ok, "prompts": ["a", "b"]}, headers=tenant.headers)
+           .get_json()["id"] for _ in range(2)]
+    bad = client.post("/v1/jobs", json={"image_url": image_server.base + "/nope.jpg", "prompts": ["a"]},
+                      headers=tenant.headers).get_json()["id"]
+    for job_id in [*ids, bad]:
+        wait_for_job(client, tenant, job_id)
+    after = samples(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    # at least: jobs other tests left on the queue may finish in the same window
+    assert delta("clipmask_jobs_finished_total", status="succeeded", code="") >= 2
+    assert delta("clipmask_jobs_finished_total", status="failed", code="image_fetch_failed") >= 1
+    for stage in ("fetch", "decode", "infer", "encode", "upload"):
+        assert delta("clipmask_job_stage_seconds_count", stage=stage) >= 2, stage
+    assert delta("clipmask_batch_size_count") >= 1
+    assert delta("clipmask_job_duration_seconds_count", status="succeeded") >= 2
+    assert any(k[0] == "clipmask_gpu_memory_bytes" for k in after) is False  # CPU: no GPU series
+
+
+# ---- Flower -------------------------------------------------------------------------------
+
+def test_flower_requires_basic_auth_and_sees_the_worker(settings, worker, tmp_path):
+    port = free_port()
+    env = {**os.environ, **settings_env(settings)}
+    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", "--address=127.0.0.1",
+         f"--port={port}", f"--basic-auth={settings.flower_user}:{settings.flower_password}",
+         "--persistent=True", f"--db={tmp_path / 'flower.db'}"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                anonymous = requests.get(base + "/", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, (tmp_path / "flower.log").read_text()
+                time.sleep(0.3)
+        assert anonymous.status_code == 401
+        assert requests.get(base + "/", auth=("admin", "wrong"), timeout=5).status_code == 401
+        auth = (settings.flower_user, settings.flower_password)
+        assert requests.get(base + "/", auth=auth, timeout=5).status_code == 200
+        found = False
+        while not found and time.monotonic() < deadline + 30:
+            workers = requests.get(base + "/api/workers?refresh=1", auth=auth, timeout=10).json()
+            found = any(name.startswith("test-") for name in workers)
+            time.sleep(0.5)
+        assert found
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+# ---- logs ---------------------------------------------------------------------------------
+
+def test_api_logs_carry_job_and_tenant_ids(client, tenant, image_server, caplog):
+    url = image_server.add("/log-api.jpg", make_image(10, 10))
+    with caplog.at_level(logging.INFO, logger="api.jobs"):
+        job_id = client.post("/v1/jobs", json={"image_url": url, "prompts": ["a"]},
+                             headers=tenant.headers).get_json()["id"]
+    accepted = [r for r in caplog.records if r.getMessage() == "job accepted"]
+    assert accepted and accepted[0].job_id == job_id and accepted[0].tenant_id == tenant.tenant_id
+
+
+def test_json_log_format_has_the_context_fields():
+    from shared.logs import JsonFormatter
+
+    record = logging.LogRecord("worker.runner", logging.INFO, __file__, 1, "job succeeded", None, None)
+    record.job_id, record.tenant_id, record.duration_ms = "j1", "t1", 12
+    line = json.loads(JsonFormatter().format(record))
+    assert line["job_id"] == "j1" and line["tenant_id"] == "t1" and line["duration_ms"] == 12
+    assert line["level"] == "INFO" and line["msg"] == "job succeeded" and line["ts"].endswith("Z")
+
+
+# ---- retention ----------------------------------------------------------------------------
+
+def old_job(sessions, storage, tenant, *, days_old: float, status: str) -> tuple[str, list[str]]:
+    job_id = str(uuid.uuid4())
+    up = upload_key(tenant_id=tenant.tenant_id, job_id=job_id)
+    mask = mask_key(tenant_id=tenant.tenant_id, job_id=job_id, index=0)
+    storage.put(up, b"img", content_type="image/png")
+    storage.put(mask, b"png", content_type="image/png")
+    created = jobstate.now() - dt.timedelta(days=days_old)
+    with session_scope(sessions) as session:
+        session.add(Job(id=job_id, tenant_id=tenant.tenant_id, status=status, created_at=created, upload_key=up,
+                        input={"upload": {}}, prompts=["a"], threshold=0.4, metadata_={},
+                        results=[{"prompt": "a", "mask_key": mask, "bbox": None, "area_fraction": 0, "score": 0}]))
+    return job_id, [up, mask]
+
+
+def test_retention_deletes_old_finished_jobs_and_their_objects(settings, sessions, storage, tenant):
+    old = [old_job(sessions, storage, tenant, days_old=40, status=s) for s in ("succeeded", "failed", "canceled")]
+    stuck = old_job(sessions, storage, tenant, days_old=40, status="queued")
+    recent = old_job(sessions, storage, tenant, days_old=2, status="succeeded")
+    out = lines(clipmask(settings.model_copy(update={"retention_chunk": 2}), "retention", "--days", "30"))
+    assert out[0]["deleted_jobs"] >= 3
+    with sessions() as session:
+        for job_id, keys in old:
+            assert session.get(Job, job_id) is None
+            assert not storage.list_keys(keys[0]) and not storage.list_keys(keys[1])
+        for job_id, keys in (stuck, recent):
+            assert session.get(Job, job_id) is not None
+            assert storage.list_keys(keys[1]) == [keys[1]]
+
+
+def test_retention_works_in_bounded_chunks(settings, sessions, storage, tenant):
+    from shared.retention import purge_expired
+
+    for _ in range(3):
+        old_job(sessions, storage, tenant, days_old=100, status="succeeded")
+    assert purge_expired(sessions=sessions, storage=storage, older_than=dt.timedelta(days=90), chunk=2,
+                         max_chunks=1) == 2
+    assert purge_expired(sessions=sessions, storage=storage, older_than=dt.timedelta(days=90), chunk=2) >= 1
+
+
+# ---- admin CLI ----------------------------------------------------------------------------
+
+def test_admin_jobs_list_and_retry(settings, client, tenant, image_server, worker):
+    path = f"/flaky-{uuid.uuid4().hex[:6]}.jpg"
+    job_id = client.post("/v1/jobs", json={"image_url": image_server.base + path, "prompts": ["a"]},
+                         headers=tenant.headers).get_json()["id"]
+    assert wait_for_job(client, tenant, job_id)["status"] == "failed"
+    listed = lines(clipmask(settings, "jobs", "list", "--status", "failed", "--tenant", tenant.tenant_id))
+    assert [j["id"] for j in listed] == [job_id] and listed[0]["error"]["code"] == "image_fetch_failed"
+
+    image_server.add(path, make_image(20, 20))  # the image is there now
+    retried = lines(clipmask(settings, "jobs", "retry", job_id))
+    assert retried[0]["retried"] == job_id
+    new = wait_for_job(client, tenant, retried[0]["new_job_id"])
+    assert new["status"] == "succeeded" and new["input"] == {"image_url": image_server.base + path}
+    assert client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).get_json()["status"] == "failed"
+    assert clipmask(settings, "jobs", "retry", retried[0]["new_job_id"]).returncode == 1  # not failed
+
+
+def test_admin_retry_copies_an_upload(settings, client, tenant, worker, sessions):
+    job_id = str(uuid.uuid4())
+    with session_scope(sessions) as session:  # a failed upload job whose upload is still stored
+        session.add(Job(id=job_id, tenant_id=tenant.tenant_id, status="failed", input={"upload": {}},
+                        upload_key=None, prompts=["a"], threshold=0.4, metadata_={"sku": "1"}, results=[],
+                        error={"code": "internal", "message": "boom"}))
+    from shared.storage import ObjectStorage
+
+    store = ObjectStorage(settings)
+    key = upload_key(tenant_id=tenant.tenant_id, job_id=job_id)
+    store.put(key, make_image(16, 16, fmt="PNG"), content_type="image/png")
+    with session_scope(sessions) as session:
+        session.get(Job, job_id).upload_key = key
+    new_id = lines(clipmask(settings, "jobs", "retry", "--failed", "--tenant", tenant.tenant_id))[0]["new_job_id"]
+    new = wait_for_job(client, tenant, new_id)
+    assert new["status"] == "succeeded" and new["metadata"] == {"sku": "1"} and new["image"]["width"] == 16
+
+
+def test_admin_tenant_and_key_commands(settings, client, make_tenant):
+    tenant = make_tenant()
+    assert tenant.tenant_id in {t["tenant_id"] for t in lines(clipmask(settings, "tenant", "list"))}
+
+    second = lines(clipmask(settings, "key", "create", tenant.tenant_id))[0]["api_key"]
+    lines(clipmask(settings, "key", "revoke", tenant.api_key))
+    assert client.get("/v1/jobs", headers=tenant.headers).status_code == 401
+    assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {second}"}).status_code == 200
+    assert clipmask(settings, "key", "revoke", tenant.api_key).returncode == 1  # already revoked
+
+    lines(clipmask(settings, "tenant", "disable", tenant.tenant_id))
+    assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {second}"}).status_code == 401
+
+
+# ---- graceful shutdown --------------------------------------------------------------------
+
+class SlowImage(BaseHTTPRequestHandler):
+    body = make_image(40, 40)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        for start in range(0, len(self.body), len(self.body) // 8 + 1):  # about 2 s in all
+            self.wfile.write(self.body[start : start + len(self.body) // 8 + 1])
+            self.wfile.flush()
+            time.sleep(0.25)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_worker_asked_to_stop_finishes_its_job_first(settings, storage, make_tenant, tmp_path):
+    own = settings.model_copy(update={"interactive_queue": f"{settings.interactive_queue}-shutdown",
+                                      "worker_metrics_port": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowImage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proc = start_worker(own, tmp_path / "worker.log", name=f"shutdown-{uuid.uuid4().hex[:6]}")
+    tenant = make_tenant()
+    client = create_app(own).test_client()
+    try:
+        job_id = client.post("/v1/jobs", json={"image_url": f"http://127.0.0.1:{server.server_address[1]}/s.jpg",
+                                               "prompts": ["a"]}, headers=tenant.headers).get_json()["id"]
+        deadline = time.monotonic() + 30
+        while client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).get_json()["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert stop_process(proc, timeout=60) == 0  # warm shutdown: waits for the running task
+        assert client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).get_json()["status"] == "succeeded"
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+        server.shutdown()
