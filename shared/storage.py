@@ -46,6 +46,9 @@ class ObjectStorage:
         self._client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config, **common)
         public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
         self._presigner = boto3.client("s3", endpoint_url=public, config=config, **common)
+        # Readiness probes want a fast "no": one attempt, two-second timeouts.
+        probe = config.merge(Config(connect_timeout=2, read_timeout=2, retries={"max_attempts": 1}))
+        self._probe = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=probe, **common)
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it is missing (start-up step)."""
@@ -59,8 +62,9 @@ class ObjectStorage:
             raise StorageFailed(f"object storage unreachable: {exc}") from exc
 
     def ping(self) -> None:
+        """Raise StorageFailed unless the bucket answers within about two seconds."""
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            self._probe.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:
             raise StorageFailed(f"object storage not ready: {exc}") from exc
 

@@ -31,7 +31,7 @@ def test_start_order_and_health():
     assert api_deps["minio-init"]["condition"] == "service_completed_successfully"
     assert SERVICES["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert SERVICES["migrate"]["command"] == ["clipmask", "migrate"]
-    for name in ("postgres", "redis", "minio", "api"):
+    for name in ("postgres", "redis", "minio", "api", "worker"):
         assert "healthcheck" in SERVICES[name], name
     for name, service in SERVICES.items():
         for dep in service.get("depends_on", {}):
