@@ -75,11 +75,9 @@ def metrics() -> Response:
     settings = services().settings
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # every gunicorn worker's values, merged
     else:
-        registry = CollectorRegistry()
-        for collector in list(REGISTRY._collector_to_names):  # this process's metrics
-            registry.register(collector)
-    registry.register(QueueDepthCollector(settings.redis_url, settings.redis_key_prefix,
-                                          [settings.interactive_queue]))
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+        registry = REGISTRY  # this process's values
+    queues = CollectorRegistry()
+    queues.register(QueueDepthCollector(settings.redis_url, settings.redis_key_prefix, [settings.interactive_queue]))
+    return Response(generate_latest(registry) + generate_latest(queues), mimetype=CONTENT_TYPE_LATEST)

@@ -3,8 +3,9 @@ Flask, SQLAlchemy or boto3), so it runs and benchmarks on its own, also on a GPU
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -28,12 +29,14 @@ class Segmenter:
     kind: str
     batcher: DynamicBatcher[SegmentRequest, SegmentResult] | None
     stock: StockEngine | None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def segment(self, image: Image.Image, prompts: list[str], threshold: float) -> SegmentResult:
         if self.batcher is not None:
             return self.batcher(SegmentRequest(image, prompts, threshold))
         assert self.stock is not None
-        return self.stock.segment(image, prompts, threshold)
+        with self._lock:  # one forward at a time on the device, like the fast path's single thread
+            return self.stock.segment(image, prompts, threshold)
 
     def close(self) -> None:
         if self.batcher is not None:
@@ -48,18 +51,7 @@ def open_segmenter(
     """Load the model once and start the inference thread (kind="fast") in the calling process."""
     loaded = load_clipseg(model, device=device, dtype=dtype)
     if kind == "stock":
-        import threading
-
-        stock = StockEngine(loaded)
-        lock = threading.Lock()
-        original = stock.segment
-
-        def serialized(image: Image.Image, prompts: list[str], threshold: float) -> SegmentResult:
-            with lock:  # one forward at a time on the device, like the fast path's single thread
-                return original(image, prompts, threshold)
-
-        stock.segment = serialized  # type: ignore[method-assign]
-        return Segmenter(loaded, kind, None, stock)
+        return Segmenter(loaded, kind, None, StockEngine(loaded))
     engine = FastEngine(loaded, text_cache_size=text_cache_size, compile=torch_compile)
     batcher: DynamicBatcher[SegmentRequest, SegmentResult] = DynamicBatcher(
         engine.segment_batch, max_batch=max_batch_images, max_wait_ms=max_batch_wait_ms, on_batch=on_batch)
