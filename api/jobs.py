@@ -180,6 +180,7 @@ def create_job() -> Response:
         id=job_id, tenant_id=tenant.id, status=jobstate.QUEUED, created_at=jobstate.now(), input=job_input,
         upload_key=stored_key, prompts=params.prompts, threshold=params.threshold, results=[],
         metadata_=params.metadata, webhook_url=params.webhook_url, webhook_events=params.webhook_events,
+        enqueued_at=jobstate.now(),
     )
     session.add(job)
     session.flush()

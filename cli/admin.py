@@ -78,7 +78,7 @@ def jobs_retry(args: argparse.Namespace, settings: Settings) -> int:
                 id=new_id, tenant_id=old.tenant_id, status=jobstate.QUEUED, created_at=jobstate.now(),
                 input=old.input, upload_key=new_upload, prompts=old.prompts, threshold=old.threshold, results=[],
                 metadata_=old.metadata_, batch_id=old.batch_id, webhook_url=old.webhook_url,
-                webhook_events=old.webhook_events,
+                webhook_events=old.webhook_events, enqueued_at=jobstate.now(),
             ))
         enqueue_segment(celery, job_id=new_id, queue=settings.interactive_queue)
         _emit({"retried": old.id, "new_job_id": new_id, "tenant_id": old.tenant_id})
@@ -133,6 +133,20 @@ def key_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def reconcile_now(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.queue import enqueue_segment, make_celery
+    from shared.reconcile import reconcile
+
+    celery = make_celery(settings)
+    report = reconcile(
+        sessions=sessions_for(settings), batch=settings.reconcile_batch,
+        enqueue=lambda job_id: enqueue_segment(celery, job_id=job_id, queue=settings.interactive_queue),
+        queued_after=dt.timedelta(seconds=args.queued_after if args.queued_after is not None
+                                  else settings.reconcile_queued_after_s))
+    _emit({"requeued_running": report.requeued_running, "reenqueued_queued": report.reenqueued_queued})
+    return 0
+
+
 def retention(args: argparse.Namespace, settings: Settings) -> int:
     from shared.retention import purge_expired
     from shared.storage import ObjectStorage
@@ -171,6 +185,10 @@ def add_commands(sub: argparse._SubParsersAction, tenant_sub: argparse._SubParse
     revoke = keys.add_parser("revoke", help="revoke a key, given in clear or by id (key_...)")
     revoke.add_argument("key")
     revoke.set_defaults(func=key_revoke)
+
+    rec = sub.add_parser("reconcile", help="requeue jobs whose worker died or whose message was lost, now")
+    rec.add_argument("--queued-after", type=float, help="seconds a job may stay queued before re-enqueueing")
+    rec.set_defaults(func=reconcile_now)
 
     purge = sub.add_parser("retention", help="delete finished jobs older than the retention period now")
     purge.add_argument("--days", type=float)

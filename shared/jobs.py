@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import Job
@@ -40,10 +40,12 @@ def isoformat(value: dt.datetime | None) -> str | None:
     return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _transition(session: Session, job_id: str, target: str, **values: Any) -> Job | None:
+def _transition(session: Session, job_id: str, target: str, *, source: Any = None, **values: Any) -> Job | None:
+    """One conditional UPDATE; `source` narrows the allowed source statuses further."""
+    condition = Job.status.in_(ALLOWED_FROM[target])
     stmt = (
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(ALLOWED_FROM[target]))
+        .where(Job.id == job_id, condition if source is None else and_(condition, source))
         .values(status=target, **values)
         .returning(Job)
         .execution_options(synchronize_session=False)
@@ -54,12 +56,30 @@ def _transition(session: Session, job_id: str, target: str, **values: Any) -> Jo
     return job
 
 
-def mark_running(session: Session, job_id: str, *, model_id: str | None) -> Job | None:
-    """queued/running -> running; None when the job is finished (or gone): nothing to do."""
+def mark_running(session: Session, job_id: str, *, model_id: str | None, lease_s: float) -> Job | None:
+    """queued -> running, or take over a running job whose lease expired (its worker died).
+
+    None when there is nothing to do: the job is finished, gone, or running under a live lease
+    elsewhere (a duplicate message), so at most one worker runs a job at a time.
+    """
+    lease_over = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < func.now())
     return _transition(
-        session, job_id, RUNNING,
+        session, job_id, RUNNING, source=or_(Job.status == QUEUED, lease_over),
         started_at=func.coalesce(Job.started_at, func.now()), attempts=Job.attempts + 1, model_id=model_id,
+        lease_expires_at=func.now() + dt.timedelta(seconds=lease_s),
     )
+
+
+def renew_leases(session: Session, job_ids: list[str], *, lease_s: float) -> int:
+    """The worker's heartbeat: extend the leases of the running jobs it holds."""
+    if not job_ids:
+        return 0
+    result = session.execute(
+        update(Job).where(Job.id.in_(job_ids), Job.status == RUNNING)
+        .values(lease_expires_at=func.now() + dt.timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)
 
 
 def record_image_size(session: Session, job_id: str, *, width: int, height: int) -> None:
@@ -71,17 +91,19 @@ def record_image_size(session: Session, job_id: str, *, width: int, height: int)
 
 def mark_succeeded(session: Session, job_id: str, *, results: list[dict[str, Any]]) -> Job | None:
     """running -> succeeded with its results; None when the job was canceled meanwhile."""
-    return _transition(session, job_id, SUCCEEDED, results=results, error=None, finished_at=now())
+    return _transition(session, job_id, SUCCEEDED, results=results, error=None, finished_at=now(),
+                       lease_expires_at=None)
 
 
 def mark_failed(session: Session, job_id: str, *, code: str, message: str) -> Job | None:
     return _transition(
-        session, job_id, FAILED, results=[], error={"code": code, "message": message[:1000]}, finished_at=now()
+        session, job_id, FAILED, results=[], error={"code": code, "message": message[:1000]}, finished_at=now(),
+        lease_expires_at=None,
     )
 
 
 def cancel(session: Session, job_id: str) -> Job | None:
-    return _transition(session, job_id, CANCELED, finished_at=now())
+    return _transition(session, job_id, CANCELED, finished_at=now(), lease_expires_at=None)
 
 
 def get_job(session: Session, job_id: str, *, tenant_id: str) -> Job | None:

@@ -87,11 +87,16 @@ class Job(Base):
     webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
     model_id: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # A running job belongs to a worker until this time; the worker's heartbeat extends it.
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the id was last put on the queue (the reconciler re-enqueues long-queued jobs).
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", created_at.desc(), id.desc()),
         Index("ix_jobs_tenant_status_created", "tenant_id", "status", created_at.desc(), id.desc()),
         Index("ix_jobs_tenant_batch_created", "tenant_id", "batch_id", created_at.desc(), id.desc()),
+        Index("ix_jobs_unfinished", "status", "lease_expires_at", postgresql_where=status.in_(["queued", "running"])),
     )
 
 

@@ -13,6 +13,7 @@ from shared.settings import Settings
 
 SEGMENT_TASK = "clipmask.segment"
 RETENTION_TASK = "clipmask.retention"
+RECONCILE_TASK = "clipmask.reconcile"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -40,7 +41,12 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
         # `celery beat` (one per deployment) schedules retention; the task deletes in chunks.
-        beat_schedule={"retention": {"task": RETENTION_TASK, "schedule": settings.retention_interval_s}},
+        beat_schedule={
+            "retention": {"task": RETENTION_TASK, "schedule": settings.retention_interval_s},
+            # expires: a reconcile message older than one interval is dropped, not piled up
+            "reconcile": {"task": RECONCILE_TASK, "schedule": settings.reconcile_interval_s,
+                          "options": {"expires": settings.reconcile_interval_s}},
+        },
     )
     return app
 

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
 
     # --- worker ----------------------------------------------------------------------------
     worker_concurrency: int = Field(default=8, ge=1)
+    job_lease_s: float = Field(default=60, gt=0)  # a running job whose worker is silent this long is requeued
+    reconcile_interval_s: float = Field(default=30, gt=0)
+    reconcile_queued_after_s: float = Field(default=300, gt=0)  # re-enqueue jobs queued longer than this
+    reconcile_batch: int = Field(default=1000, ge=1)
     job_max_retries: int = 5  # retries of transient failures (database or broker down)
 
     # --- api -------------------------------------------------------------------------------

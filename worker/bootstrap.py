@@ -14,6 +14,7 @@ from shared.queue import make_celery
 from shared.settings import Settings
 from shared.storage import ObjectStorage
 from worker import metrics
+from worker.leases import LeaseKeeper
 from worker.runner import RunnerDeps, Segments
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,10 @@ def build_deps(settings: Settings) -> RunnerDeps:
         max_bytes=settings.max_fetch_bytes,
         max_redirects=settings.fetch_max_redirects,
     )
-    return RunnerDeps(make_session_factory(engine), storage, LazySegmenter(settings), policy,
-                      settings.max_image_pixels, settings.model, on_stage=metrics.on_stage,
-                      on_finish=metrics.on_finish)
+    sessions = make_session_factory(engine)
+    return RunnerDeps(sessions, storage, LazySegmenter(settings), policy, settings.max_image_pixels, settings.model,
+                      on_stage=metrics.on_stage, on_finish=metrics.on_finish, lease_s=settings.job_lease_s,
+                      leases=LeaseKeeper(sessions, lease_s=settings.job_lease_s))
 
 
 def build_worker_app(settings: Settings) -> Celery:

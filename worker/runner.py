@@ -11,6 +11,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ from shared.fetch import FetchPolicy, fetch_image_bytes
 from shared.images import decode_image
 from shared.models import Job
 from shared.storage import ObjectStorage, mask_key
+from worker.leases import LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class RunnerDeps:
     model_id: str
     on_stage: Callable[[str, float], None] = _no_stage  # (fetch|decode|infer|encode|upload, seconds)
     on_finish: Callable[[str, str | None, float], None] = _no_finish  # (status, error code, seconds)
+    lease_s: float = 60.0
+    leases: LeaseKeeper | None = None  # the process's heartbeat; None: leases are not renewed
 
 
 def encode_png(mask: Any) -> bytes:
@@ -80,15 +84,17 @@ def run_job(job_id: str, *, deps: RunnerDeps) -> str:
     ctx = {"job_id": job_id}
     try:
         with session_scope(deps.sessions) as session:
-            job = jobstate.mark_running(session, job_id, model_id=deps.model_id)
+            job = jobstate.mark_running(session, job_id, model_id=deps.model_id, lease_s=deps.lease_s)
         if job is None:
-            log.info("job not runnable (finished, canceled or unknown); message dropped", extra=ctx)
+            log.info("job not runnable (finished, canceled, unknown or leased elsewhere); message dropped",
+                     extra=ctx)
             return "skipped"
         ctx["tenant_id"] = job.tenant_id
         if job.batch_id:
             ctx["batch_id"] = job.batch_id
         log.info("job started (attempt %d)", job.attempts, extra=ctx)
-        return _run(job, deps=deps, ctx=ctx)
+        with deps.leases.holding(job.id) if deps.leases else nullcontext():
+            return _run(job, deps=deps, ctx=ctx)
     except DBAPIError as exc:
         log.warning("database unavailable; job will be retried", extra=ctx | {"error": str(exc)[:300]})
         raise TransientError(str(exc)) from exc

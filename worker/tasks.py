@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 from celery import Celery, Task
 
-from shared.queue import RETENTION_TASK, SEGMENT_TASK
+from shared.queue import RECONCILE_TASK, RETENTION_TASK, SEGMENT_TASK, enqueue_segment
+from shared.reconcile import reconcile
 from shared.retention import purge_expired
 from shared.settings import Settings
 from worker.runner import RunnerDeps, TransientError, run_job
@@ -23,6 +24,14 @@ def register_tasks(app: Celery, get_deps: Callable[[], RunnerDeps], *, settings:
             return run_job(job_id, deps=get_deps())
         except TransientError as exc:
             raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))) from exc
+
+    @app.task(name=RECONCILE_TASK, acks_late=True)
+    def reconcile_jobs() -> dict[str, int]:
+        report = reconcile(
+            sessions=get_deps().sessions, batch=settings.reconcile_batch,
+            enqueue=lambda job_id: enqueue_segment(app, job_id=job_id, queue=settings.interactive_queue),
+            queued_after=dt.timedelta(seconds=settings.reconcile_queued_after_s))
+        return {"requeued_running": len(report.requeued_running), "reenqueued_queued": len(report.reenqueued_queued)}
 
     @app.task(name=RETENTION_TASK, acks_late=True)
     def retention() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from unittest import mock
 
@@ -121,3 +122,15 @@ def test_database_down_is_transient(deps, settings):
     with mock.patch.object(deps, "sessions", dead), pytest.raises(TransientError):
         run_job(str(uuid.uuid4()), deps=deps)
 
+
+
+def test_duplicate_message_while_leased_elsewhere_is_skipped(deps, sessions, storage, tenant):
+    job_id = new_upload_job(sessions, storage, tenant, status="queued")
+    with session_scope(sessions) as session:  # another worker holds it, lease live
+        assert jobstate.mark_running(session, job_id, model_id="m", lease_s=300) is not None
+    assert run_job(job_id, deps=deps) == "skipped"
+    with session_scope(sessions) as session:  # that worker died: its lease ran out
+        session.get(Job, job_id).lease_expires_at = jobstate.now() - dt.timedelta(seconds=1)
+    assert run_job(job_id, deps=deps) == "succeeded"
+    job = load(sessions, job_id)
+    assert job.attempts == 2 and job.lease_expires_at is None

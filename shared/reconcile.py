@@ -1,0 +1,63 @@
+"""The reconciler: Postgres is the truth, the broker follows it.
+
+Redis may lose messages (it keeps nothing on disk here; FLUSHALL; a crash), and a worker may die
+mid-job. Every run:
+1. requeues `running` jobs whose lease expired (their worker stopped heartbeating):
+   running -> queued, and enqueues the id again;
+2. re-enqueues `queued` jobs whose id went on the queue longer ago than `queued_after`.
+   If the first message still exists, the duplicate is harmless: `mark_running` takes a job only
+   when it is queued or its lease expired, and a finished job is skipped.
+Both are bounded per run and use SKIP LOCKED, so several reconcilers never fight.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import jobs as jobstate
+from shared.db import session_scope
+from shared.models import Job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconcileReport:
+    requeued_running: list[str]
+    reenqueued_queued: list[str]
+
+
+def reconcile(
+    *, sessions: sessionmaker[Session], enqueue: Callable[[str], None], queued_after: dt.timedelta,
+    batch: int = 1000,
+) -> ReconcileReport:
+    with session_scope(sessions) as session:
+        expired = select(Job.id).where(
+            Job.status == jobstate.RUNNING, Job.lease_expires_at < func.now()
+        ).limit(batch).with_for_update(skip_locked=True).scalar_subquery()
+        requeued = list(session.execute(
+            update(Job).where(Job.id.in_(expired), Job.status == jobstate.RUNNING)
+            .values(status=jobstate.QUEUED, lease_expires_at=None, enqueued_at=func.now())
+            .returning(Job.id).execution_options(synchronize_session=False)
+        ).scalars())
+        stale = select(Job.id).where(
+            Job.status == jobstate.QUEUED,
+            func.coalesce(Job.enqueued_at, Job.created_at) < func.now() - queued_after,
+        ).limit(batch).with_for_update(skip_locked=True).scalar_subquery()
+        reenqueued = list(session.execute(
+            update(Job).where(Job.id.in_(stale)).values(enqueued_at=func.now())
+            .returning(Job.id).execution_options(synchronize_session=False)
+        ).scalars())
+    for job_id in requeued:
+        log.warning("requeued a running job whose worker stopped heartbeating", extra={"job_id": job_id})
+        enqueue(job_id)
+    for job_id in reenqueued:
+        log.info("re-enqueued a job queued too long (message presumed lost)", extra={"job_id": job_id})
+        enqueue(job_id)
+    return ReconcileReport(requeued, reenqueued)
