@@ -10,7 +10,6 @@ its id; the new job's metadata is the original's.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import uuid
@@ -21,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs as jobstate
 from shared.db import make_engine, make_session_factory, session_scope
-from shared.models import ApiKey, Job, Tenant
+from shared.models import Job, Tenant
 from shared.settings import Settings
 
 
@@ -120,42 +119,35 @@ def key_create(args: argparse.Namespace, settings: Settings) -> int:
 
 def key_revoke(args: argparse.Namespace, settings: Settings) -> int:
     """Revoke by the key itself or by its id (key_...); the key answers 401 from then on."""
-    from shared.tenants import hash_key
+    from shared.tenants import revoke_key
 
-    where = ApiKey.id == args.key if args.key.startswith("key_") else ApiKey.key_hash == hash_key(args.key)
     with session_scope(sessions_for(settings)) as session:
-        key = session.execute(select(ApiKey).where(where)).scalar_one_or_none()
-        if key is None or key.revoked_at is not None:
+        key = revoke_key(session, key=args.key)
+        if key is None:
             print("no such active key", file=sys.stderr)
             return 1
-        key.revoked_at = jobstate.now()
         _emit({"key_id": key.id, "tenant_id": key.tenant_id, "revoked": True})
     return 0
 
 
 def reconcile_now(args: argparse.Namespace, settings: Settings) -> int:
-    from shared.queue import enqueue_segment, make_celery
-    from shared.reconcile import reconcile
+    from shared.queue import make_celery
+    from shared.reconcile import reconcile_from_settings
 
-    celery = make_celery(settings)
-    report = reconcile(
-        sessions=sessions_for(settings), batch=settings.reconcile_batch,
-        enqueue=lambda job_id: enqueue_segment(celery, job_id=job_id, queue=settings.interactive_queue),
-        queued_after=dt.timedelta(seconds=args.queued_after if args.queued_after is not None
-                                  else settings.reconcile_queued_after_s))
+    report = reconcile_from_settings(settings, sessions=sessions_for(settings), celery=make_celery(settings),
+                                     queued_after_s=args.queued_after)
     _emit({"requeued_running": report.requeued_running, "reenqueued_queued": report.reenqueued_queued})
     return 0
 
 
 def retention(args: argparse.Namespace, settings: Settings) -> int:
-    from shared.retention import purge_expired
+    from shared.retention import purge_from_settings
     from shared.storage import ObjectStorage
 
-    days = args.days if args.days is not None else settings.retention_days
-    deleted = purge_expired(
-        sessions=sessions_for(settings), storage=ObjectStorage(settings), older_than=dt.timedelta(days=days),
-        chunk=settings.retention_chunk, idempotency_ttl=dt.timedelta(seconds=settings.idempotency_ttl_s))
-    _emit({"deleted_jobs": deleted, "older_than_days": days})
+    deleted = purge_from_settings(settings, sessions=sessions_for(settings), storage=ObjectStorage(settings),
+                                  days=args.days)
+    _emit({"deleted_jobs": deleted, "older_than_days": args.days if args.days is not None
+           else settings.retention_days})
     return 0
 
 

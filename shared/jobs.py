@@ -82,11 +82,12 @@ def renew_leases(session: Session, job_ids: list[str], *, lease_s: float) -> int
     return int(result.rowcount or 0)
 
 
-def record_image_size(session: Session, job_id: str, *, width: int, height: int) -> None:
-    session.execute(
+def record_image_size(session: Session, job_id: str, *, width: int, height: int) -> str | None:
+    """Store the decoded size; returns the job's status now (canceled meanwhile?) in the same trip."""
+    return session.execute(
         update(Job).where(Job.id == job_id).values(image_width=width, image_height=height)
-        .execution_options(synchronize_session=False)
-    )
+        .returning(Job.status).execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
 
 
 def mark_succeeded(session: Session, job_id: str, *, results: list[dict[str, Any]]) -> Job | None:

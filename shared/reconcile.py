@@ -17,12 +17,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from celery import Celery
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs as jobstate
 from shared.db import session_scope
 from shared.models import Job
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +63,17 @@ def reconcile(
         log.info("re-enqueued a job queued too long (message presumed lost)", extra={"job_id": job_id})
         enqueue(job_id)
     return ReconcileReport(requeued, reenqueued)
+
+
+def reconcile_from_settings(
+    settings: Settings, *, sessions: sessionmaker[Session], celery: Celery, queued_after_s: float | None = None,
+) -> ReconcileReport:
+    """One reconciler run as configured (beat's task and `clipmask reconcile` both call this)."""
+    from shared.queue import enqueue_segment
+
+    return reconcile(
+        sessions=sessions, batch=settings.reconcile_batch,
+        enqueue=lambda job_id: enqueue_segment(celery, job_id=job_id, queue=settings.interactive_queue),
+        queued_after=dt.timedelta(seconds=settings.reconcile_queued_after_s if queued_after_s is None
+                                  else queued_after_s),
+    )

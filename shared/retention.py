@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import jobs as jobstate
 from shared.db import session_scope
 from shared.models import IdempotencyKey, Job
+from shared.settings import Settings
 from shared.storage import ObjectStorage
 
 log = logging.getLogger(__name__)
@@ -51,3 +52,14 @@ def purge_expired(
     with session_scope(sessions) as session:
         session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < jobstate.now() - idempotency_ttl))
     return deleted
+
+
+def purge_from_settings(
+    settings: Settings, *, sessions: sessionmaker[Session], storage: ObjectStorage, days: float | None = None,
+) -> int:
+    """One retention run as configured (beat's task and `clipmask retention` both call this)."""
+    return purge_expired(
+        sessions=sessions, storage=storage, chunk=settings.retention_chunk,
+        older_than=dt.timedelta(days=settings.retention_days if days is None else days),
+        idempotency_ttl=dt.timedelta(seconds=settings.idempotency_ttl_s),
+    )

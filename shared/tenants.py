@@ -62,9 +62,11 @@ def authenticate(session: Session, api_key: str) -> Tenant | None:
     return row
 
 
-def revoke_key(session: Session, *, api_key: str) -> bool:
-    key = session.execute(select(ApiKey).where(ApiKey.key_hash == hash_key(api_key))).scalar_one_or_none()
-    if key is None or key.revoked_at is not None:
-        return False
-    key.revoked_at = dt.datetime.now(dt.UTC)
-    return True
+def revoke_key(session: Session, *, key: str) -> ApiKey | None:
+    """Revoke a key given in clear or by its id (key_...); None if there is no active such key."""
+    where = ApiKey.id == key if key.startswith("key_") else ApiKey.key_hash == hash_key(key)
+    row = session.execute(select(ApiKey).where(where)).scalar_one_or_none()
+    if row is None or row.revoked_at is not None:
+        return None
+    row.revoked_at = dt.datetime.now(dt.UTC)
+    return row

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,7 +23,6 @@ class LeaseKeeper:
         self.lease_s = lease_s
         self._held: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @contextmanager
@@ -47,11 +47,9 @@ class LeaseKeeper:
             return jobstate.renew_leases(session, held, lease_s=self.lease_s)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
+        while True:  # a daemon thread: it ends with the worker process
+            time.sleep(self.lease_s / 3)
             try:
                 self.renew_now()
             except Exception as exc:  # noqa: BLE001 - keep beating; the database may come back
                 log.warning("lease renewal failed: %s", exc)
-
-    def close(self) -> None:
-        self._stop.set()

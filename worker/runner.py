@@ -10,13 +10,12 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from PIL import Image
-from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -69,12 +68,6 @@ def encode_png(mask: Any) -> bytes:
     return buf.getvalue()
 
 
-def _still_running(deps: RunnerDeps, job_id: str) -> bool:
-    with session_scope(deps.sessions) as session:
-        status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
-    return status == jobstate.RUNNING
-
-
 def run_job(job_id: str, *, deps: RunnerDeps) -> str:
     """Run one job to a final state; returns that state ('skipped' if there was nothing to do).
 
@@ -101,30 +94,23 @@ def run_job(job_id: str, *, deps: RunnerDeps) -> str:
 
 
 class _Stages:
-    """Times the stages of one job and reports them to `on_stage`."""
+    """Times the stages of one job (a stage may recur, e.g. per mask) and reports the totals."""
 
     def __init__(self, report: Callable[[str, float], None]) -> None:
         self.report = report
         self.totals: dict[str, float] = {}
 
-    def time(self, stage: str) -> _Stage:
-        return _Stage(self, stage)
+    @contextmanager
+    def time(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - start
 
     def flush(self) -> None:
         for stage, seconds in self.totals.items():
             self.report(stage, seconds)
-
-
-class _Stage:
-    def __init__(self, stages: _Stages, name: str) -> None:
-        self.stages, self.name = stages, name
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        totals = self.stages.totals
-        totals[self.name] = totals.get(self.name, 0.0) + time.perf_counter() - self.start
 
 
 def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str]) -> str:
@@ -140,8 +126,8 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str]) -> str:
             image = decode_image(data, max_pixels=deps.max_pixels)
         del data
         with session_scope(deps.sessions) as session:
-            jobstate.record_image_size(session, job.id, width=image.width, height=image.height)
-        if not _still_running(deps, job.id):
+            status = jobstate.record_image_size(session, job.id, width=image.width, height=image.height)
+        if status != jobstate.RUNNING:
             log.info("job canceled before inference", extra=ctx)
             return _finish(deps, started, jobstate.CANCELED)
         with stages.time("infer"):

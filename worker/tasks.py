@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable
 
 from celery import Celery, Task
 
-from shared.queue import RECONCILE_TASK, RETENTION_TASK, SEGMENT_TASK, enqueue_segment
-from shared.reconcile import reconcile
-from shared.retention import purge_expired
+from shared.queue import RECONCILE_TASK, RETENTION_TASK, SEGMENT_TASK
+from shared.reconcile import reconcile_from_settings
+from shared.retention import purge_from_settings
 from shared.settings import Settings
 from worker.runner import RunnerDeps, TransientError, run_job
 
@@ -27,15 +26,10 @@ def register_tasks(app: Celery, get_deps: Callable[[], RunnerDeps], *, settings:
 
     @app.task(name=RECONCILE_TASK, acks_late=True)
     def reconcile_jobs() -> dict[str, int]:
-        report = reconcile(
-            sessions=get_deps().sessions, batch=settings.reconcile_batch,
-            enqueue=lambda job_id: enqueue_segment(app, job_id=job_id, queue=settings.interactive_queue),
-            queued_after=dt.timedelta(seconds=settings.reconcile_queued_after_s))
+        report = reconcile_from_settings(settings, sessions=get_deps().sessions, celery=app)
         return {"requeued_running": len(report.requeued_running), "reenqueued_queued": len(report.reenqueued_queued)}
 
     @app.task(name=RETENTION_TASK, acks_late=True)
     def retention() -> int:
         deps = get_deps()
-        return purge_expired(
-            sessions=deps.sessions, storage=deps.storage, older_than=dt.timedelta(days=settings.retention_days),
-            chunk=settings.retention_chunk, idempotency_ttl=dt.timedelta(seconds=settings.idempotency_ttl_s))
+        return purge_from_settings(settings, sessions=deps.sessions, storage=deps.storage)
