@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export VENV
 
-.PHONY: install up down demo test lint bench clean
+.PHONY: install up down demo test lint bench bench-load bench-api clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,14 @@ lint: install
 
 bench: install
 	$(PY) bench/engine.py --model tiny --images 8 --prompts 4
+
+# 5,000 jobs through a private stack on the tiny model (BENCH_ARGS="--jobs 500" for less)
+bench-load: install
+	scripts/bench_stack.sh bench/load.py $(BENCH_ARGS)
+
+# batch accept time, single-job POST throughput/latency, interactive latency during a bulk run
+bench-api: install
+	scripts/bench_stack.sh bench/api.py $(BENCH_ARGS)
 
 clean: down
 	rm -rf .run

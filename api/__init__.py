@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import health, jobs, metrics, openapi
+from api import batches, deliveries, health, jobs, metrics, openapi
 from api.problems import register_error_handlers
 from api.services import Services, close_db
 from shared.settings import Settings
@@ -21,6 +21,6 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.teardown_appcontext(close_db)
     register_error_handlers(app)
     metrics.install(app)
-    for module in (health, jobs, metrics, openapi):
+    for module in (health, jobs, batches, deliveries, metrics, openapi):
         app.register_blueprint(module.bp)
     return app

@@ -5,13 +5,13 @@ from __future__ import annotations
 from flask import g, request
 
 from api.problems import ApiProblem
-from api.services import db
+from api.services import db, services
 from shared.models import Tenant
 from shared.tenants import authenticate
 
 
 def require_tenant() -> None:
-    """before_request hook: resolve the key to its tenant or answer 401."""
+    """before_request hook: resolve the key to its tenant (else 401), then take a rate token (else 429)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -21,6 +21,7 @@ def require_tenant() -> None:
     if tenant is None:
         raise ApiProblem(401, "unauthorized", "The API key is unknown or revoked.")
     g.tenant = tenant
+    services().limiter.check(tenant)
 
 
 def current_tenant() -> Tenant:

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.auth import current_tenant, require_tenant
 from api.idempotency import find, fingerprint, replay, request_key
+from api.limits import check_queued_cap
 from api.metrics import JOBS_CREATED
 from api.problems import ApiProblem
 from api.schemas import JobCreateJson, JobParams, validation_problem
@@ -27,7 +28,7 @@ from api.services import db, services
 from shared import jobs as jobstate
 from shared.images import sniff
 from shared.models import IdempotencyKey, Job
-from shared.queue import enqueue_segment
+from shared.queue import after_finish, enqueue_segment
 from shared.storage import upload_key
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ def _json_body() -> dict[str, Any]:
         raise ApiProblem(400, "malformed_json", "The body is not valid UTF-8.") from exc
     except json.JSONDecodeError as exc:
         raise ApiProblem(400, "malformed_json", f"The body is not valid JSON: {exc.msg} at char {exc.pos}.") from exc
+    except RecursionError as exc:
+        raise ApiProblem(400, "malformed_json", "The JSON body is nested too deeply.") from exc
     if not isinstance(body, dict):
         raise ApiProblem(400, "invalid_body", "The JSON body must be an object.")
     return body
@@ -108,13 +111,8 @@ def _parse_json() -> NewJobInput:
     return NewJobInput(params, parsed.image_url, image_bytes, None, fingerprint(body), source)
 
 
-def _parse_multipart() -> NewJobInput:
-    form = request.form
-    files = request.files
-    upload = files.get("image")
-    if upload is None:
-        raise ApiProblem(422, "missing_image", "The multipart body needs a file part named 'image'.",
-                         errors=[{"field": "image", "message": "required"}])
+def form_fields(form: Any) -> dict[str, Any]:
+    """Multipart form fields as the JSON body would hold them: list fields repeat, metadata is JSON."""
     fields: dict[str, Any] = {}
     for name in form:
         values = form.getlist(name)
@@ -128,6 +126,17 @@ def _parse_multipart() -> NewJobInput:
                                  errors=[{"field": "metadata", "message": "not valid JSON"}]) from exc
         else:
             fields[name] = values[-1]
+    return fields
+
+
+def _parse_multipart() -> NewJobInput:
+    form = request.form
+    files = request.files
+    upload = files.get("image")
+    if upload is None:
+        raise ApiProblem(422, "missing_image", "The multipart body needs a file part named 'image'.",
+                         errors=[{"field": "image", "message": "required"}])
+    fields = form_fields(form)
     extra_files = [name for name in files if name != "image"]
     if extra_files:
         raise ApiProblem(422, "unknown_field", f"Unexpected file parts: {', '.join(extra_files)}.",
@@ -163,6 +172,8 @@ def create_job() -> Response:
         existing = find(session, tenant_id=tenant.id, key=key, ttl_s=svc.settings.idempotency_ttl_s)
         if existing is not None:
             return replay(existing, route="jobs.create", request_hash=new.fingerprint)
+    check_queued_cap(session, tenant, svc.settings)
+    session.rollback()
 
     job_id = str(uuid.uuid4())
     stored_key = None
@@ -274,17 +285,21 @@ def list_page(query: Any, *, limit: int, cursor: str | None) -> dict[str, Any]:
     }
 
 
+def parse_status(allowed: tuple[str, ...] = jobstate.STATUSES) -> list[str]:
+    """The `status` query parameter: one value or several separated by commas."""
+    wanted = [s.strip() for s in request.args.get("status", "").split(",") if s.strip()]
+    bad = [s for s in wanted if s not in allowed]
+    if bad:
+        raise ApiProblem(422, "invalid_status", f"Unknown status {bad[0]!r}; one of {', '.join(allowed)}.",
+                         errors=[{"field": "status", "message": "unknown status"}])
+    return wanted
+
+
 @bp.get("")
 def list_jobs() -> Response:
     query = select(Job).where(Job.tenant_id == current_tenant().id)
-    status = request.args.get("status")
-    if status:
-        wanted = [s.strip() for s in status.split(",") if s.strip()]
-        bad = [s for s in wanted if s not in jobstate.STATUSES]
-        if bad:
-            allowed = ", ".join(jobstate.STATUSES)
-            raise ApiProblem(422, "invalid_status", f"Unknown status {bad[0]!r}; one of {allowed}.",
-                             errors=[{"field": "status", "message": "unknown status"}])
+    wanted = parse_status()
+    if wanted:
         query = query.where(Job.status.in_(wanted))
     batch_id = request.args.get("batch_id")
     if batch_id:
@@ -297,10 +312,12 @@ def cancel_job(job_id: str) -> Response:
     session = db()
     job = _job_or_404(job_id)
     if job.status not in jobstate.FINISHED:
-        canceled = jobstate.cancel(session, job_id)
+        canceled = jobstate.cancel(session, job_id, storage=services().storage)
+        deliveries = jobstate.new_deliveries(session)
         session.commit()
         if canceled is not None:
             log.info("job canceled", extra={"job_id": job_id, "tenant_id": job.tenant_id})
+            after_finish(services().celery, services().sessions, batch_id=canceled.batch_id, deliveries=deliveries)
             job = canceled
         else:
             session.refresh(job)  # it finished while we looked

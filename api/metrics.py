@@ -79,5 +79,6 @@ def metrics() -> Response:
     else:
         registry = REGISTRY  # this process's values
     queues = CollectorRegistry()
-    queues.register(QueueDepthCollector(settings.redis_url, settings.redis_key_prefix, [settings.interactive_queue]))
+    names = [settings.interactive_queue, settings.bulk_queue, settings.events_queue]
+    queues.register(QueueDepthCollector(settings.redis_url, settings.redis_key_prefix, names))
     return Response(generate_latest(registry) + generate_latest(queues), mimetype=CONTENT_TYPE_LATEST)

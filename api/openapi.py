@@ -9,7 +9,20 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 from pydantic.json_schema import models_json_schema
 
-from api.schemas import JobCreateJson, JobCreateMultipart, JobList, JobObject, Problem
+from api.schemas import (
+    BatchCreate,
+    BatchCreateMultipart,
+    BatchObject,
+    JobCreateJson,
+    JobCreateMultipart,
+    JobList,
+    JobObject,
+    Problem,
+    WebhookDeliveryList,
+    WebhookDeliveryObject,
+)
+
+VALIDATION_MODELS = (JobCreateJson, JobCreateMultipart, BatchCreate, BatchCreateMultipart)
 
 bp = Blueprint("openapi", __name__)
 
@@ -19,12 +32,14 @@ ERROR_CODES = {
     400: "malformed_json, invalid_body, invalid_cursor, invalid_idempotency_key, bad_request",
     401: "unauthorized",
     404: "not_found",
-    409: "job_not_cancelable, idempotency_key_reused",
+    409: "job_not_cancelable, batch_not_cancelable, idempotency_key_reused",
     413: "payload_too_large",
     415: "unsupported_media_type, unsupported_image_type",
     422: "invalid_prompts, invalid_threshold, invalid_webhook_url, invalid_webhook_events, invalid_metadata, "
     "invalid_image_url, invalid_image_base64, missing_image, multiple_images, empty_image, unknown_field, "
-    "invalid_limit, invalid_status, invalid_request",
+    "invalid_limit, invalid_status, invalid_request, invalid_items, invalid_batch_item (errors[0].field names "
+    "the item: items[17].image_url)",
+    429: "rate_limited, too_many_queued_jobs (with Retry-After)",
     503: "dependency_unavailable (with Retry-After)",
 }
 
@@ -47,10 +62,15 @@ def _json(model: str, description: str, headers: dict[str, Any] | None = None) -
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(s): _problem(s) for s in (401, *statuses, 503)}
+    return {str(s): _problem(s) for s in (401, *statuses, 429, 503)}
 
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+STATUS = {"name": "status", "in": "query", "schema": {"type": "string"},
+          "description": "One status or several separated by commas."}
+LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}}
+CURSOR = {"name": "cursor", "in": "query", "schema": {"type": "string"}}
 IDEMPOTENCY = {
     "name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
     "description": "Same key and body within 24 h replays the first response; another body is 409.",
@@ -60,8 +80,9 @@ IDEMPOTENCY = {
 @cache
 def document() -> dict[str, Any]:
     _, defs = models_json_schema(
-        [(m, "validation" if m in (JobCreateJson, JobCreateMultipart) else "serialization")
-         for m in (JobCreateJson, JobCreateMultipart, JobObject, JobList, Problem)],
+        [(m, "validation" if m in VALIDATION_MODELS else "serialization")
+         for m in (*VALIDATION_MODELS, JobObject, JobList, BatchObject, WebhookDeliveryObject, WebhookDeliveryList,
+                   Problem)],
         ref_template=REF,
     )
     schemas = defs["$defs"]
@@ -119,6 +140,65 @@ def document() -> dict[str, Any]:
                     "summary": "Cancel a queued or running job (canceling a canceled job is a no-op)",
                     "parameters": [JOB_ID],
                     "responses": {"200": _json("JobObject", "The canceled job."), **_errors(404, 409)},
+                },
+            },
+            "/v1/batches": {
+                "post": {
+                    "operationId": "createBatch",
+                    "summary": "Submit a catalog: up to 100,000 items, all validated before any is queued",
+                    "parameters": [IDEMPOTENCY],
+                    "requestBody": {"required": True, "content": {
+                        "application/json": {"schema": {"$ref": REF.format(model="BatchCreate")}},
+                        "multipart/form-data": {"schema": {"$ref": REF.format(model="BatchCreateMultipart")}},
+                    }},
+                    "responses": {
+                        "202": _json("BatchObject", "Accepted; every item is queued on the bulk queue.",
+                                     {"Location": {"schema": {"type": "string"}}}),
+                        **_errors(400, 409, 413, 415, 422),
+                    },
+                },
+            },
+            "/v1/batches/{batch_id}": {
+                "get": {
+                    "operationId": "getBatch", "summary": "Get a batch with its counts", "parameters": [BATCH_ID],
+                    "responses": {"200": _json("BatchObject", "The batch."), **_errors(404)},
+                },
+            },
+            "/v1/batches/{batch_id}/jobs": {
+                "get": {
+                    "operationId": "listBatchJobs", "summary": "The batch's jobs, newest first",
+                    "parameters": [BATCH_ID, STATUS, LIMIT, CURSOR],
+                    "responses": {"200": _json("JobList", "A page of jobs."), **_errors(400, 404, 422)},
+                },
+            },
+            "/v1/batches/{batch_id}/cancel": {
+                "post": {
+                    "operationId": "cancelBatch", "summary": "Cancel every job of the batch not yet finished",
+                    "parameters": [BATCH_ID],
+                    "responses": {"200": _json("BatchObject", "The canceled batch."), **_errors(404, 409)},
+                },
+            },
+            "/v1/webhook-deliveries": {
+                "get": {
+                    "operationId": "listWebhookDeliveries", "summary": "Webhook deliveries, newest first",
+                    "parameters": [
+                        {"name": "job_id", "in": "query", "schema": {"type": "string"}},
+                        {"name": "batch_id", "in": "query", "schema": {"type": "string"}},
+                        {"name": "status", "in": "query", "schema": {"type": "string"},
+                         "description": "pending, succeeded or failed; several separated by commas."},
+                        LIMIT, CURSOR,
+                    ],
+                    "responses": {"200": _json("WebhookDeliveryList", "A page of deliveries."),
+                                  **_errors(400, 422)},
+                },
+            },
+            "/v1/webhook-deliveries/{delivery_id}/retry": {
+                "post": {
+                    "operationId": "retryWebhookDelivery", "summary": "Deliver again now (same webhook-id)",
+                    "parameters": [{"name": "delivery_id", "in": "path", "required": True,
+                                    "schema": {"type": "string"}}],
+                    "responses": {"202": _json("WebhookDeliveryObject", "Queued for delivery now."),
+                                  **_errors(404)},
                 },
             },
             "/healthz": {"get": {

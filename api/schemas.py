@@ -199,3 +199,96 @@ class Problem(BaseModel):
     detail: str
     code: str
     errors: list[dict[str, str]] | None = None
+
+
+# ---- batches ------------------------------------------------------------------------------
+
+BATCH_EVENTS = (*JOB_EVENTS, "batch.completed")
+
+
+class BatchItem(BaseModel):
+    """One catalog item; fields it leaves out come from the batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str = Field(description="http(s) URL the worker downloads.")
+    prompts: list[str] | None = Field(default=None, description="Default: the batch's prompts.")
+    threshold: float | None = Field(default=None, description="Default: the batch's threshold.")
+    metadata: dict[str, str] | None = Field(default=None, description="Merged over the batch's metadata.")
+
+
+class BatchCreate(BaseModel):
+    """`POST /v1/batches` as JSON. As multipart, the file part `items` holds JSONL or CSV and the other
+    fields are form fields (`prompts` repeated, `metadata` a JSON string)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[BatchItem] | None = Field(default=None, description="1 to 100,000 items (or the file part).")
+    prompts: list[str] | None = Field(default=None, description="Prompts for items that set none.")
+    threshold: float = Field(default=0.4, gt=0, lt=1)
+    webhook_url: str | None = Field(default=None, description="Receives the items' job events and batch.completed.")
+    webhook_events: list[Literal["job.succeeded", "job.failed", "job.canceled", "batch.completed"]] | None = Field(
+        default=None, description="Subset of events to deliver; default all four.")
+    metadata: dict[str, str] = Field(default_factory=dict, description="The batch's own, and items' defaults.")
+
+
+class BatchCreateMultipart(BaseModel):
+    items: bytes = Field(description="JSONL (item objects) or CSV (header with image_url, optional prompts "
+                                     "separated by |, other columns to metadata).",
+                         json_schema_extra={"format": "binary"})
+    prompts: list[str] | None = None
+    threshold: float | None = None
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
+    metadata: str | None = Field(default=None, description="A JSON object, as a string.")
+
+
+class BatchCounts(BaseModel):
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    canceled: int
+
+
+class BatchObject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    object: Literal["batch"]
+    status: Literal["running", "completed", "canceled"]
+    counts: BatchCounts
+    created_at: str
+    finished_at: str | None
+    results_url: str | None = Field(description="Presigned URL of a JSONL file, one job object per line.")
+    metadata: dict[str, str]
+    webhook_url: str | None
+
+
+# ---- webhook deliveries -------------------------------------------------------------------
+
+class WebhookDeliveryObject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="The webhook-id header; stable across retries.")
+    object: Literal["webhook_delivery"]
+    event_type: Literal["job.succeeded", "job.failed", "job.canceled", "batch.completed"]
+    job_id: str | None
+    batch_id: str | None
+    url: str
+    status: Literal["pending", "succeeded", "failed"]
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: str | None
+    created_at: str
+    delivered_at: str | None
+
+
+class WebhookDeliveryList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    object: Literal["list"]
+    data: list[WebhookDeliveryObject]
+    next_cursor: str | None

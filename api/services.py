@@ -9,6 +9,7 @@ from flask import current_app, g
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.limits import RateLimiter
 from shared.db import make_engine, make_session_factory
 from shared.queue import make_celery
 from shared.settings import Settings
@@ -22,11 +23,13 @@ class Services:
     sessions: sessionmaker[Session]
     storage: ObjectStorage
     celery: Celery
+    limiter: RateLimiter
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         engine = make_engine(settings.database_url)
-        return cls(settings, engine, make_session_factory(engine), ObjectStorage(settings), make_celery(settings))
+        return cls(settings, engine, make_session_factory(engine), ObjectStorage(settings), make_celery(settings),
+                   RateLimiter(settings))
 
 
 def services() -> Services:

@@ -105,6 +105,28 @@ def tenant_disable(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def tenant_limits(args: argparse.Namespace, settings: Settings) -> int:
+    """Set a tenant's own limits; a negative value returns it to the deployment default."""
+    values: dict[str, float | int | None] = {}
+    for field in ("rate_limit_per_s", "rate_limit_burst", "max_queued_jobs"):
+        value = getattr(args, field)
+        if value is not None:
+            values[field] = None if value < 0 else value
+    with session_scope(sessions_for(settings)) as session:
+        tenant = session.get(Tenant, args.tenant_id)
+        if tenant is None:
+            print(f"no tenant {args.tenant_id}", file=sys.stderr)
+            return 1
+        for field, value in values.items():
+            setattr(tenant, field, value)
+        _emit({"tenant_id": tenant.id, "rate_limit_per_s": tenant.rate_limit_per_s,
+               "rate_limit_burst": tenant.rate_limit_burst, "max_queued_jobs": tenant.max_queued_jobs,
+               "defaults": {"rate_limit_per_s": settings.rate_limit_per_s,
+                            "rate_limit_burst": settings.rate_limit_burst,
+                            "max_queued_jobs": settings.max_queued_jobs}})
+    return 0
+
+
 def key_create(args: argparse.Namespace, settings: Settings) -> int:
     from shared.tenants import create_api_key
 
@@ -136,7 +158,8 @@ def reconcile_now(args: argparse.Namespace, settings: Settings) -> int:
 
     report = reconcile_from_settings(settings, sessions=sessions_for(settings), celery=make_celery(settings),
                                      queued_after_s=args.queued_after)
-    _emit({"requeued_running": report.requeued_running, "reenqueued_queued": report.reenqueued_queued})
+    _emit({"requeued_running": report.requeued_running, "reenqueued_queued": report.reenqueued_queued,
+           "batches_finalized": report.batches})
     return 0
 
 
@@ -169,6 +192,12 @@ def add_commands(sub: argparse._SubParsersAction, tenant_sub: argparse._SubParse
     disable = tenant_sub.add_parser("disable", help="refuse the tenant's keys from now on")
     disable.add_argument("tenant_id")
     disable.set_defaults(func=tenant_disable)
+    limits = tenant_sub.add_parser("limits", help="set a tenant's rate limit and queued-jobs cap (-1: default)")
+    limits.add_argument("tenant_id")
+    limits.add_argument("--rate-limit", dest="rate_limit_per_s", type=float, help="requests per second, 0: none")
+    limits.add_argument("--burst", dest="rate_limit_burst", type=int)
+    limits.add_argument("--max-queued", dest="max_queued_jobs", type=int)
+    limits.set_defaults(func=tenant_limits)
 
     keys = sub.add_parser("key", help="API keys").add_subparsers(dest="key_command", required=True)
     create = keys.add_parser("create", help="another key for a tenant (rotation)")

@@ -9,6 +9,9 @@
   clipmask init-storage           create the bucket if missing
   clipmask model-available [ID]   exit 0 if the hub model can be loaded here
   clipmask demo                   tenant + one job on a generated sample image, waits, prints it
+  clipmask submit IMAGE --prompt shirt [--wait] [--out DIR]     one job through the API
+  clipmask batch CATALOG.csv --out DIR [--prompt P]             a catalog, with progress, resumable
+  clipmask tenant limits ID [--rate-limit R] [--burst N] [--max-queued N]
 """
 
 from __future__ import annotations
@@ -89,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.set_defaults(func=cmd_dev_model)
 
     from cli.admin import add_commands
+    from cli.client_cmds import add_commands as add_client_commands
 
     add_commands(sub, tenant)
+    add_client_commands(sub)
 
     sub.add_parser("migrate", help="alembic upgrade head").set_defaults(func=cmd_migrate)
     sub.add_parser("init-storage", help="create the bucket if missing").set_defaults(func=cmd_init_storage)

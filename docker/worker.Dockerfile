@@ -10,4 +10,4 @@ COPY shared ./shared
 COPY cli ./cli
 COPY migrations ./migrations
 RUN pip install ".[worker]"
-CMD ["celery", "-A", "worker.celery_app", "worker", "--pool", "threads", "--concurrency", "16", "-Q", "interactive", "-E"]
+CMD ["celery", "-A", "worker.celery_app", "worker", "--pool", "threads", "--concurrency", "16", "-Q", "interactive,bulk,events", "-E"]

@@ -82,7 +82,8 @@ up() {
   PROMETHEUS_MULTIPROC_DIR="$PWD/$RUN/prometheus" start_bg api "$BIN/gunicorn" -c python:api.gunicorn_conf \
     --workers "${CLIPMASK_API_WORKERS:-2}" --bind "$API_BIND" --access-logfile - --graceful-timeout 20 "api.wsgi:app"
   start_bg worker "$BIN/celery" -A worker.celery_app worker --pool threads \
-    --concurrency "${CLIPMASK_WORKER_CONCURRENCY:-8}" -Q "${CLIPMASK_INTERACTIVE_QUEUE:-interactive}" \
+    --concurrency "${CLIPMASK_WORKER_CONCURRENCY:-8}" \
+    -Q "${CLIPMASK_INTERACTIVE_QUEUE:-interactive},${CLIPMASK_BULK_QUEUE:-bulk},${CLIPMASK_EVENTS_QUEUE:-events}" \
     -n "clipmask@%h" --loglevel INFO -E
   start_bg beat "$BIN/celery" -A worker.celery_app beat --schedule "$RUN/celerybeat-schedule" --loglevel INFO
   start_bg flower "$BIN/celery" -A worker.celery_app flower --address=127.0.0.1 --port="$FLOWER_PORT" \

@@ -8,6 +8,7 @@ the same connection class, so "after every redirect" holds by construction.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import time
@@ -36,6 +37,8 @@ def _resolve_checked(host: str, port: int, allow_private: bool) -> list[tuple]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ImageFetchFailed(f"cannot resolve host {host!r}: {exc.strerror}") from exc
+    except UnicodeError as exc:
+        raise ImageFetchFailed(f"invalid host name {host[:100]!r}") from exc
     if not allow_private:
         for info in infos:
             ip = ipaddress.ip_address(info[4][0].split("%")[0])
@@ -60,19 +63,22 @@ def _connect(host: str, port: int, timeout: float | None, allow_private: bool) -
     raise ImageFetchFailed(f"cannot connect to {host}:{port}: {last}")
 
 
-def _connection_classes(allow_private: bool) -> tuple[type[HTTPConnection], type[HTTPSConnection]]:
+@functools.cache
+def _connection_classes(
+    allow_private: bool, allow_endpoints: frozenset[str],
+) -> tuple[type[HTTPConnection], type[HTTPSConnection]]:
+    def allowed(host: str, port: int) -> bool:
+        return allow_private or f"{host.lower()}:{port}" in allow_endpoints
+
     class GuardedHTTP(HTTPConnection):
         def _new_conn(self) -> socket.socket:
-            return _connect(self._dns_host, self.port, self.timeout, allow_private)
+            return _connect(self._dns_host, self.port, self.timeout, allowed(self._dns_host, self.port))
 
     class GuardedHTTPS(HTTPSConnection):
         def _new_conn(self) -> socket.socket:
-            return _connect(self._dns_host, self.port, self.timeout, allow_private)
+            return _connect(self._dns_host, self.port, self.timeout, allowed(self._dns_host, self.port))
 
     return GuardedHTTP, GuardedHTTPS
-
-
-_CLASSES = {True: _connection_classes(True), False: _connection_classes(False)}
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,9 @@ class FetchPolicy:
     total_timeout_s: float = 60.0
     max_bytes: int = 25 * 1024 * 1024
     max_redirects: int = 5
+    # host:port pairs that may be reached even when private (an internal image server, say);
+    # every other non-public address stays refused, redirects included.
+    allow_endpoints: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -108,26 +117,36 @@ def check_url_syntax(url: str) -> str | None:
     return None
 
 
+def guarded_pool(url: str, policy: FetchPolicy) -> tuple[urllib3.HTTPConnectionPool, str]:
+    """A one-connection pool for `url` whose connections check the address, and the request path.
+
+    Raises ImageFetchFailed for a URL that can't be fetched at all. Webhook delivery uses it too,
+    so callbacks obey the same address rules as image URLs.
+    """
+    problem = check_url_syntax(url)
+    if problem:
+        raise ImageFetchFailed(f"{problem}: {url[:200]}")
+    parts = urlsplit(url)
+    scheme, host = parts.scheme, parts.hostname or ""
+    port = parts.port or (443 if scheme == "https" else 80)
+    http_cls, https_cls = _connection_classes(policy.allow_private, policy.allow_endpoints)
+    pool_cls = urllib3.HTTPSConnectionPool if scheme == "https" else urllib3.HTTPConnectionPool
+    pool = pool_cls(
+        host, port, maxsize=1, retries=False,
+        timeout=urllib3.Timeout(connect=policy.connect_timeout_s, read=policy.read_timeout_s),
+    )
+    pool.ConnectionCls = https_cls if scheme == "https" else http_cls
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return pool, path
+
+
 def fetch_image_bytes(url: str, policy: FetchPolicy) -> Fetched:
     """GET `url` following at most `max_redirects` redirects; raise ImageFetchFailed on any problem."""
     deadline = time.monotonic() + policy.total_timeout_s
-    http_cls, https_cls = _CLASSES[policy.allow_private]
     for _hop in range(policy.max_redirects + 1):
-        problem = check_url_syntax(url)
-        if problem:
-            raise ImageFetchFailed(f"{problem}: {url[:200]}")
-        parts = urlsplit(url)
-        scheme, host = parts.scheme, parts.hostname or ""
-        port = parts.port or (443 if scheme == "https" else 80)
-        pool_cls = urllib3.HTTPSConnectionPool if scheme == "https" else urllib3.HTTPConnectionPool
-        pool = pool_cls(
-            host, port, maxsize=1, retries=False,
-            timeout=urllib3.Timeout(connect=policy.connect_timeout_s, read=policy.read_timeout_s),
-        )
-        pool.ConnectionCls = https_cls if scheme == "https" else http_cls
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
+        pool, path = guarded_pool(url, policy)
         try:
             resp = pool.urlopen(
                 "GET", path, redirect=False, preload_content=False, retries=False,

@@ -11,15 +11,26 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shared.errors import ImageInvalid, ImageTooLarge
 
+MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+         (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"), (b"BM", "image/bmp"))
+
 
 def sniff(data: bytes) -> str | None:
-    """The image's MIME type from its header (no full decode), or None if Pillow can't read it."""
+    """The image's MIME type from its header (no full decode), or None if Pillow can't read it.
+
+    An image whose header declares more pixels than Pillow will open is still an image: it is
+    accepted here and its job fails `image_too_large`, as the contract says.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
                 return Image.MIME.get(img.format or "", f"image/{(img.format or 'unknown').lower()}")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+    except Image.DecompressionBombError:
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return "image/webp"
+        return next((mime for magic, mime in MAGIC if data.startswith(magic)), "application/octet-stream")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return None
 
 

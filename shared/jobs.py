@@ -15,6 +15,9 @@ from sqlalchemy.orm import Session
 
 from shared.models import Job
 from shared.storage import ObjectStorage
+from shared.webhooks import job_event
+
+NEW_DELIVERIES = "clipmask_new_deliveries"
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
@@ -90,21 +93,42 @@ def record_image_size(session: Session, job_id: str, *, width: int, height: int)
     ).scalar_one_or_none()
 
 
-def mark_succeeded(session: Session, job_id: str, *, results: list[dict[str, Any]]) -> Job | None:
+def _finished(session: Session, job: Job | None, storage: ObjectStorage) -> Job | None:
+    """The job reached a final state in this transaction: add its webhook event to it too."""
+    if job is not None:
+        delivery_id = job_event(session, job, job_object(job, storage, long_urls=True))
+        if delivery_id:
+            session.info.setdefault(NEW_DELIVERIES, []).append(delivery_id)
+    return job
+
+
+def new_deliveries(session: Session) -> list[str]:
+    """Ids of the webhook deliveries this session added (send them once it committed)."""
+    return list(session.info.pop(NEW_DELIVERIES, []))
+
+
+def mark_succeeded(session: Session, job_id: str, *, results: list[dict[str, Any]],
+                   storage: ObjectStorage) -> Job | None:
     """running -> succeeded with its results; None when the job was canceled meanwhile."""
-    return _transition(session, job_id, SUCCEEDED, results=results, error=None, finished_at=now(),
-                       lease_expires_at=None)
+    return _finished(session, _transition(session, job_id, SUCCEEDED, results=results, error=None,
+                                          finished_at=now(), lease_expires_at=None), storage)
 
 
-def mark_failed(session: Session, job_id: str, *, code: str, message: str) -> Job | None:
-    return _transition(
+def mark_failed(session: Session, job_id: str, *, code: str, message: str, storage: ObjectStorage) -> Job | None:
+    return _finished(session, _transition(
         session, job_id, FAILED, results=[], error={"code": code, "message": message[:1000]}, finished_at=now(),
         lease_expires_at=None,
-    )
+    ), storage)
 
 
-def cancel(session: Session, job_id: str) -> Job | None:
-    return _transition(session, job_id, CANCELED, finished_at=now(), lease_expires_at=None)
+def requeue(session: Session, job_id: str) -> Job | None:
+    """running -> queued (a retry will run it again); the lease is released."""
+    return _transition(session, job_id, QUEUED, lease_expires_at=None, enqueued_at=func.now())
+
+
+def cancel(session: Session, job_id: str, *, storage: ObjectStorage) -> Job | None:
+    return _finished(session, _transition(session, job_id, CANCELED, finished_at=now(), lease_expires_at=None),
+                     storage)
 
 
 def get_job(session: Session, job_id: str, *, tenant_id: str) -> Job | None:
@@ -114,7 +138,7 @@ def get_job(session: Session, job_id: str, *, tenant_id: str) -> Job | None:
     ).scalar_one_or_none()
 
 
-def job_object(job: Job, storage: ObjectStorage) -> dict[str, Any]:
+def job_object(job: Job, storage: ObjectStorage, *, long_urls: bool = False) -> dict[str, Any]:
     """The public job object of the contract; mask URLs are presigned now (they expire)."""
     image = None
     if job.image_width is not None and job.image_height is not None:
@@ -124,7 +148,7 @@ def job_object(job: Job, storage: ObjectStorage) -> dict[str, Any]:
         for item in job.results or []:
             results.append({
                 "prompt": item["prompt"],
-                "mask_url": storage.presign_get(item["mask_key"]),
+                "mask_url": storage.presign_get(item["mask_key"], long=long_urls),
                 "bbox": item["bbox"],
                 "area_fraction": item["area_fraction"],
                 "score": item["score"],

@@ -48,6 +48,10 @@ class Tenant(Base):
     webhook_secret: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     disabled_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Per-tenant limits; None: the deployment's defaults (settings rate_limit_*, max_queued_jobs).
+    rate_limit_per_s: Mapped[float | None] = mapped_column(Float)
+    rate_limit_burst: Mapped[int | None] = mapped_column(Integer)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -97,6 +101,7 @@ class Job(Base):
         Index("ix_jobs_tenant_status_created", "tenant_id", "status", created_at.desc(), id.desc()),
         Index("ix_jobs_tenant_batch_created", "tenant_id", "batch_id", created_at.desc(), id.desc()),
         Index("ix_jobs_unfinished", "status", "lease_expires_at", postgresql_where=status.in_(["queued", "running"])),
+        Index("ix_jobs_batch_status", "batch_id", "status", postgresql_where=batch_id.isnot(None)),
     )
 
 
@@ -118,3 +123,56 @@ class IdempotencyKey(Base):
     )
 
     __table_args__ = (UniqueConstraint("tenant_id", "key", name="uq_idempotency_tenant_key"),)
+
+
+class Batch(Base):
+    """A catalog pushed through at once: its jobs carry batch_id; counts come from them."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running, completed, canceled
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    total: Mapped[int] = mapped_column(Integer)
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSONType, default=dict)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    results_key: Mapped[str | None] = mapped_column(Text)  # the JSONL manifest, once written
+
+    __table_args__ = (
+        Index("ix_batches_tenant_created", "tenant_id", created_at.desc(), id.desc()),
+        Index("ix_batches_running", "status", postgresql_where=status == "running"),
+    )
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint. The table is the truth: the dispatcher sends what is due here.
+
+    The id is the Standard Webhooks `webhook-id` (stable across retries); `payload` is the exact
+    body, frozen when the event happened, so every attempt is byte-identical.
+    """
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    event_type: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str | None] = mapped_column(String(64))
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending, succeeded, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_deliveries_tenant_created", "tenant_id", created_at.desc(), id.desc()),
+        Index("ix_deliveries_tenant_job", "tenant_id", "job_id"),
+        Index("ix_deliveries_tenant_batch", "tenant_id", "batch_id"),
+        Index("ix_deliveries_due", "next_attempt_at", postgresql_where=status == "pending"),
+    )

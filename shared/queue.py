@@ -5,15 +5,22 @@ The API only sends task names and job ids; it never imports worker code (no torc
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
 
 from shared.settings import Settings
 
 SEGMENT_TASK = "clipmask.segment"
 RETENTION_TASK = "clipmask.retention"
 RECONCILE_TASK = "clipmask.reconcile"
+DELIVER_TASK = "clipmask.deliver_webhooks"  # send these delivery ids now
+DISPATCH_TASK = "clipmask.dispatch_webhooks"  # send whatever is due (retries, leftovers)
+FINALIZE_TASK = "clipmask.finalize_batch"
+
+log = logging.getLogger(__name__)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -28,7 +35,12 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.interactive_queue,
-        task_routes={SEGMENT_TASK: {"queue": settings.interactive_queue}},
+        task_routes={
+            SEGMENT_TASK: {"queue": settings.interactive_queue},
+            DELIVER_TASK: {"queue": settings.events_queue},
+            DISPATCH_TASK: {"queue": settings.events_queue},
+            FINALIZE_TASK: {"queue": settings.events_queue},
+        },
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -46,14 +58,49 @@ def make_celery(settings: Settings) -> Celery:
             # expires: a reconcile message older than one interval is dropped, not piled up
             "reconcile": {"task": RECONCILE_TASK, "schedule": settings.reconcile_interval_s,
                           "options": {"expires": settings.reconcile_interval_s}},
+            "webhooks": {"task": DISPATCH_TASK, "schedule": settings.webhook_dispatch_interval_s,
+                         "options": {"expires": settings.webhook_dispatch_interval_s}},
         },
     )
     return app
 
 
+RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.4, "interval_max": 1}
+
+
+def segment_queue(settings: Settings, batch_id: str | None) -> str:
+    return settings.bulk_queue if batch_id else settings.interactive_queue
+
+
 def enqueue_segment(app: Celery, *, job_id: str, queue: str) -> None:
     """Put one job id on the queue; fails fast (about a second) when Redis is down."""
-    app.send_task(
-        SEGMENT_TASK, args=[job_id], queue=queue, retry=True,
-        retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.4, "interval_max": 1},
-    )
+    app.send_task(SEGMENT_TASK, args=[job_id], queue=queue, retry=True, retry_policy=RETRY_POLICY)
+
+
+def enqueue_segments(app: Celery, *, job_ids: list[str], queue: str, chunk: int = 1000) -> None:
+    """Many job ids, one message each, sent through Redis pipelines (one round trip per chunk)."""
+    with app.producer_or_acquire() as producer:
+        for start in range(0, len(job_ids), chunk):
+            with producer.batch(max_size=chunk * 2):  # each task may add a task-sent event
+                for job_id in job_ids[start : start + chunk]:
+                    app.send_task(SEGMENT_TASK, args=[job_id], queue=queue, producer=producer)
+
+
+def after_finish(app: Celery, sessions: sessionmaker[Session], *, batch_id: str | None,
+                 deliveries: list[str]) -> None:
+    """After a commit that finished jobs: send their webhooks now and finalize a finished batch.
+
+    Best effort: if Redis is down, the periodic dispatcher and the reconciler do it later.
+    """
+    try:
+        if deliveries:
+            app.send_task(DELIVER_TASK, args=[deliveries], retry=True, retry_policy=RETRY_POLICY)
+        if batch_id:
+            from shared.batches import has_unfinished
+
+            with sessions() as session:
+                done = not has_unfinished(session, batch_id)
+            if done:
+                app.send_task(FINALIZE_TASK, args=[batch_id], retry=True, retry_policy=RETRY_POLICY)
+    except Exception as exc:  # noqa: BLE001 - the table is the truth; the sweeps catch up
+        log.warning("could not enqueue follow-up work: %s", exc, extra={"batch_id": batch_id})

@@ -6,7 +6,10 @@ mid-job. Every run:
    running -> queued, and enqueues the id again;
 2. re-enqueues `queued` jobs whose id went on the queue longer ago than `queued_after`.
    If the first message still exists, the duplicate is harmless: `mark_running` takes a job only
-   when it is queued or its lease expired, and a finished job is skipped.
+   when it is queued or its lease expired, and a finished job is skipped. Batch jobs go back to
+   the bulk queue, single jobs to the interactive one;
+3. asks for `finalize` of batches whose jobs all finished but that were not finalized (the
+   request from the last job's worker was lost); finalize is idempotent and exactly-once.
 Both are bounded per run and use SKIP LOCKED, so several reconcilers never fight.
 """
 
@@ -22,6 +25,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs as jobstate
+from shared.batches import stale_batches
 from shared.db import session_scope
 from shared.models import Job
 from shared.settings import Settings
@@ -33,11 +37,12 @@ log = logging.getLogger(__name__)
 class ReconcileReport:
     requeued_running: list[str]
     reenqueued_queued: list[str]
+    batches: list[str]
 
 
 def reconcile(
-    *, sessions: sessionmaker[Session], enqueue: Callable[[str], None], queued_after: dt.timedelta,
-    batch: int = 1000,
+    *, sessions: sessionmaker[Session], enqueue: Callable[[str, str | None], None], queued_after: dt.timedelta,
+    finalize: Callable[[str], None] | None = None, batch: int = 1000,
 ) -> ReconcileReport:
     with session_scope(sessions) as session:
         expired = select(Job.id).where(
@@ -46,34 +51,40 @@ def reconcile(
         requeued = list(session.execute(
             update(Job).where(Job.id.in_(expired), Job.status == jobstate.RUNNING)
             .values(status=jobstate.QUEUED, lease_expires_at=None, enqueued_at=func.now())
-            .returning(Job.id).execution_options(synchronize_session=False)
-        ).scalars())
+            .returning(Job.id, Job.batch_id).execution_options(synchronize_session=False)
+        ).tuples())
         stale = select(Job.id).where(
             Job.status == jobstate.QUEUED,
             func.coalesce(Job.enqueued_at, Job.created_at) < func.now() - queued_after,
         ).limit(batch).with_for_update(skip_locked=True).scalar_subquery()
         reenqueued = list(session.execute(
             update(Job).where(Job.id.in_(stale)).values(enqueued_at=func.now())
-            .returning(Job.id).execution_options(synchronize_session=False)
-        ).scalars())
-    for job_id in requeued:
+            .returning(Job.id, Job.batch_id).execution_options(synchronize_session=False)
+        ).tuples())
+        batches = stale_batches(session, older_than=dt.timedelta(seconds=5)) if finalize else []
+    for job_id, batch_id in requeued:
         log.warning("requeued a running job whose worker stopped heartbeating", extra={"job_id": job_id})
-        enqueue(job_id)
-    for job_id in reenqueued:
+        enqueue(job_id, batch_id)
+    for job_id, batch_id in reenqueued:
         log.info("re-enqueued a job queued too long (message presumed lost)", extra={"job_id": job_id})
-        enqueue(job_id)
-    return ReconcileReport(requeued, reenqueued)
+        enqueue(job_id, batch_id)
+    for batch_id in batches:
+        log.info("asked to finalize a batch whose jobs all finished", extra={"batch_id": batch_id})
+        finalize(batch_id)  # type: ignore[misc]
+    return ReconcileReport([j for j, _ in requeued], [j for j, _ in reenqueued], batches)
 
 
 def reconcile_from_settings(
     settings: Settings, *, sessions: sessionmaker[Session], celery: Celery, queued_after_s: float | None = None,
 ) -> ReconcileReport:
     """One reconciler run as configured (beat's task and `clipmask reconcile` both call this)."""
-    from shared.queue import enqueue_segment
+    from shared.queue import FINALIZE_TASK, enqueue_segment, segment_queue
 
     return reconcile(
         sessions=sessions, batch=settings.reconcile_batch,
-        enqueue=lambda job_id: enqueue_segment(celery, job_id=job_id, queue=settings.interactive_queue),
+        enqueue=lambda job_id, batch_id: enqueue_segment(celery, job_id=job_id,
+                                                         queue=segment_queue(settings, batch_id)),
+        finalize=lambda batch_id: celery.send_task(FINALIZE_TASK, args=[batch_id]),
         queued_after=dt.timedelta(seconds=settings.reconcile_queued_after_s if queued_after_s is None
                                   else queued_after_s),
     )

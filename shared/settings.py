@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     # Prefix for every Redis key Celery writes; lets several stacks (or test runs) share a Redis.
     redis_key_prefix: str = ""
     interactive_queue: str = "interactive"
+    # Batch items go here, so a big catalog never sits in front of single jobs.
+    bulk_queue: str = "bulk"
+    # Webhook sends and batch finalisation (light work; any worker may take it).
+    events_queue: str = "events"
 
     # --- object storage (S3 protocol) ------------------------------------------------------
     s3_endpoint_url: str | None = None  # None: AWS itself
@@ -38,6 +42,8 @@ class Settings(BaseSettings):
     s3_read_timeout_s: float = 30.0
     s3_max_attempts: int = 4
     presign_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # Lifetime of URLs frozen into webhook bodies and batch manifests (SigV4's maximum: 7 days)
+    result_url_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, le=7 * 24 * 3600)
 
     # --- limits ------------------------------------------------------------------------------
     max_body_bytes: int = 25 * MIB
@@ -46,6 +52,9 @@ class Settings(BaseSettings):
 
     # --- image fetching ----------------------------------------------------------------------
     allow_private_networks: bool = False
+    # host:port pairs reachable even when private networks are refused (an internal image
+    # server); JSON list in the environment: CLIPMASK_FETCH_ALLOW_ENDPOINTS='["cdn.internal:80"]'
+    fetch_allow_endpoints: list[str] = Field(default_factory=list)
     fetch_connect_timeout_s: float = 5.0
     fetch_read_timeout_s: float = 15.0
     fetch_total_timeout_s: float = 60.0
@@ -67,11 +76,19 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(default=30, gt=0)
     reconcile_queued_after_s: float = Field(default=300, gt=0)  # re-enqueue jobs queued longer than this
     reconcile_batch: int = Field(default=1000, ge=1)
-    job_max_retries: int = 5  # retries of transient failures (database or broker down)
+    job_max_retries: int = Field(default=5, ge=0)  # retries of transient failures (database, storage down)
+    job_retry_backoff_s: float = Field(default=2.0, gt=0)  # first retry delay, doubling each time
 
     # --- api -------------------------------------------------------------------------------
     idempotency_ttl_s: int = 24 * 3600
+    max_batch_items: int = Field(default=100_000, ge=1)
     public_base_url: str = "http://127.0.0.1:8000"
+    # Per tenant, every /v1 request: a token bucket refilled at rate_limit_per_s up to
+    # rate_limit_burst (0 turns it off). A tenant row may override both.
+    rate_limit_per_s: float = Field(default=50, ge=0)
+    rate_limit_burst: int = Field(default=200, ge=1)
+    # Jobs a tenant may have waiting (status queued); more are refused with 429 until some ran.
+    max_queued_jobs: int = Field(default=200_000, ge=1)
 
     # --- operations ------------------------------------------------------------------------
     flower_user: str = "admin"
@@ -80,6 +97,13 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: no metrics server
     worker_metrics_host: str = "127.0.0.1"  # 0.0.0.0 in containers
+    # --- webhooks ----------------------------------------------------------------------------
+    webhook_timeout_s: float = Field(default=15, gt=0)
+    # delays before retries 1, 2, ... (the contract's schedule); +-10% jitter is added
+    webhook_retry_schedule_s: list[float] = Field(
+        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400])
+    webhook_dispatch_interval_s: float = Field(default=5, gt=0)
+
     retention_days: float = Field(default=30, gt=0)
     retention_interval_s: float = Field(default=3600, gt=0)
     retention_chunk: int = Field(default=500, ge=1, le=10_000)

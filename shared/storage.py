@@ -30,6 +30,7 @@ class ObjectStorage:
     def __init__(self, settings: Settings) -> None:
         self.bucket = settings.s3_bucket
         self.presign_ttl_s = settings.presign_ttl_s
+        self.result_url_ttl_s = settings.result_url_ttl_s
         self.max_get_bytes = max(settings.max_body_bytes, settings.max_fetch_bytes)
         common: dict[str, Any] = {
             "region_name": settings.s3_region,
@@ -109,9 +110,13 @@ class ObjectStorage:
             keys.extend(item["Key"] for item in page.get("Contents", []))
         return keys
 
-    def presign_get(self, key: str) -> str:
-        """A time-limited GET URL, signed for the public endpoint. Pure computation, no I/O."""
+    def presign_get(self, key: str, *, long: bool = False) -> str:
+        """A time-limited GET URL, signed for the public endpoint. Pure computation, no I/O.
+
+        `long`: the result lifetime (webhook bodies and manifests, read long after they were made).
+        """
         url: str = self._presigner.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_ttl_s
+            "get_object", Params={"Bucket": self.bucket, "Key": key},
+            ExpiresIn=self.result_url_ttl_s if long else self.presign_ttl_s,
         )
         return url

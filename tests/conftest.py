@@ -5,6 +5,7 @@ CLIPSeg saved with save_pretrained, and a real Celery worker process. All are re
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -42,7 +43,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump().items():
         if value is None:
             continue
-        env[f"CLIPMASK_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, list | dict):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f"CLIPMASK_{name.upper()}"] = text
     return env
 
 
@@ -87,6 +94,8 @@ def settings(database_url: str, s3_endpoint: str, tiny_model_dir: Path) -> Setti
         redis_url="redis://127.0.0.1:6379/0",
         redis_key_prefix=f"clipmask-test-{RUN_ID}:",
         interactive_queue=f"interactive-{RUN_ID}",
+        bulk_queue=f"bulk-{RUN_ID}",
+        events_queue=f"events-{RUN_ID}",
         s3_endpoint_url=s3_endpoint,
         s3_bucket=f"clipmask-test-{RUN_ID}",
         s3_access_key_id="test",
@@ -132,14 +141,22 @@ def worker(settings: Settings, storage: Any, tmp_path_factory: pytest.TempPathFa
     stop_process(proc)
 
 
-def start_worker(settings: Settings, log_path: Path, *, name: str) -> subprocess.Popen:
-    """Start `celery worker` with these settings and return once it says it is ready."""
+def worker_queues(settings: Settings) -> list[str]:
+    return [settings.interactive_queue, settings.bulk_queue, settings.events_queue]
+
+
+def start_worker(settings: Settings, log_path: Path, *, name: str, beat: bool = False) -> subprocess.Popen:
+    """Start `celery worker` with these settings and return once it says it is ready.
+
+    `beat`: embed the periodic scheduler (webhook retries, reconciler), as `celery beat` would run.
+    """
     env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
+    extra = ["-B", "-s", str(log_path.with_suffix(".beat"))] if beat else []
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "threads",
-             "--concurrency", "4", "-Q", settings.interactive_queue, "-n", f"{name}@%h",
-             "--loglevel", "INFO", "--without-mingle", "--without-gossip", "-E"],
+             "--concurrency", "4", "-Q", ",".join(worker_queues(settings)), "-n", f"{name}@%h",
+             "--loglevel", "INFO", "--without-mingle", "--without-gossip", "-E", *extra],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     deadline = time.monotonic() + 90

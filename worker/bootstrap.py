@@ -9,10 +9,10 @@ from typing import Any
 from celery import Celery
 
 from shared.db import make_engine, make_session_factory
-from shared.fetch import FetchPolicy
-from shared.queue import make_celery
+from shared.queue import after_finish, make_celery
 from shared.settings import Settings
 from shared.storage import ObjectStorage
+from shared.webhooks import fetch_policy
 from worker import metrics
 from worker.leases import LeaseKeeper
 from worker.runner import RunnerDeps, Segments
@@ -46,21 +46,18 @@ class LazySegmenter:
         return segmenter
 
 
-def build_deps(settings: Settings) -> RunnerDeps:
+def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
     engine = make_engine(settings.database_url, pool_size=settings.worker_concurrency)
     storage = ObjectStorage(settings)
-    policy = FetchPolicy(
-        allow_private=settings.allow_private_networks,
-        connect_timeout_s=settings.fetch_connect_timeout_s,
-        read_timeout_s=settings.fetch_read_timeout_s,
-        total_timeout_s=settings.fetch_total_timeout_s,
-        max_bytes=settings.max_fetch_bytes,
-        max_redirects=settings.fetch_max_redirects,
-    )
     sessions = make_session_factory(engine)
-    return RunnerDeps(sessions, storage, LazySegmenter(settings), policy, settings.max_image_pixels, settings.model,
-                      on_stage=metrics.on_stage, on_finish=metrics.on_finish, lease_s=settings.job_lease_s,
-                      leases=LeaseKeeper(sessions, lease_s=settings.job_lease_s))
+
+    def follow_up(batch_id: str | None, deliveries: list[str]) -> None:
+        after_finish(celery, sessions, batch_id=batch_id, deliveries=deliveries)
+
+    return RunnerDeps(sessions, storage, LazySegmenter(settings), fetch_policy(settings), settings.max_image_pixels,
+                      settings.model, on_stage=metrics.on_stage, on_finish=metrics.on_finish,
+                      lease_s=settings.job_lease_s, leases=LeaseKeeper(sessions, lease_s=settings.job_lease_s),
+                      after_finish=follow_up)
 
 
 def build_worker_app(settings: Settings) -> Celery:
@@ -74,7 +71,7 @@ def build_worker_app(settings: Settings) -> Celery:
     def get_deps() -> RunnerDeps:
         with lock:
             if "deps" not in deps:
-                deps["deps"] = build_deps(settings)
+                deps["deps"] = build_deps(settings, app)
             return deps["deps"]
 
     register_tasks(app, get_deps, settings=settings)

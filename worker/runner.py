@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs as jobstate
 from shared.db import session_scope
-from shared.errors import JobFailure
+from shared.errors import JobFailure, StorageFailed
 from shared.fetch import FetchPolicy, fetch_image_bytes
 from shared.images import decode_image
 from shared.models import Job
@@ -47,6 +47,10 @@ def _no_finish(status: str, code: str | None, seconds: float) -> None:
     pass
 
 
+def _no_after(batch_id: str | None, deliveries: list[str]) -> None:
+    pass
+
+
 @dataclass
 class RunnerDeps:
     sessions: sessionmaker[Session]
@@ -59,6 +63,8 @@ class RunnerDeps:
     on_finish: Callable[[str, str | None, float], None] = _no_finish  # (status, error code, seconds)
     lease_s: float = 60.0
     leases: LeaseKeeper | None = None  # the process's heartbeat; None: leases are not renewed
+    # after the commit that finished a job: (batch_id, new webhook delivery ids) -> send, finalize
+    after_finish: Callable[[str | None, list[str]], None] = _no_after
 
 
 def encode_png(mask: Any) -> bytes:
@@ -68,11 +74,13 @@ def encode_png(mask: Any) -> bytes:
     return buf.getvalue()
 
 
-def run_job(job_id: str, *, deps: RunnerDeps) -> str:
+def run_job(job_id: str, *, deps: RunnerDeps, retry_storage: bool = False) -> str:
     """Run one job to a final state; returns that state ('skipped' if there was nothing to do).
 
     JobFailure -> failed with its code; any other exception -> failed with `internal`;
     database errors -> TransientError (the job stays where it was, the caller retries).
+    Object storage down -> with `retry_storage` (retries remain) the job goes back to queued and
+    TransientError asks for a retry with backoff; on the last attempt it fails `storage_failed`.
     """
     ctx = {"job_id": job_id}
     try:
@@ -87,7 +95,7 @@ def run_job(job_id: str, *, deps: RunnerDeps) -> str:
             ctx["batch_id"] = job.batch_id
         log.info("job started (attempt %d)", job.attempts, extra=ctx)
         with deps.leases.holding(job.id) if deps.leases else nullcontext():
-            return _run(job, deps=deps, ctx=ctx)
+            return _run(job, deps=deps, ctx=ctx, retry_storage=retry_storage)
     except DBAPIError as exc:
         log.warning("database unavailable; job will be retried", extra=ctx | {"error": str(exc)[:300]})
         raise TransientError(str(exc)) from exc
@@ -113,7 +121,7 @@ class _Stages:
             self.report(stage, seconds)
 
 
-def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str]) -> str:
+def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool) -> str:
     started = time.monotonic()
     stages = _Stages(deps.on_stage)
     try:
@@ -144,16 +152,27 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str]) -> str:
                 "area_fraction": round(item.area_fraction, 6), "score": round(item.score, 6),
             })
         with session_scope(deps.sessions) as session:
-            done = jobstate.mark_succeeded(session, job.id, results=results)
+            done = jobstate.mark_succeeded(session, job.id, results=results, storage=deps.storage)
+            deliveries = jobstate.new_deliveries(session)
         stages.flush()
         if done is None:
             log.info("job canceled during inference; its masks are discarded", extra=ctx)
             deps.storage.delete([r["mask_key"] for r in results])
             return _finish(deps, started, jobstate.CANCELED)
         log.info("job succeeded", extra=ctx | {"duration_ms": round((time.monotonic() - started) * 1000)})
+        deps.after_finish(job.batch_id, deliveries)
         return _finish(deps, started, jobstate.SUCCEEDED)
     except DBAPIError:
         raise
+    except StorageFailed as exc:
+        if not retry_storage:
+            return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message, started=started)
+        with session_scope(deps.sessions) as session:
+            back = jobstate.requeue(session, job.id)
+        log.warning("object storage unavailable; job requeued for a retry", extra=ctx | {"error": exc.message[:300]})
+        if back is None:  # canceled meanwhile: nothing to retry
+            return _finish(deps, started, jobstate.CANCELED)
+        raise TransientError(exc.message) from exc
     except JobFailure as exc:
         return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message, started=started)
     except Exception as exc:  # noqa: BLE001 - the one top-level catch: fail the job, keep the worker
@@ -169,8 +188,10 @@ def _finish(deps: RunnerDeps, started: float, status: str, code: str | None = No
 
 def _fail(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], code: str, message: str, started: float) -> str:
     with session_scope(deps.sessions) as session:
-        failed = jobstate.mark_failed(session, job.id, code=code, message=message)
+        failed = jobstate.mark_failed(session, job.id, code=code, message=message, storage=deps.storage)
+        deliveries = jobstate.new_deliveries(session)
     if failed is None:
         return _finish(deps, started, jobstate.CANCELED)
     log.info("job failed: %s", message, extra=ctx | {"code": code})
+    deps.after_finish(job.batch_id, deliveries)
     return _finish(deps, started, jobstate.FAILED, code)

@@ -1,4 +1,4 @@
-"""Thin Celery tasks: take an id, call the runner, retry what is transient."""
+"""Thin Celery tasks: take an id, call the code that does the work, retry what is transient."""
 
 from __future__ import annotations
 
@@ -6,30 +6,60 @@ from collections.abc import Callable
 
 from celery import Celery, Task
 
-from shared.queue import RECONCILE_TASK, RETENTION_TASK, SEGMENT_TASK
+from shared.batches import finalize
+from shared.queue import (
+    DELIVER_TASK,
+    DISPATCH_TASK,
+    FINALIZE_TASK,
+    RECONCILE_TASK,
+    RETENTION_TASK,
+    SEGMENT_TASK,
+    after_finish,
+)
 from shared.reconcile import reconcile_from_settings
 from shared.retention import purge_from_settings
 from shared.settings import Settings
+from shared.webhooks import dispatcher_from_settings
 from worker.runner import RunnerDeps, TransientError, run_job
 
 
 def register_tasks(app: Celery, get_deps: Callable[[], RunnerDeps], *, settings: Settings) -> None:
     max_retries = settings.job_max_retries
+    backoff = settings.job_retry_backoff_s
 
     @app.task(name=SEGMENT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
               max_retries=max_retries)
     def segment(self: Task, job_id: str) -> str:
         try:
-            return run_job(job_id, deps=get_deps())
+            return run_job(job_id, deps=get_deps(), retry_storage=self.request.retries < max_retries)
         except TransientError as exc:
-            raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))) from exc
+            # Exponential backoff. Past the last retry the message is dropped, but the row is not:
+            # the reconciler re-enqueues a job left queued or leased by a dead attempt.
+            raise self.retry(exc=exc, countdown=min(300.0, backoff * 2 ** self.request.retries)) from exc
 
     @app.task(name=RECONCILE_TASK, acks_late=True)
     def reconcile_jobs() -> dict[str, int]:
         report = reconcile_from_settings(settings, sessions=get_deps().sessions, celery=app)
-        return {"requeued_running": len(report.requeued_running), "reenqueued_queued": len(report.reenqueued_queued)}
+        return {"requeued_running": len(report.requeued_running), "reenqueued_queued": len(report.reenqueued_queued),
+                "batches_finalized": len(report.batches)}
 
     @app.task(name=RETENTION_TASK, acks_late=True)
     def retention() -> int:
         deps = get_deps()
         return purge_from_settings(settings, sessions=deps.sessions, storage=deps.storage)
+
+    @app.task(name=DELIVER_TASK, acks_late=True)
+    def deliver_webhooks(delivery_ids: list[str]) -> int:
+        return dispatcher_from_settings(settings, get_deps().sessions).dispatch(ids=delivery_ids)
+
+    @app.task(name=DISPATCH_TASK, acks_late=True)
+    def dispatch_webhooks() -> int:
+        return dispatcher_from_settings(settings, get_deps().sessions).dispatch()
+
+    @app.task(name=FINALIZE_TASK, acks_late=True)
+    def finalize_batch(batch_id: str) -> bool:
+        deps = get_deps()
+        delivery = finalize(deps.sessions, deps.storage, batch_id)
+        if delivery:
+            after_finish(app, deps.sessions, batch_id=None, deliveries=[delivery])
+        return delivery is not None

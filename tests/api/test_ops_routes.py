@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from api import create_app
 from api.openapi import document
 
@@ -44,7 +46,7 @@ def test_openapi_documents_exactly_the_routes_served(app, client):
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
             continue
-        path = rule.rule.replace("<job_id>", "{job_id}")
+        path = re.sub(r"<(\w+)>", r"{\1}", rule.rule)
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             served.add((path, method.lower()))
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}

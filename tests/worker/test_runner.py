@@ -12,6 +12,7 @@ from shared import jobs as jobstate
 from shared.db import session_scope
 from shared.errors import StorageFailed
 from shared.models import Job
+from shared.queue import make_celery
 from shared.storage import mask_key, upload_key
 from tests.conftest import make_image
 from worker.bootstrap import build_deps
@@ -20,7 +21,7 @@ from worker.runner import TransientError, run_job
 
 @pytest.fixture(scope="module")
 def deps(settings, storage):
-    built = build_deps(settings)
+    built = build_deps(settings, make_celery(settings))
     yield built
     built.segmenter().close()
 
@@ -84,7 +85,7 @@ def test_cancel_during_inference_is_not_overwritten(deps, sessions, storage, ten
     class CancelingSegmenter:
         def segment(self, image, prompts, threshold):
             with session_scope(sessions) as session:  # the user cancels while the model runs
-                jobstate.cancel(session, job_id)
+                jobstate.cancel(session, job_id, storage=storage)
             return real.segment(image, prompts, threshold)
 
     with mock.patch.object(deps, "segmenter", lambda: CancelingSegmenter()):

@@ -1,0 +1,186 @@
+"""`clipmask submit` and `clipmask batch`: the service from a terminal, through the Python client.
+
+Both read the API address and key from --base-url/--api-key or CLIPMASK_API_URL/CLIPMASK_API_KEY.
+
+Mask files have a stable layout: `{out}/{name}/{NN}_{prompt}.png`, where name is the image's file
+stem (submit) or the catalog row number, zero-padded (batch). `clipmask batch` keeps its state
+in `{out}/.clipmask-batch.json`; run it again after an interruption and it resumes the same batch
+(never resubmits), skipping masks already on disk. The submit request carries an Idempotency-Key
+derived from the catalog, so even a crash between the POST and the state file cannot submit twice
+within the API's 24 h idempotency window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from client import Batch, Clipmask, ClipmaskError, Job
+
+STATE = ".clipmask-batch.json"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "prompt"
+
+
+def mask_paths(out: Path, name: str, job: Job) -> list[tuple[str, Path]]:
+    return [(r.mask_url, out / name / f"{i:02d}_{_slug(r.prompt)}.png") for i, r in enumerate(job.results)]
+
+
+def _client(args: argparse.Namespace) -> Clipmask:
+    key = args.api_key or os.environ.get("CLIPMASK_API_KEY")
+    if not key:
+        print("give --api-key or set CLIPMASK_API_KEY", file=sys.stderr)
+        raise SystemExit(2)
+    return Clipmask(args.base_url or os.environ.get("CLIPMASK_API_URL", "http://127.0.0.1:8000"), key)
+
+
+def cmd_submit(args: argparse.Namespace, _settings: Any) -> int:
+    with _client(args) as cm:
+        try:
+            job = cm.create_job(args.image, args.prompt, threshold=args.threshold)
+            print(f"job {job.id} {job.status}", file=sys.stderr)
+            if args.wait or args.out:
+                job = cm.wait(job.id, timeout=args.timeout)
+        except ClipmaskError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if args.out and job.status == "succeeded":
+            name = Path(args.image.split("?")[0]).stem or job.id
+            for url, path in mask_paths(Path(args.out), name, job):
+                cm.download(url, path)
+                print(path, file=sys.stderr)
+    print(json.dumps(job.raw))
+    return 0 if job.status in ("queued", "running", "succeeded") else 1
+
+
+def _catalog_items(path: Path) -> int:
+    """Rows in the catalog (CSV data rows or non-blank JSONL lines)."""
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".csv":
+        return sum(1 for _ in csv.DictReader(text.splitlines()))
+    return sum(1 for line in text.splitlines() if line.strip())
+
+
+def _save(state_path: Path, state: dict[str, Any]) -> None:
+    tmp = state_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(state_path)
+
+
+def _row_order(cm: Clipmask, batch_id: str) -> list[str]:
+    """Job ids in catalog order (the API lists newest first; items are created in input order)."""
+    return [job.id for job in cm.iter_batch_jobs(batch_id)][::-1]
+
+
+def cmd_batch(args: argparse.Namespace, _settings: Any) -> int:
+    catalog = Path(args.catalog)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE
+    digest = hashlib.sha256(catalog.read_bytes() + json.dumps([args.prompt, args.threshold]).encode()).hexdigest()
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    with _client(args) as cm:
+        try:
+            if state.get("catalog_sha256") == digest and state.get("batch_id"):
+                print(f"resuming batch {state['batch_id']}", file=sys.stderr)
+            else:
+                total = _catalog_items(catalog)
+                batch = cm.create_batch(file=catalog, prompts=args.prompt or None, threshold=args.threshold,
+                                        idempotency_key=f"clipmask-cli-{digest[:48]}")
+                state = {"catalog_sha256": digest, "batch_id": batch.id, "total": total, "order": None}
+                _save(state_path, state)
+                print(f"submitted batch {batch.id} ({total} items)", file=sys.stderr)
+            if not state.get("order"):
+                state["order"] = _row_order(cm, state["batch_id"])
+                _save(state_path, state)
+            batch = _follow(cm, state, out, args.poll)
+        except ClipmaskError as exc:
+            print(f"error: {exc} (run the same command again to resume)", file=sys.stderr)
+            return 1
+    print(json.dumps(batch.raw))
+    return 0 if batch.status == "completed" and batch.counts["failed"] == 0 else 1
+
+
+def _follow(cm: Clipmask, state: dict[str, Any], out: Path, poll_s: float) -> Batch:
+    """Progress bar with counts; masks downloaded as jobs succeed; the manifest saved at the end."""
+    index = {job_id: i for i, job_id in enumerate(state["order"])}
+    width = max(6, len(str(len(index))))
+    done: set[str] = set()
+
+    def fetch(job: Job) -> None:
+        if job.id in done or job.status != "succeeded":
+            return
+        for url, path in mask_paths(out, f"{index[job.id]:0{width}d}", job):
+            if not path.exists():
+                cm.download(url, path)
+        done.add(job.id)
+
+    bar = tqdm(total=len(index), unit="job", desc="batch", file=sys.stderr)
+    cursor: str | None = None
+    while True:
+        batch = cm.get_batch(state["batch_id"])
+        c = batch.counts
+        finished = c["succeeded"] + c["failed"] + c["canceled"]
+        bar.update(finished - bar.n)
+        bar.set_postfix(ok=c["succeeded"], failed=c["failed"], running=c["running"], queued=c["queued"],
+                        saved=len(done))
+        if batch.finished and batch.results_url:
+            break
+        # A few pages of succeeded jobs per round, resuming where the last round stopped.
+        for _ in range(5):
+            page = cm.list_batch_jobs(state["batch_id"], status="succeeded", cursor=cursor)
+            for job in page.data:
+                fetch(job)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        time.sleep(poll_s)
+    manifest = cm.download(batch.results_url, out / "results.jsonl")  # type: ignore[arg-type]
+    failed = []
+    for line in manifest.read_text().splitlines():
+        job = Job.from_api(json.loads(line))
+        fetch(job)
+        if job.status != "succeeded":
+            failed.append({"row": index.get(job.id), "id": job.id, "status": job.status, "error": job.error,
+                           "image_url": job.input.get("image_url")})
+    bar.set_postfix(ok=batch.counts["succeeded"], failed=batch.counts["failed"], saved=len(done))
+    bar.close()
+    (out / "failed.jsonl").write_text("".join(json.dumps(f) + "\n" for f in failed))
+    print(f"batch {batch.status}: {batch.counts['succeeded']} succeeded, {batch.counts['failed']} failed, "
+          f"{batch.counts['canceled']} canceled; masks in {out}/, results in {out}/results.jsonl", file=sys.stderr)
+    return batch
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    def common(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--base-url", help="default $CLIPMASK_API_URL or http://127.0.0.1:8000")
+        parser.add_argument("--api-key", help="default $CLIPMASK_API_KEY")
+        parser.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
+        parser.add_argument("--threshold", type=float)
+
+    submit = sub.add_parser("submit", help="segment one image (path or URL); --wait/--out to get the masks")
+    submit.add_argument("image")
+    common(submit)
+    submit.add_argument("--wait", action="store_true")
+    submit.add_argument("--out", help="download the masks here (implies --wait)")
+    submit.add_argument("--timeout", type=float, default=600)
+    submit.set_defaults(func=cmd_submit)
+
+    batch = sub.add_parser("batch", help="submit a CSV/JSONL catalog, follow it, download masks (resumable)")
+    batch.add_argument("catalog")
+    batch.add_argument("--out", required=True)
+    common(batch)
+    batch.add_argument("--poll", type=float, default=1.0, help="seconds between progress polls")
+    batch.set_defaults(func=cmd_batch)

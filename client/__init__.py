@@ -1,0 +1,286 @@
+"""clipmask's Python client (httpx): the whole HTTP contract, typed results, errors with codes.
+
+    from client import Clipmask
+    cm = Clipmask("http://127.0.0.1:8000", api_key="cm_...")
+    job = cm.wait(cm.create_job("photo.jpg", prompts=["shirt", "pants"]).id)
+    cm.download(job.results[0].mask_url, "shirt.png")
+
+Creates send an Idempotency-Key (generated unless given), so the client retries them safely:
+429 and 503 are retried after Retry-After, connection errors with backoff (`max_retries`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+FINISHED = ("succeeded", "failed", "canceled")
+
+
+class ClipmaskError(Exception):
+    """A problem document from the API (or no answer at all: status 0, code `unreachable`)."""
+
+    def __init__(self, status: int, code: str, detail: str, *, errors: list[dict[str, str]] | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status, self.code, self.detail = status, code, detail
+        self.errors = errors or []
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    prompt: str
+    mask_url: str
+    bbox: list[int] | None
+    area_fraction: float
+    score: float
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    status: str
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    input: dict[str, Any]
+    image: dict[str, int] | None
+    prompts: list[str]
+    threshold: float
+    results: list[MaskResult]
+    error: dict[str, str] | None
+    metadata: dict[str, str]
+    batch_id: str | None
+    webhook_url: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Job:
+        fields = {k: data.get(k) for k in cls.__dataclass_fields__ if k not in ("results", "raw")}
+        return cls(**fields, results=[MaskResult(**r) for r in data.get("results") or []], raw=data)
+
+
+@dataclass(frozen=True)
+class Batch:
+    id: str
+    status: str
+    counts: dict[str, int]
+    created_at: str
+    finished_at: str | None
+    results_url: str | None
+    metadata: dict[str, str]
+    webhook_url: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("completed", "canceled")
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Batch:
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__ if k != "raw"}, raw=data)
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    id: str
+    event_type: str
+    job_id: str | None
+    batch_id: str | None
+    url: str
+    status: str
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: str | None
+    created_at: str
+    delivered_at: str | None
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> WebhookDelivery:
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Page:
+    data: list[Any]
+    next_cursor: str | None
+
+
+class Clipmask:
+    def __init__(self, base_url: str, api_key: str, *, timeout: float = 60.0, max_retries: int = 4,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.max_retries = max_retries
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport,
+                                  headers={"Authorization": f"Bearer {api_key}", "User-Agent": "clipmask-python/1"})
+        self._plain = httpx.Client(timeout=timeout)  # presigned URLs: no API key sent to storage
+
+    def close(self) -> None:
+        self._http.close()
+        self._plain.close()
+
+    def __enter__(self) -> Clipmask:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- transport ---------------------------------------------------------------------------
+    def _request(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> dict[str, Any]:
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries or not retry
+            try:
+                resp = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if last:
+                    raise ClipmaskError(0, "unreachable", f"{type(exc).__name__}: {exc}") from exc
+                time.sleep(min(8.0, 0.5 * 2 ** attempt))
+                continue
+            if resp.status_code < 400:
+                body: dict[str, Any] = resp.json()
+                return body
+            error = _problem(resp)
+            if resp.status_code in (429, 503) and not last:
+                time.sleep(min(30.0, error.retry_after or 0.5 * 2 ** attempt))
+                continue
+            raise error
+        raise AssertionError("unreachable")
+
+    # ---- jobs --------------------------------------------------------------------------------
+    def create_job(self, image: str | Path | bytes, prompts: list[str], *, threshold: float | None = None,
+                   webhook_url: str | None = None, webhook_events: list[str] | None = None,
+                   metadata: dict[str, str] | None = None, idempotency_key: str | None = None) -> Job:
+        """`image`: an http(s) URL (the worker fetches it), a file path, or the image bytes."""
+        fields: dict[str, Any] = {"prompts": prompts}
+        for name, value in (("threshold", threshold), ("webhook_url", webhook_url),
+                            ("webhook_events", webhook_events), ("metadata", metadata)):
+            if value is not None:
+                fields[name] = value
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        if isinstance(image, str) and image.startswith(("http://", "https://")):
+            return Job.from_api(self._request("POST", "/v1/jobs", json={"image_url": image, **fields},
+                                              headers=headers))
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        name = "image" if isinstance(image, bytes) else Path(image).name
+        form: dict[str, Any] = {"prompts": prompts}
+        for key in ("threshold", "webhook_url"):
+            if key in fields:
+                form[key] = str(fields[key])
+        if webhook_events is not None:
+            form["webhook_events"] = webhook_events
+        if metadata is not None:
+                form["metadata"] = json.dumps(metadata)
+        return Job.from_api(self._request("POST", "/v1/jobs", data=form, files={"image": (name, data)},
+                                          headers=headers))
+
+    def get_job(self, job_id: str) -> Job:
+        return Job.from_api(self._request("GET", f"/v1/jobs/{job_id}"))
+
+    def list_jobs(self, *, status: str | None = None, batch_id: str | None = None, limit: int = 100,
+                  cursor: str | None = None) -> Page:
+        params = {k: v for k, v in (("status", status), ("batch_id", batch_id), ("limit", limit),
+                                    ("cursor", cursor)) if v is not None}
+        body = self._request("GET", "/v1/jobs", params=params)
+        return Page([Job.from_api(j) for j in body["data"]], body["next_cursor"])
+
+    def cancel_job(self, job_id: str) -> Job:
+        return Job.from_api(self._request("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.5) -> Job:
+        """Poll until the job finished (raise TimeoutError after `timeout` seconds)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if job.finished:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.status} after {timeout} s")
+            time.sleep(poll_s)
+
+    def download(self, url: str, path: str | Path) -> Path:
+        """Save a presigned URL (a mask, a manifest) to `path`, atomically."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        resp = self._plain.get(url)
+        if resp.status_code != 200:
+            raise ClipmaskError(resp.status_code, "download_failed", f"GET {url[:80]}... answered {resp.status_code}")
+        tmp = target.with_suffix(target.suffix + ".part")
+        tmp.write_bytes(resp.content)
+        tmp.replace(target)
+        return target
+
+    # ---- batches -----------------------------------------------------------------------------
+    def create_batch(self, *, items: list[dict[str, Any]] | None = None, file: str | Path | None = None,
+                     prompts: list[str] | None = None, threshold: float | None = None,
+                     webhook_url: str | None = None, webhook_events: list[str] | None = None,
+                     metadata: dict[str, str] | None = None, idempotency_key: str | None = None) -> Batch:
+        """Items as a list of dicts, or `file`: a JSONL or CSV catalog uploaded as is."""
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        fields: dict[str, Any] = {k: v for k, v in (("prompts", prompts), ("threshold", threshold),
+                                                    ("webhook_url", webhook_url), ("webhook_events", webhook_events),
+                                                    ("metadata", metadata)) if v is not None}
+        if file is None:
+            return Batch.from_api(self._request("POST", "/v1/batches", json={"items": items, **fields},
+                                                headers=headers))
+        form = {k: (json.dumps(v) if k == "metadata" else v if isinstance(v, list) else str(v))
+                for k, v in fields.items()}
+        path = Path(file)
+        kind = "text/csv" if path.suffix.lower() == ".csv" else "application/x-ndjson"
+        return Batch.from_api(self._request("POST", "/v1/batches", data=form, headers=headers,
+                                            files={"items": (path.name, path.read_bytes(), kind)}))
+
+    def get_batch(self, batch_id: str) -> Batch:
+        return Batch.from_api(self._request("GET", f"/v1/batches/{batch_id}"))
+
+    def list_batch_jobs(self, batch_id: str, *, status: str | None = None, limit: int = 100,
+                        cursor: str | None = None) -> Page:
+        params = {k: v for k, v in (("status", status), ("limit", limit), ("cursor", cursor)) if v is not None}
+        body = self._request("GET", f"/v1/batches/{batch_id}/jobs", params=params)
+        return Page([Job.from_api(j) for j in body["data"]], body["next_cursor"])
+
+    def iter_batch_jobs(self, batch_id: str, *, status: str | None = None) -> Iterator[Job]:
+        cursor = None
+        while True:
+            page = self.list_batch_jobs(batch_id, status=status, cursor=cursor)
+            yield from page.data
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    def cancel_batch(self, batch_id: str) -> Batch:
+        return Batch.from_api(self._request("POST", f"/v1/batches/{batch_id}/cancel"))
+
+    # ---- webhook deliveries ------------------------------------------------------------------
+    def list_webhook_deliveries(self, *, job_id: str | None = None, batch_id: str | None = None,
+                                status: str | None = None, limit: int = 100, cursor: str | None = None) -> Page:
+        params = {k: v for k, v in (("job_id", job_id), ("batch_id", batch_id), ("status", status),
+                                    ("limit", limit), ("cursor", cursor)) if v is not None}
+        body = self._request("GET", "/v1/webhook-deliveries", params=params)
+        return Page([WebhookDelivery.from_api(d) for d in body["data"]], body["next_cursor"])
+
+    def retry_webhook_delivery(self, delivery_id: str) -> WebhookDelivery:
+        return WebhookDelivery.from_api(self._request("POST", f"/v1/webhook-deliveries/{delivery_id}/retry"))
+
+
+def _problem(resp: httpx.Response) -> ClipmaskError:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {}
+    retry_after = resp.headers.get("Retry-After")
+    return ClipmaskError(
+        resp.status_code, str(body.get("code", "http_error")), str(body.get("detail", resp.text[:200])),
+        errors=body.get("errors"), retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None,
+    )

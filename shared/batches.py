@@ -1,0 +1,147 @@
+"""Batches: many jobs accepted at once, counted from their rows, finished exactly once.
+
+- `insert_batch` writes the batch row and its job rows in bulk (multi-row INSERTs).
+- A batch is `running` until none of its jobs is queued or running. Whoever finishes a batch
+  job checks that after its commit and asks for `finalize`; the reconciler asks too, so a lost
+  request only delays it. `finalize` writes the JSONL manifest (one job object per line, mask
+  URLs presigned for the long result lifetime), then flips running -> completed with one
+  conditional UPDATE that also requires "no unfinished job"; only the winner adds the
+  `batch.completed` delivery, in that same transaction. Exactly once, whoever races.
+- `cancel` cancels every unfinished job in one UPDATE (with their job.canceled events) and
+  marks the batch canceled; its manifest is written by `finalize` the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+from typing import Any
+
+from sqlalchemy import and_, exists, func, insert, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import jobs as jobstate
+from shared.db import session_scope
+from shared.models import Batch, Job
+from shared.storage import ObjectStorage
+from shared.webhooks import job_event, new_delivery
+
+log = logging.getLogger(__name__)
+
+RUNNING, COMPLETED, CANCELED = "running", "completed", "canceled"
+UNFINISHED = (jobstate.QUEUED, jobstate.RUNNING)
+INSERT_CHUNK = 5000
+
+
+def manifest_key(*, tenant_id: str, batch_id: str) -> str:
+    return f"batches/{tenant_id}/{batch_id}/results.jsonl"
+
+
+def insert_batch(session: Session, batch: Batch, jobs: list[dict[str, Any]]) -> None:
+    session.add(batch)
+    session.flush()
+    for start in range(0, len(jobs), INSERT_CHUNK):
+        session.execute(insert(Job), jobs[start : start + INSERT_CHUNK])
+
+
+def counts(session: Session, batch: Batch) -> dict[str, int]:
+    by_status = dict(session.execute(
+        select(Job.status, func.count()).where(Job.batch_id == batch.id, Job.tenant_id == batch.tenant_id)
+        .group_by(Job.status)
+    ).all())
+    return {"total": batch.total, **{status: int(by_status.get(status, 0)) for status in jobstate.STATUSES}}
+
+
+def batch_object(session: Session, batch: Batch, storage: ObjectStorage, *, long_urls: bool = False) -> dict[str, Any]:
+    return {
+        "id": batch.id, "object": "batch", "status": batch.status, "counts": counts(session, batch),
+        "created_at": jobstate.isoformat(batch.created_at), "finished_at": jobstate.isoformat(batch.finished_at),
+        "results_url": storage.presign_get(batch.results_key, long=long_urls) if batch.results_key else None,
+        "metadata": dict(batch.metadata_ or {}), "webhook_url": batch.webhook_url,
+    }
+
+
+def has_unfinished(session: Session, batch_id: str) -> bool:
+    return bool(session.execute(select(exists().where(Job.batch_id == batch_id, Job.status.in_(UNFINISHED)))).scalar())
+
+
+def write_manifest(sessions: sessionmaker[Session], storage: ObjectStorage, batch: Batch) -> str:
+    """Stream the batch's job objects, oldest first, into one JSONL object; returns its key."""
+    buf = io.BytesIO()
+    with sessions() as session:
+        rows = session.execute(
+            select(Job).where(Job.batch_id == batch.id, Job.tenant_id == batch.tenant_id)
+            .order_by(Job.created_at, Job.id).execution_options(yield_per=2000)
+        ).scalars()
+        for job in rows:
+            line = json.dumps(jobstate.job_object(job, storage, long_urls=True), separators=(",", ":"))
+            buf.write(line.encode() + b"\n")
+    key = manifest_key(tenant_id=batch.tenant_id, batch_id=batch.id)
+    storage.put(key, buf.getvalue(), content_type="application/x-ndjson")
+    return key
+
+
+def finalize(sessions: sessionmaker[Session], storage: ObjectStorage, batch_id: str) -> str | None:
+    """Complete a batch whose jobs all finished (or write a canceled one's manifest).
+
+    Returns the id of the batch.completed delivery when this call completed the batch.
+    """
+    with sessions() as session:
+        batch = session.get(Batch, batch_id)
+        if batch is None or batch.results_key is not None or has_unfinished(session, batch_id):
+            return None
+        session.expunge(batch)
+    key = write_manifest(sessions, storage, batch)
+    with session_scope(sessions) as session:
+        if batch.status == CANCELED:
+            session.execute(update(Batch).where(Batch.id == batch_id).values(results_key=key))
+            return None
+        no_unfinished = ~exists().where(Job.batch_id == batch_id, Job.status.in_(UNFINISHED))
+        done = session.execute(
+            update(Batch).where(and_(Batch.id == batch_id, Batch.status == RUNNING, no_unfinished))
+            .values(status=COMPLETED, finished_at=func.now(), results_key=key)
+            .returning(Batch).execution_options(synchronize_session=False)
+        ).scalar_one_or_none()
+        if done is None:
+            return None  # someone else completed it, or it was canceled meanwhile
+        session.refresh(done)
+        log.info("batch completed", extra={"batch_id": batch_id, "tenant_id": done.tenant_id})
+        if not done.webhook_url:
+            return None
+        delivery = new_delivery(tenant_id=done.tenant_id, event_type="batch.completed", url=done.webhook_url,
+                                data=batch_object(session, done, storage, long_urls=True), batch_id=batch_id)
+        session.add(delivery)
+        return delivery.id
+
+
+def cancel(session: Session, batch: Batch, storage: ObjectStorage) -> list[str]:
+    """Cancel every unfinished job of the batch and the batch itself; returns new delivery ids."""
+    canceled = list(session.execute(
+        update(Job).where(Job.batch_id == batch.id, Job.tenant_id == batch.tenant_id, Job.status.in_(UNFINISHED))
+        .values(status=jobstate.CANCELED, finished_at=func.now(), lease_expires_at=None)
+        .returning(Job).execution_options(synchronize_session=False)
+    ).scalars())
+    deliveries = []
+    for job in canceled:
+        if job.webhook_url:
+            delivery_id = job_event(session, job, jobstate.job_object(job, storage, long_urls=True))
+            if delivery_id:
+                deliveries.append(delivery_id)
+    session.execute(update(Batch).where(Batch.id == batch.id, Batch.status == RUNNING)
+                    .values(status=CANCELED, finished_at=func.now()))
+    log.info("batch canceled (%d jobs canceled)", len(canceled), extra={"batch_id": batch.id,
+                                                                        "tenant_id": batch.tenant_id})
+    return deliveries
+
+
+def stale_batches(session: Session, *, older_than: dt.timedelta, limit: int = 100) -> list[str]:
+    """Batches that should be finalized but are not: the reconciler's safety net."""
+    no_unfinished = ~exists().where(Job.batch_id == Batch.id, Job.status.in_(UNFINISHED))
+    return list(session.execute(
+        select(Batch.id).where(
+            Batch.results_key.is_(None), Batch.status.in_([RUNNING, CANCELED]), no_unfinished,
+            Batch.created_at < func.now() - older_than,
+        ).limit(limit)
+    ).scalars())

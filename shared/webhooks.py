@@ -1,0 +1,221 @@
+"""Webhook events and their delivery, per Standard Webhooks (standardwebhooks.com).
+
+- Events are rows (`webhook_deliveries`) written in the same transaction that finishes the job or
+  batch, so no event is lost between the two. The body is frozen then; every attempt sends the
+  same bytes under the same `webhook-id`, signed afresh with the tenant's `whsec_` secret.
+- `dispatch` claims due rows (SKIP LOCKED, a claim lease), sends them and records the outcome:
+  2xx -> succeeded; 410 -> failed at once; an address that is not allowed -> failed at once;
+  anything else (or no answer within the timeout) -> the next attempt per the schedule, with
+  +-10% jitter, until the schedule is spent -> failed.
+- Workers kick `dispatch` right after a commit that created rows; a periodic run (beat) sends
+  retries and anything a crash left behind. The table is the truth.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import random
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import urllib3
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+from standardwebhooks.webhooks import Webhook
+
+from shared.db import session_scope
+from shared.errors import ImageFetchFailed
+from shared.fetch import AddressRefused, FetchPolicy, guarded_pool
+from shared.models import Job, Tenant, WebhookDelivery
+
+log = logging.getLogger(__name__)
+
+JOB_EVENTS = {"succeeded": "job.succeeded", "failed": "job.failed", "canceled": "job.canceled"}
+EVENT_TYPES = ("job.succeeded", "job.failed", "job.canceled", "batch.completed")
+PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
+CLAIM_S = 120  # a claimed row is invisible to other dispatchers this long (longer than one send)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_delivery(*, tenant_id: str, event_type: str, url: str, data: dict[str, Any], job_id: str | None = None,
+                 batch_id: str | None = None) -> WebhookDelivery:
+    created = now()
+    body = json.dumps({"type": event_type, "timestamp": _iso(created), "data": data}, separators=(",", ":"))
+    return WebhookDelivery(
+        id=f"msg_{uuid.uuid4().hex}", tenant_id=tenant_id, event_type=event_type, job_id=job_id, batch_id=batch_id,
+        url=url, payload=body, status=PENDING, attempts=0, next_attempt_at=created, created_at=created,
+    )
+
+
+def job_event(session: Session, job: Job, data: dict[str, Any]) -> str | None:
+    """Add the delivery for a job that just finished, if it has a webhook and wants this event."""
+    event = JOB_EVENTS.get(job.status)
+    if event is None or not job.webhook_url:
+        return None
+    if job.webhook_events is not None and event not in job.webhook_events:
+        return None
+    delivery = new_delivery(tenant_id=job.tenant_id, event_type=event, url=job.webhook_url, data=data,
+                            job_id=job.id, batch_id=job.batch_id)
+    session.add(delivery)
+    return delivery.id
+
+
+def delivery_object(row: WebhookDelivery) -> dict[str, Any]:
+    return {
+        "id": row.id, "object": "webhook_delivery", "event_type": row.event_type,
+        "job_id": row.job_id, "batch_id": row.batch_id, "url": row.url, "status": row.status,
+        "attempts": row.attempts, "last_status_code": row.last_status_code, "last_error": row.last_error,
+        "next_attempt_at": _iso(row.next_attempt_at) if row.next_attempt_at and row.status == PENDING else None,
+        "created_at": _iso(row.created_at), "delivered_at": _iso(row.delivered_at) if row.delivered_at else None,
+    }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status_code: int | None
+    error: str | None
+    permanent: bool = False  # no point retrying (410, an address that is not allowed)
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+def sign_headers(delivery_id: str, payload: str, secret: str, at: dt.datetime) -> dict[str, str]:
+    return {
+        "webhook-id": delivery_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": Webhook(secret).sign(delivery_id, at, payload),
+    }
+
+
+def send(delivery_id: str, url: str, payload: str, secret: str, policy: FetchPolicy, timeout_s: float) -> Outcome:
+    """One POST, no redirects followed, the same address rules as image fetching."""
+    headers = {"Content-Type": "application/json", "User-Agent": "clipmask-webhooks/1",
+               **sign_headers(delivery_id, payload, secret, now())}
+    try:
+        pool, path = guarded_pool(url, policy)
+    except ImageFetchFailed as exc:
+        return Outcome(None, str(exc), permanent=True)
+    try:
+        resp = pool.urlopen("POST", path, body=payload.encode(), headers=headers, redirect=False, retries=False,
+                            timeout=urllib3.Timeout(total=timeout_s), preload_content=False)
+        try:
+            resp.read(64 * 1024)  # drain a little; the body is not used
+        finally:
+            resp.release_conn()
+        status = resp.status
+        if 200 <= status < 300:
+            return Outcome(status, None)
+        return Outcome(status, f"HTTP {status}", permanent=status == 410)
+    except AddressRefused as exc:
+        return Outcome(None, str(exc), permanent=True)
+    except (urllib3.exceptions.HTTPError, OSError, ImageFetchFailed) as exc:
+        return Outcome(None, f"{type(exc).__name__}: {exc}"[:500])
+    finally:
+        pool.close()
+
+
+@dataclass(frozen=True)
+class Dispatcher:
+    sessions: sessionmaker[Session]
+    policy: FetchPolicy
+    schedule_s: tuple[float, ...]  # delay before retry 1, 2, ...; attempts = 1 + len(schedule)
+    timeout_s: float = 15.0
+    max_parallel: int = 8
+
+    def next_delay(self, attempts: int) -> float | None:
+        """Seconds until the next attempt after `attempts` failed ones, or None when spent."""
+        if attempts > len(self.schedule_s):
+            return None
+        return self.schedule_s[attempts - 1] * random.uniform(0.9, 1.1)
+
+    def claim(self, *, ids: Iterable[str] | None = None, limit: int = 100) -> list[WebhookDelivery]:
+        with session_scope(self.sessions) as session:
+            due = select(WebhookDelivery.id).where(
+                WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= func.now())
+            if ids is not None:
+                due = due.where(WebhookDelivery.id.in_(list(ids)))
+            due = due.order_by(WebhookDelivery.next_attempt_at).limit(limit).with_for_update(skip_locked=True)
+            rows = list(session.execute(
+                update(WebhookDelivery).where(WebhookDelivery.id.in_(due.scalar_subquery()))
+                .values(next_attempt_at=func.now() + dt.timedelta(seconds=CLAIM_S))
+                .returning(WebhookDelivery).execution_options(synchronize_session=False)
+            ).scalars())
+            session.expunge_all()
+        return rows
+
+    def dispatch(self, *, ids: Iterable[str] | None = None, limit: int = 100) -> int:
+        """Send what is due (optionally only `ids`); returns how many were attempted."""
+        rows = self.claim(ids=ids, limit=limit)
+        if not rows:
+            return 0
+        with self.sessions() as session:
+            secrets = dict(session.execute(
+                select(Tenant.id, Tenant.webhook_secret).where(Tenant.id.in_({r.tenant_id for r in rows}))).all())
+        policy = replace(self.policy, max_redirects=0)
+
+        def attempt(row: WebhookDelivery) -> tuple[WebhookDelivery, Outcome]:
+            return row, send(row.id, row.url, row.payload, secrets[row.tenant_id], policy, self.timeout_s)
+
+        with ThreadPoolExecutor(min(self.max_parallel, len(rows))) as pool:
+            outcomes = list(pool.map(attempt, rows))
+        with session_scope(self.sessions) as session:
+            for row, outcome in outcomes:
+                self._record(session, row, outcome)
+        return len(rows)
+
+    def _record(self, session: Session, row: WebhookDelivery, outcome: Outcome) -> None:
+        attempts = row.attempts + 1
+        values: dict[str, Any] = {"attempts": attempts, "last_status_code": outcome.status_code,
+                                  "last_error": outcome.error}
+        ctx = {"delivery_id": row.id, "job_id": row.job_id, "batch_id": row.batch_id, "tenant_id": row.tenant_id,
+               "status_code": outcome.status_code}
+        delay = None if outcome.ok or outcome.permanent else self.next_delay(attempts)
+        if outcome.ok:
+            values.update(status=SUCCEEDED, delivered_at=func.now(), next_attempt_at=None)
+            log.info("webhook delivered (%s, attempt %d)", row.event_type, attempts, extra=ctx)
+        elif delay is None:
+            values.update(status=FAILED, next_attempt_at=None)
+            log.warning("webhook failed for good after %d attempts: %s", attempts, outcome.error, extra=ctx)
+        else:
+            values.update(next_attempt_at=func.now() + dt.timedelta(seconds=delay))
+            log.info("webhook attempt %d failed (%s); next in %.0f s", attempts, outcome.error, delay, extra=ctx)
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.id == row.id).values(**values)
+                        .execution_options(synchronize_session=False))
+
+
+def fetch_policy(settings: Any) -> FetchPolicy:
+    """The address rules of image fetching, from the settings (webhooks obey the same ones)."""
+    return FetchPolicy(
+        allow_private=settings.allow_private_networks,
+        connect_timeout_s=settings.fetch_connect_timeout_s,
+        read_timeout_s=settings.fetch_read_timeout_s,
+        total_timeout_s=settings.fetch_total_timeout_s,
+        max_bytes=settings.max_fetch_bytes,
+        max_redirects=settings.fetch_max_redirects,
+        allow_endpoints=frozenset(e.lower() for e in settings.fetch_allow_endpoints),
+    )
+
+
+def dispatcher_from_settings(settings: Any, sessions: sessionmaker[Session]) -> Dispatcher:
+    return Dispatcher(sessions, fetch_policy(settings), tuple(settings.webhook_retry_schedule_s),
+                      timeout_s=settings.webhook_timeout_s)
+
+
+def retry_now(session: Session, delivery: WebhookDelivery) -> None:
+    """Make a delivery due now, whatever its state (a manual redelivery keeps its webhook-id)."""
+    delivery.status = PENDING
+    delivery.next_attempt_at = now()

@@ -1,0 +1,128 @@
+"""The Python client and the `clipmask submit` / `clipmask batch` commands against the API served
+over real HTTP and the session's worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+from werkzeug.serving import make_server
+
+from api import create_app
+from client import Clipmask, ClipmaskError
+from shared.models import Batch
+from tests.conftest import ROOT, make_image
+
+
+@pytest.fixture(scope="module")
+def api_url(settings, storage, worker):
+    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def cli(args: list[str], api_url: str, key: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CLIPMASK_API_URL": api_url, "CLIPMASK_API_KEY": key}
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=180, **kwargs)
+
+
+def test_client_covers_jobs_with_typed_results_and_coded_errors(api_url, tenant, tmp_path):
+    image = tmp_path / "look.jpg"
+    image.write_bytes(make_image(64, 48))
+    with Clipmask(api_url, tenant.api_key) as cm:
+        job = cm.create_job(image, ["shirt", "pants"], metadata={"sku": "9"})
+        assert job.status == "queued" and job.input["upload"]["filename"] == "look.jpg"
+        done = cm.wait(job.id, timeout=60)
+        assert done.status == "succeeded" and [r.prompt for r in done.results] == ["shirt", "pants"]
+        mask = cm.download(done.results[0].mask_url, tmp_path / "m.png")
+        assert Image.open(mask).size == (64, 48)
+        assert any(j.id == job.id for j in cm.list_jobs(status="succeeded").data)
+
+        with pytest.raises(ClipmaskError) as bad:
+            cm.create_job(image, [])
+        assert bad.value.status == 422 and bad.value.code == "invalid_prompts"
+        with pytest.raises(ClipmaskError) as missing:
+            cm.get_job(str(uuid.uuid4()))
+        assert missing.value.code == "not_found"
+        with pytest.raises(ClipmaskError) as conflict:
+            cm.cancel_job(job.id)
+        assert conflict.value.status == 409 and conflict.value.code == "job_not_cancelable"
+    with Clipmask(api_url, "cm_wrong") as wrong, pytest.raises(ClipmaskError) as denied:
+        wrong.list_jobs()
+    assert denied.value.status == 401 and denied.value.code == "unauthorized"
+
+
+def test_client_batches_and_deliveries(api_url, tenant, image_server):
+    url = image_server.add(f"/c-{uuid.uuid4().hex[:6]}.jpg", make_image(40, 30))
+    with Clipmask(api_url, tenant.api_key) as cm:
+        batch = cm.create_batch(items=[{"image_url": url}, {"image_url": url}], prompts=["shirt"],
+                                webhook_url="https://hooks.invalid/x", webhook_events=["batch.completed"])
+        assert batch.counts["total"] == 2
+        deadline = time.monotonic() + 60
+        while not (batch := cm.get_batch(batch.id)).results_url:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert batch.status == "completed" and batch.counts["succeeded"] == 2
+        assert len(list(cm.iter_batch_jobs(batch.id))) == 2
+        deliveries = cm.list_webhook_deliveries(batch_id=batch.id).data
+        assert [d.event_type for d in deliveries] == ["batch.completed"]
+
+
+def test_cli_submit_downloads_the_masks(api_url, tenant, tmp_path):
+    image = tmp_path / "model-01.jpg"
+    image.write_bytes(make_image(50, 40))
+    out = tmp_path / "out"
+    done = cli(["submit", str(image), "--prompt", "shirt", "--prompt", "pants", "--out", str(out)], api_url,
+               tenant.api_key)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "succeeded"
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert files == ["model-01/00_shirt.png", "model-01/01_pants.png"]
+    assert Image.open(out / "model-01/00_shirt.png").size == (50, 40)
+
+
+def test_cli_batch_is_resumable_without_resubmitting(api_url, tenant, sessions, image_server, tmp_path):
+    urls = [image_server.add(f"/cat-{uuid.uuid4().hex[:6]}-{i}.jpg", make_image(36 + i, 30)) for i in range(5)]
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("image_url,sku\n" + "".join(f"{u},SKU{i}\n" for i, u in enumerate(urls)))
+    out = tmp_path / "masks"
+    env = {**os.environ, "CLIPMASK_API_URL": api_url, "CLIPMASK_API_KEY": tenant.api_key}
+    first = subprocess.Popen([sys.executable, "-m", "cli.main", "batch", str(catalog), "--out", str(out),
+                              "--prompt", "shirt"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (out / ".clipmask-batch.json").exists():
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # interrupted right after submitting
+    first.wait()
+
+    again = cli(["batch", str(catalog), "--out", str(out), "--prompt", "shirt"], api_url, tenant.api_key)
+    assert again.returncode == 0, again.stderr
+    assert "resuming batch" in again.stderr and "5 succeeded" in again.stderr
+    assert "batch:" in again.stderr  # the progress bar
+    with sessions() as session:
+        assert session.execute(select(func.count()).select_from(Batch).where(
+            Batch.tenant_id == tenant.tenant_id)).scalar_one() == 1
+    for row in range(5):
+        mask = Image.open(out / f"{row:06d}" / "00_shirt.png")
+        assert mask.size == (36 + row, 30)  # row order kept: each catalog row has its own width
+    assert len((out / "results.jsonl").read_text().splitlines()) == 5
+    assert (out / "failed.jsonl").read_text() == ""
+
+    third = cli(["batch", str(catalog), "--out", str(out), "--prompt", "shirt"], api_url, tenant.api_key)
+    assert third.returncode == 0 and "resuming batch" in third.stderr  # done already: no new batch
+    with sessions() as session:
+        assert session.execute(select(func.count()).select_from(Batch).where(
+            Batch.tenant_id == tenant.tenant_id)).scalar_one() == 1
