@@ -22,10 +22,10 @@ from sqlalchemy import delete, select
 
 from api.auth import current_tenant, require_tenant
 from api.idempotency import find, fingerprint, replay, request_key
-from api.jobs import _json_body, form_fields, list_page, parse_limit, parse_status
+from api.jobs import form_fields, json_body, list_page, parse_limit, parse_status
 from api.limits import check_queued_cap
 from api.problems import ApiProblem
-from api.schemas import BatchCreate, JobParams, _check_http_url, validation_problem
+from api.schemas import BatchCreate, JobParams, check_http_url, validation_problem
 from api.services import db, services
 from shared import batches as batchstate
 from shared import jobs as jobstate
@@ -99,7 +99,7 @@ def _parse_request() -> tuple[BatchCreate, list[Any], str]:
     """(batch-level fields, raw items, request fingerprint)."""
     mimetype = request.mimetype or ""
     if mimetype == "application/json" or mimetype.endswith("+json"):
-        body = _json_body()
+        body = json_body()
         items = body.pop("items", None)
         if not isinstance(items, list):
             raise ApiProblem(422, "invalid_items", "items must be a list of item objects (or upload a file part).",
@@ -147,7 +147,7 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> list[tup
         if not isinstance(url, str):
             raise _item_problem(index, "image_url", "required string")
         try:
-            url = _check_http_url(url)
+            url = check_http_url(url)
         except ValueError as exc:
             raise _item_problem(index, "image_url", str(exc)) from exc
         metadata = item.get("metadata")
@@ -180,7 +180,7 @@ def create_batch() -> Response:
     fields, raw, request_hash = _parse_request()
     if fields.webhook_url is not None:
         try:
-            fields.webhook_url = _check_http_url(fields.webhook_url)
+            fields.webhook_url = check_http_url(fields.webhook_url)
         except ValueError as exc:
             raise ApiProblem(422, "invalid_webhook_url", f"webhook_url: {exc}",
                              errors=[{"field": "webhook_url", "message": str(exc)}]) from exc

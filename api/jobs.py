@@ -49,7 +49,7 @@ class NewJobInput:
     source: str  # url, base64 or upload (a metrics label)
 
 
-def _json_body() -> dict[str, Any]:
+def json_body() -> dict[str, Any]:
     raw = request.get_data(cache=False)
     try:
         body = json.loads(raw)
@@ -90,7 +90,7 @@ def _check_image_bytes(data: bytes, field: str) -> None:
 
 
 def _parse_json() -> NewJobInput:
-    body = _json_body()
+    body = json_body()
     try:
         parsed = JobCreateJson.model_validate(body)
     except ValidationError as exc:

@@ -27,7 +27,7 @@ FIELD_CODES = {
 }
 
 
-def _check_http_url(value: str) -> str:
+def check_http_url(value: str) -> str:
     value = value.strip()
     if len(value) > 4096:
         raise ValueError("the URL is longer than 4096 characters")
@@ -80,7 +80,7 @@ class JobParams(BaseModel):
     @field_validator("webhook_url")
     @classmethod
     def _webhook_url(cls, value: str | None) -> str | None:
-        return None if value is None else _check_http_url(value)
+        return None if value is None else check_http_url(value)
 
     @field_validator("webhook_events")
     @classmethod
@@ -110,7 +110,7 @@ class JobCreateJson(JobParams):
     @field_validator("image_url")
     @classmethod
     def _image_url(cls, value: str | None) -> str | None:
-        return None if value is None else _check_http_url(value)
+        return None if value is None else check_http_url(value)
 
 
 class JobCreateMultipart(JobParams):
