@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import redis
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -111,11 +112,15 @@ def post_burst(base_url: str, headers: dict[str, str], body: dict, clients: int,
     return latencies, ids, time.perf_counter() - start
 
 
-def drain(http: httpx.Client, batch_id: str | None, job_ids: list[str]) -> None:
+def drain(http: httpx.Client, batch_id: str | None, job_ids: list[str], settings: Settings) -> None:
+    """Cancel what a step left behind and drop its messages, so the next step starts idle."""
     if batch_id:
         http.post(f"/v1/batches/{batch_id}/cancel")
     for job_id in job_ids:
         http.post(f"/v1/jobs/{job_id}/cancel")
+    client = redis.Redis.from_url(settings.redis_url)
+    client.delete(*(settings.redis_key_prefix + q for q in (settings.interactive_queue, settings.bulk_queue)))
+    client.close()
 
 
 def main() -> int:
@@ -153,7 +158,7 @@ def main() -> int:
         resp = http.post("/v1/batches", json={"items": items, "prompts": ["shirt", "pants"]})
         times.append(time.perf_counter() - start)
         assert resp.status_code == 202, resp.text[:300]
-        http.post(f"/v1/batches/{resp.json()['id']}/cancel")  # keep the worker free for what follows
+        drain(http, resp.json()["id"], [], settings)  # keep the worker free for what follows
     report["batch_items"] = args.batch_items
     report["batch_accept_s_best"] = round(min(times), 3)
     report["batch_accept_s_median"] = round(statistics.median(times), 3)
@@ -168,7 +173,7 @@ def main() -> int:
                                       "p99_ms": pct(latencies, 0.99), "accepted": len(ids)}
         print(f"POST /v1/jobs, {clients:2d} clients: {len(ids) / wall:7.1f} jobs/s, p50 {pct(latencies, 0.5)} ms, "
               f"p99 {pct(latencies, 0.99)} ms ({len(ids)}/{args.posts} accepted)")
-        drain(http, None, ids)
+        drain(http, None, ids, settings)
 
     # 3. interactive latency -----------------------------------------------------------------
     time.sleep(2)
@@ -178,7 +183,7 @@ def main() -> int:
     time.sleep(1)
     with_batch = interactive_latency(http, args.probes)
     left = http.get(f"/v1/batches/{batch['id']}").json()["counts"]
-    drain(http, batch["id"], [])
+    drain(http, batch["id"], [], settings)
     time.sleep(2)
     singles = []
     with ThreadPoolExecutor(16) as pool:
@@ -187,7 +192,7 @@ def main() -> int:
                                 range(args.bulk)))
     time.sleep(1)
     same_queue = interactive_latency(http, min(3, args.probes))
-    drain(http, None, singles)
+    drain(http, None, singles, settings)
     for name, values in (("idle", idle), ("during_batch", with_batch), ("during_same_queue_load", same_queue)):
         report[f"interactive_{name}"] = {"p50_ms": pct(values, 0.5), "p95_ms": pct(values, 0.95), "n": len(values)}
     print(f"interactive job submit-to-done, idle:                     p50 {pct(idle, 0.5)} ms, "

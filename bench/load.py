@@ -77,7 +77,7 @@ def main() -> int:
     errors: list[str] = []
     lock = threading.Lock()
     local = threading.local()
-    progress = tqdm(total=args.jobs, desc="submitted", unit="job", file=sys.stderr)
+    progress = tqdm(total=args.jobs, desc="submitted", unit="job", file=sys.stderr, mininterval=2)
 
     def submit(index: int) -> None:
         if not hasattr(local, "client"):
@@ -106,7 +106,7 @@ def main() -> int:
             return session.execute(select(func.count()).select_from(Job).where(
                 Job.tenant_id == tenant.tenant_id, *where)).scalar_one()
 
-    done_bar = tqdm(total=len(accept_ms), desc="finished", unit="job", file=sys.stderr)
+    done_bar = tqdm(total=len(accept_ms), desc="finished", unit="job", file=sys.stderr, mininterval=2)
     deadline = time.monotonic() + args.timeout
     while True:
         finished = count(Job.status.in_(["succeeded", "failed", "canceled"]))

@@ -5,7 +5,12 @@ The API only sends task names and job ids; it never imports worker code (no torc
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import os
+import socket
+import uuid
 from typing import Any
 
 from celery import Celery
@@ -77,13 +82,46 @@ def enqueue_segment(app: Celery, *, job_id: str, queue: str) -> None:
     app.send_task(SEGMENT_TASK, args=[job_id], queue=queue, retry=True, retry_policy=RETRY_POLICY)
 
 
-def enqueue_segments(app: Celery, *, job_ids: list[str], queue: str, chunk: int = 1000) -> None:
-    """Many job ids, one message each, sent through Redis pipelines (one round trip per chunk)."""
-    with app.producer_or_acquire() as producer:
-        for start in range(0, len(job_ids), chunk):
-            with producer.batch(max_size=chunk * 2):  # each task may add a task-sent event
-                for job_id in job_ids[start : start + chunk]:
-                    app.send_task(SEGMENT_TASK, args=[job_id], queue=queue, producer=producer)
+def enqueue_segments(app: Celery, *, job_ids: list[str], queue: str, chunk: int = 2000) -> None:
+    """Many job ids, one message each, LPUSHed through Redis pipelines (one round trip per chunk).
+
+    Celery's send_task costs about 0.3 ms a message (plus a task-sent event each), 3 s for a
+    10,000-item batch. The first id goes through send_task, which declares the queue as usual;
+    the rest are the same protocol-2 messages built here from that shape, without sent events.
+    """
+    if not job_ids:
+        return
+    enqueue_segment(app, job_id=job_ids[0], queue=queue)
+    origin = f"{os.getpid()}@{socket.gethostname()}"
+    reply_to = app.thread_oid
+    with app.connection_for_write() as conn:
+        client = conn.default_channel.client  # applies the global key prefix, like kombu itself
+        for start in range(1, len(job_ids), chunk):
+            pipe = client.pipeline(transaction=False)
+            for job_id in job_ids[start : start + chunk]:
+                pipe.lpush(queue, _task_message(job_id, queue, origin=origin, reply_to=reply_to))
+            pipe.execute()
+
+
+def _task_message(job_id: str, queue: str, *, origin: str, reply_to: str) -> str:
+    """A Celery protocol-2 message for the segment task, as kombu's Redis transport stores it."""
+    task_id = str(uuid.uuid4())
+    body = json.dumps([[job_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    return json.dumps({
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {
+            "lang": "py", "task": SEGMENT_TASK, "id": task_id, "shadow": None, "eta": None, "expires": None,
+            "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
+            "parent_id": None, "argsrepr": repr([job_id]), "kwargsrepr": "{}", "origin": origin,
+            "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+        },
+        "properties": {
+            "correlation_id": task_id, "reply_to": reply_to, "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+            "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+        },
+    })
 
 
 def after_finish(app: Celery, sessions: sessionmaker[Session], *, batch_id: str | None,
