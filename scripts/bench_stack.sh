@@ -8,6 +8,10 @@ BIN=${VENV:-.venv}/bin
 script=$1; shift
 export CLIPMASK_RUN_DIR=.run/bench CLIPMASK_API_BIND=127.0.0.1:18100 CLIPMASK_FLOWER_PORT=15655
 export CLIPMASK_S3_PORT=19100 CLIPMASK_WORKER_METRICS_PORT=19808
+# the bench reads the database and the bucket too, so it needs what stack.sh would default
+export CLIPMASK_S3_ENDPOINT_URL=http://127.0.0.1:19100
+export CLIPMASK_S3_ACCESS_KEY_ID=${CLIPMASK_S3_ACCESS_KEY_ID:-clipmask}
+export CLIPMASK_S3_SECRET_ACCESS_KEY=${CLIPMASK_S3_SECRET_ACCESS_KEY:-clipmask-secret}
 export CLIPMASK_S3_BUCKET="clipmask-bench-$$" CLIPMASK_REDIS_KEY_PREFIX="clipmask-bench-$$:"
 export CLIPMASK_LOG_LEVEL=WARNING CLIPMASK_API_WORKERS=${CLIPMASK_API_WORKERS:-4}
 # the bench's own image server; every other private address stays refused

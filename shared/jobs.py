@@ -95,7 +95,7 @@ def record_image_size(session: Session, job_id: str, *, width: int, height: int)
 
 def _finished(session: Session, job: Job | None, storage: ObjectStorage) -> Job | None:
     """The job reached a final state in this transaction: add its webhook event to it too."""
-    if job is not None:
+    if job is not None and job.webhook_url:  # (the body presigns URLs: only build it when needed)
         delivery_id = job_event(session, job, job_object(job, storage, long_urls=True))
         if delivery_id:
             session.info.setdefault(NEW_DELIVERIES, []).append(delivery_id)

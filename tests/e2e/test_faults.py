@@ -88,3 +88,64 @@ def test_message_lost_by_redis_the_job_still_completes(settings, storage, make_t
         assert job["status"] == "succeeded" and len(job["results"]) == 1
     finally:
         stop_process(worker)
+
+
+def test_worker_killed_mid_batch_every_job_ends_once_with_one_event_each(settings, storage, sessions, make_tenant,
+                                                                        tmp_path):
+    from sqlalchemy import func, select
+
+    from shared.models import Batch, WebhookDelivery
+    from tests.e2e.webhook_receiver import Receiver
+
+    own = own_settings(settings, "kill9batch")
+    own = own.model_copy(update={"bulk_queue": f"{settings.bulk_queue}-kill9", "events_queue":
+                                 f"{settings.events_queue}-kill9"})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowImage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    receiver = Receiver().start()
+    tenant = make_tenant()
+    client = create_app(own).test_client()
+    first = start_worker(own, tmp_path / "a.log", name=f"doomed-{uuid.uuid4().hex[:6]}")
+    second = None
+    items = [{"image_url": f"http://127.0.0.1:{server.server_address[1]}/s{i}.jpg"} for i in range(6)]
+    try:
+        batch_id = client.post("/v1/batches", json={"items": items, "prompts": ["shirt", "pants"],
+                                                    "webhook_url": receiver.url("/events")},
+                               headers=tenant.headers).get_json()["id"]
+        deadline = time.monotonic() + 30
+        while client.get(f"/v1/batches/{batch_id}", headers=tenant.headers).get_json()["counts"]["running"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+        second = start_worker(own, tmp_path / "b.log", name=f"rescuer-{uuid.uuid4().hex[:6]}")
+        env = {**os.environ, **settings_env(own)}
+        deadline = time.monotonic() + 120
+        while True:
+            batch = client.get(f"/v1/batches/{batch_id}", headers=tenant.headers).get_json()
+            if batch["status"] == "completed" and batch["results_url"]:
+                break
+            assert time.monotonic() < deadline, batch
+            subprocess.run([sys.executable, "-m", "cli.main", "reconcile", "--queued-after", "5"], cwd=ROOT, env=env,
+                           capture_output=True, timeout=60, check=True)
+            time.sleep(1)
+        assert batch["counts"]["succeeded"] == 6
+        with sessions() as session:
+            jobs = session.execute(select(Job).where(Job.batch_id == batch_id)).scalars().all()
+            assert max(j.attempts for j in jobs) >= 2  # some job was taken over from the dead worker
+            rows = session.execute(select(WebhookDelivery.job_id, WebhookDelivery.event_type).where(
+                WebhookDelivery.batch_id == batch_id)).all()
+            assert session.get(Batch, batch_id).status == "completed"
+            assert session.execute(select(func.count()).select_from(Batch).where(Batch.id == batch_id)).scalar() == 1
+        assert sorted(r.event_type for r in rows) == ["batch.completed"] + ["job.succeeded"] * 6
+        assert len({r.job_id for r in rows if r.job_id}) == 6  # one event per job
+        for job in jobs:
+            assert len(storage.list_keys(f"masks/{tenant.tenant_id}/{job.id}/")) == 2
+        received = receiver.wait("/events", 7, timeout=60)
+        assert len({r.headers["webhook-id"] for r in received}) == 7
+    finally:
+        if second is not None:
+            stop_process(second)
+        server.shutdown()
+        receiver.httpd.shutdown()
