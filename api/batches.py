@@ -71,7 +71,7 @@ def _parse_csv(text: str) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"image_url": clean.pop("image_url")}
         prompts = clean.pop("prompts", "")
         if prompts:
-            item["prompts"] = [p for p in prompts.split("|")]
+            item["prompts"] = prompts.split("|")
         metadata = {k: v for k, v in clean.items() if k and v}
         if metadata:
             item["metadata"] = metadata

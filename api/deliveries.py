@@ -63,7 +63,7 @@ def retry_delivery(delivery_id: str) -> Response:
         WebhookDelivery.id == delivery_id, WebhookDelivery.tenant_id == current_tenant().id)).scalar_one_or_none()
     if row is None:
         raise ApiProblem(404, "not_found", f"No webhook delivery {delivery_id!r}.")
-    retry_now(session, row)
+    retry_now(row)
     session.commit()
     svc = services()
     after_finish(svc.celery, svc.sessions, batch_id=None, deliveries=[row.id])

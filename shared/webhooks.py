@@ -20,7 +20,7 @@ import random
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import urllib3
@@ -32,6 +32,7 @@ from shared.db import session_scope
 from shared.errors import ImageFetchFailed
 from shared.fetch import AddressRefused, FetchPolicy, guarded_pool
 from shared.models import Job, Tenant, WebhookDelivery
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +166,8 @@ class Dispatcher:
         with self.sessions() as session:
             secrets = dict(session.execute(
                 select(Tenant.id, Tenant.webhook_secret).where(Tenant.id.in_({r.tenant_id for r in rows}))).all())
-        policy = replace(self.policy, max_redirects=0)
-
         def attempt(row: WebhookDelivery) -> tuple[WebhookDelivery, Outcome]:
-            return row, send(row.id, row.url, row.payload, secrets[row.tenant_id], policy, self.timeout_s)
+            return row, send(row.id, row.url, row.payload, secrets[row.tenant_id], self.policy, self.timeout_s)
 
         with ThreadPoolExecutor(min(self.max_parallel, len(rows))) as pool:
             outcomes = list(pool.map(attempt, rows))
@@ -197,7 +196,7 @@ class Dispatcher:
                         .execution_options(synchronize_session=False))
 
 
-def fetch_policy(settings: Any) -> FetchPolicy:
+def fetch_policy(settings: Settings) -> FetchPolicy:
     """The address rules of image fetching, from the settings (webhooks obey the same ones)."""
     return FetchPolicy(
         allow_private=settings.allow_private_networks,
@@ -210,12 +209,12 @@ def fetch_policy(settings: Any) -> FetchPolicy:
     )
 
 
-def dispatcher_from_settings(settings: Any, sessions: sessionmaker[Session]) -> Dispatcher:
+def dispatcher_from_settings(settings: Settings, sessions: sessionmaker[Session]) -> Dispatcher:
     return Dispatcher(sessions, fetch_policy(settings), tuple(settings.webhook_retry_schedule_s),
                       timeout_s=settings.webhook_timeout_s)
 
 
-def retry_now(session: Session, delivery: WebhookDelivery) -> None:
+def retry_now(delivery: WebhookDelivery) -> None:
     """Make a delivery due now, whatever its state (a manual redelivery keeps its webhook-id)."""
     delivery.status = PENDING
     delivery.next_attempt_at = now()
