@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import datetime as dt
-import json
-
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import select, tuple_
 
 from api.auth import current_tenant, require_tenant
-from api.jobs import parse_limit, parse_status
+from api.jobs import decode_cursor, encode_cursor, parse_limit, parse_status
 from api.problems import ApiProblem
 from api.services import db, services
 from shared.models import WebhookDelivery
@@ -20,20 +15,6 @@ from shared.webhooks import FAILED, PENDING, SUCCEEDED, delivery_object, retry_n
 
 bp = Blueprint("deliveries", __name__, url_prefix="/v1/webhook-deliveries")
 bp.before_request(require_tenant)
-
-
-def _cursor(row: WebhookDelivery) -> str:
-    raw = json.dumps([row.created_at.isoformat(), row.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode(cursor: str) -> tuple[dt.datetime, str]:
-    try:
-        created, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return dt.datetime.fromisoformat(created), str(row_id)
-    except (ValueError, TypeError, binascii.Error) as exc:
-        raise ApiProblem(400, "invalid_cursor", "The cursor is not one this API returned.",
-                         errors=[{"field": "cursor", "message": "invalid"}]) from exc
 
 
 @bp.get("")
@@ -47,13 +28,13 @@ def list_deliveries() -> Response:
         query = query.where(WebhookDelivery.status.in_(wanted))
     limit = parse_limit()
     if request.args.get("cursor"):
-        created, last = _decode(request.args["cursor"])
+        created, last = decode_cursor(request.args["cursor"])
         query = query.where(tuple_(WebhookDelivery.created_at, WebhookDelivery.id) < tuple_(created, last))
     rows = db().execute(query.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc())
                         .limit(limit + 1)).scalars().all()
     page = rows[:limit]
     return jsonify({"object": "list", "data": [delivery_object(r) for r in page],
-                    "next_cursor": _cursor(page[-1]) if len(rows) > limit else None})
+                    "next_cursor": encode_cursor(page[-1]) if len(rows) > limit else None})
 
 
 @bp.post("/<delivery_id>/retry")

@@ -247,8 +247,9 @@ def get_job(job_id: str) -> Response:
     return jsonify(jobstate.job_object(_job_or_404(job_id), services().storage))
 
 
-def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+def encode_cursor(row: Any) -> str:
+    """An opaque keyset cursor after `row` (anything with created_at and id: jobs, deliveries)."""
+    raw = json.dumps([row.created_at.isoformat(), row.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
