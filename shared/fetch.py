@@ -20,6 +20,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from shared.errors import ImageFetchFailed
+from shared.settings import Settings
 
 
 class AddressRefused(ImageFetchFailed):
@@ -99,6 +100,19 @@ class Fetched:
     data: bytes
     content_type: str | None
     final_url: str
+
+
+def policy_from_settings(settings: Settings) -> FetchPolicy:
+    """The fetch policy the settings describe (image fetching; webhooks obey the same rules)."""
+    return FetchPolicy(
+        allow_private=settings.allow_private_networks,
+        connect_timeout_s=settings.fetch_connect_timeout_s,
+        read_timeout_s=settings.fetch_read_timeout_s,
+        total_timeout_s=settings.fetch_total_timeout_s,
+        max_bytes=settings.max_fetch_bytes,
+        max_redirects=settings.fetch_max_redirects,
+        allow_endpoints=frozenset(e.lower() for e in settings.fetch_allow_endpoints),
+    )
 
 
 def check_url_syntax(url: str) -> str | None:

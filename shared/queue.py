@@ -16,6 +16,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.batches import has_unfinished
 from shared.settings import Settings
 
 SEGMENT_TASK = "clipmask.segment"
@@ -134,8 +135,6 @@ def after_finish(app: Celery, sessions: sessionmaker[Session], *, batch_id: str 
         if deliveries:
             app.send_task(DELIVER_TASK, args=[deliveries], retry=True, retry_policy=RETRY_POLICY)
         if batch_id:
-            from shared.batches import has_unfinished
-
             with sessions() as session:
                 done = not has_unfinished(session, batch_id)
             if done:

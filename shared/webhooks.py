@@ -30,7 +30,7 @@ from standardwebhooks.webhooks import Webhook
 
 from shared.db import session_scope
 from shared.errors import ImageFetchFailed
-from shared.fetch import AddressRefused, FetchPolicy, guarded_pool
+from shared.fetch import AddressRefused, FetchPolicy, guarded_pool, policy_from_settings
 from shared.models import Job, Tenant, WebhookDelivery
 from shared.settings import Settings
 
@@ -196,21 +196,8 @@ class Dispatcher:
                         .execution_options(synchronize_session=False))
 
 
-def fetch_policy(settings: Settings) -> FetchPolicy:
-    """The address rules of image fetching, from the settings (webhooks obey the same ones)."""
-    return FetchPolicy(
-        allow_private=settings.allow_private_networks,
-        connect_timeout_s=settings.fetch_connect_timeout_s,
-        read_timeout_s=settings.fetch_read_timeout_s,
-        total_timeout_s=settings.fetch_total_timeout_s,
-        max_bytes=settings.max_fetch_bytes,
-        max_redirects=settings.fetch_max_redirects,
-        allow_endpoints=frozenset(e.lower() for e in settings.fetch_allow_endpoints),
-    )
-
-
 def dispatcher_from_settings(settings: Settings, sessions: sessionmaker[Session]) -> Dispatcher:
-    return Dispatcher(sessions, fetch_policy(settings), tuple(settings.webhook_retry_schedule_s),
+    return Dispatcher(sessions, policy_from_settings(settings), tuple(settings.webhook_retry_schedule_s),
                       timeout_s=settings.webhook_timeout_s)
 
 

@@ -9,10 +9,10 @@ from typing import Any
 from celery import Celery
 
 from shared.db import make_engine, make_session_factory
+from shared.fetch import policy_from_settings
 from shared.queue import after_finish, make_celery
 from shared.settings import Settings
 from shared.storage import ObjectStorage
-from shared.webhooks import fetch_policy
 from worker import metrics
 from worker.leases import LeaseKeeper
 from worker.runner import RunnerDeps, Segments
@@ -54,8 +54,8 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
     def follow_up(batch_id: str | None, deliveries: list[str]) -> None:
         after_finish(celery, sessions, batch_id=batch_id, deliveries=deliveries)
 
-    return RunnerDeps(sessions, storage, LazySegmenter(settings), fetch_policy(settings), settings.max_image_pixels,
-                      settings.model, on_stage=metrics.on_stage, on_finish=metrics.on_finish,
+    return RunnerDeps(sessions, storage, LazySegmenter(settings), policy_from_settings(settings),
+                      settings.max_image_pixels, settings.model, on_stage=metrics.on_stage, on_finish=metrics.on_finish,
                       lease_s=settings.job_lease_s, leases=LeaseKeeper(sessions, lease_s=settings.job_lease_s),
                       after_finish=follow_up)
 
