@@ -8,29 +8,42 @@ INSERTs), and the job ids go onto the bulk queue through Redis pipelines.
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import hashlib
 import io
 import json
 import logging
-import uuid
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
-from sqlalchemy import delete, select
+from sqlalchemy import select
+from werkzeug.datastructures import FileStorage
 
 from api.auth import current_tenant, require_tenant
-from api.idempotency import find, fingerprint, replay, request_key
-from api.jobs import form_fields, json_body, list_page, parse_limit, parse_status
-from api.limits import check_queued_cap
+from api.idempotency import ACCEPTED_HEADERS, fingerprint, idempotency, respond
+from api.jobs import job_spec
+from api.openapi import Answers, spec
+from api.pagination import page
+from api.parsing import form_fields, is_json_request, is_multipart_request, json_body, parse_status
 from api.problems import ApiProblem
-from api.schemas import BatchCreate, JobParams, check_http_url, validation_problem
+from api.schemas import (
+    BatchCreate,
+    BatchCreateMultipart,
+    BatchJobsQuery,
+    BatchObject,
+    IdempotencyHeader,
+    JobList,
+    JobParams,
+    check_http_url,
+    validation_problem,
+)
 from api.services import db, services
 from shared import batches as batchstate
-from shared import jobs as jobstate
-from shared.models import Batch, IdempotencyKey, Job
-from shared.queue import after_finish, enqueue_segments
+from shared.enums import BatchEvent, BatchStatus, JobEvent, JobStatus
+from shared.followups import Effects, after_commit
+from shared.models import Batch, Job
+from shared.present import batch_object, job_object
+from shared.submit import BatchSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +60,7 @@ def _item_problem(index: int, field: str, message: str) -> ApiProblem:
 
 
 def _parse_jsonl(text: str) -> list[Any]:
-    items = []
+    items: list[Any] = []
     for number, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
@@ -79,7 +92,7 @@ def _parse_csv(text: str) -> list[dict[str, Any]]:
     return items
 
 
-def _parse_file(upload: Any) -> list[Any]:
+def _parse_file(upload: FileStorage) -> list[Any]:
     raw = upload.read()
     try:
         text = raw.decode("utf-8-sig")
@@ -97,8 +110,7 @@ def _parse_file(upload: Any) -> list[Any]:
 
 def _parse_request() -> tuple[BatchCreate, list[Any], str]:
     """(batch-level fields, raw items, request fingerprint)."""
-    mimetype = request.mimetype or ""
-    if mimetype == "application/json" or mimetype.endswith("+json"):
+    if is_json_request():
         body = json_body()
         items = body.pop("items", None)
         if not isinstance(items, list):
@@ -109,7 +121,7 @@ def _parse_request() -> tuple[BatchCreate, list[Any], str]:
         except ValidationError as exc:
             raise validation_problem(exc) from exc
         return fields, items, fingerprint({**body, "items": items})
-    if mimetype == "multipart/form-data":
+    if is_multipart_request():
         upload = request.files.get("items")
         if upload is None:
             raise ApiProblem(422, "invalid_items", "The multipart body needs a file part named 'items'.",
@@ -126,17 +138,17 @@ def _parse_request() -> tuple[BatchCreate, list[Any], str]:
     raise ApiProblem(415, "unsupported_media_type", "Send application/json or multipart/form-data (file part 'items').")
 
 
-def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> list[tuple[str, JobParams]]:
+def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpec:
+    """Every item, validated and merged over the batch's defaults, before anything is written."""
     if not raw:
         raise ApiProblem(422, "invalid_items", "A batch needs at least one item.",
                          errors=[{"field": "items", "message": "empty"}])
     if len(raw) > limit:
         raise ApiProblem(422, "invalid_items", f"A batch holds at most {limit} items, got {len(raw)}.",
                          errors=[{"field": "items", "message": f"more than {limit}"}])
-    job_events = None
-    if fields.webhook_events is not None:
-        job_events = [e for e in fields.webhook_events if e.startswith("job.")]
-    out = []
+    events = fields.webhook_events
+    job_events = None if events is None else [e for e in events if isinstance(e, JobEvent)]
+    items = []
     for index, item in enumerate(raw):
         if not isinstance(item, dict):
             raise _item_problem(index, "", "must be an object")
@@ -168,15 +180,22 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> list[tup
             first = exc.errors()[0]
             field = str(first["loc"][0]) if first["loc"] else ""
             raise _item_problem(index, field, first["msg"]) from exc
-        out.append((url, params))
-    return out
+        items.append(job_spec(params, input={"image_url": url}))
+    # The batch's own webhook gets batch.completed unless only job events were asked for.
+    wants_completed = events is None or BatchEvent.COMPLETED in events
+    return BatchSpec(items=items, metadata=fields.metadata,
+                     webhook_url=fields.webhook_url if wants_completed else None)
 
 
 @bp.post("")
+@spec.validate(json=BatchCreate, form=BatchCreateMultipart, headers=IdempotencyHeader,
+               resp=Answers(202, BatchObject, "Accepted; every item is queued on the bulk queue.",
+                            400, 409, 413, 415, 422, headers=ACCEPTED_HEADERS),
+               operation_id="createBatch", tags=["batches"], skip_validation=True)
 def create_batch() -> Response:
+    """Submit a catalog: up to 100,000 items, all validated before any is queued"""
     svc = services()
     tenant = current_tenant()
-    key = request_key()
     fields, raw, request_hash = _parse_request()
     if fields.webhook_url is not None:
         try:
@@ -184,63 +203,13 @@ def create_batch() -> Response:
         except ValueError as exc:
             raise ApiProblem(422, "invalid_webhook_url", f"webhook_url: {exc}",
                              errors=[{"field": "webhook_url", "message": str(exc)}]) from exc
-    session = db()
-    if key is not None:
-        existing = find(session, tenant_id=tenant.id, key=key, ttl_s=svc.settings.idempotency_ttl_s)
-        if existing is not None:
-            return replay(existing, route="batches.create", request_hash=request_hash)
-    items = _validate_items(fields, raw, svc.settings.max_batch_items)
-    check_queued_cap(session, tenant, svc.settings, adding=len(items))
-
-    batch_id = f"batch_{uuid.uuid4().hex}"
-    created = jobstate.now()
-    batch = Batch(id=batch_id, tenant_id=tenant.id, status=batchstate.RUNNING, created_at=created,
-                  total=len(items), metadata_=fields.metadata, webhook_url=fields.webhook_url)
-    events = fields.webhook_events
-    if fields.webhook_url and events is not None and "batch.completed" not in events:
-        batch.webhook_url = None  # only job events were asked for
-    job_ids = [str(uuid.uuid4()) for _ in items]
-    # created_at steps by a microsecond, so listings and the manifest keep the input order
-    rows = [{
-        "id": job_id, "tenant_id": tenant.id, "status": jobstate.QUEUED,
-        "created_at": created + dt.timedelta(microseconds=index), "input": {"image_url": url},
-        "prompts": params.prompts, "threshold": params.threshold, "results": [], "metadata_": params.metadata,
-        "batch_id": batch_id, "webhook_url": params.webhook_url, "webhook_events": params.webhook_events,
-        "enqueued_at": created, "attempts": 0,
-    } for index, (job_id, (url, params)) in enumerate(zip(job_ids, items, strict=True))]
-    batchstate.insert_batch(session, batch, rows)
-    body = _batch_body(batch)
-    location = f"/v1/batches/{batch_id}"
-    if key is not None:
-        session.add(IdempotencyKey(tenant_id=tenant.id, key=key, route="batches.create", request_hash=request_hash,
-                                   status_code=202, response_body=body, headers={"Location": location}))
-    session.commit()
-    try:
-        enqueue_segments(svc.celery, job_ids=job_ids, queue=svc.settings.bulk_queue)
-    except Exception as exc:
-        log.warning("enqueue failed, withdrawing batch", extra={"batch_id": batch_id, "error": str(exc)})
-        session.rollback()
-        if key is not None:
-            session.execute(delete(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant.id,
-                                                         IdempotencyKey.key == key))
-        session.execute(delete(Job).where(Job.batch_id == batch_id))
-        session.execute(delete(Batch).where(Batch.id == batch_id))
-        session.commit()
-        raise ApiProblem(503, "dependency_unavailable", "The queue (Redis) is not answering; try again shortly.",
-                         headers={"Retry-After": "5"}) from exc
-    log.info("batch accepted (%d items)", len(items), extra={"batch_id": batch_id, "tenant_id": tenant.id})
-    resp = jsonify(body)
-    resp.status_code = 202
-    resp.headers["Location"] = location
-    return resp
-
-
-def _batch_body(batch: Batch) -> dict[str, Any]:
-    """The object of a batch just created (all queued), without a counting query."""
-    counts = {"total": batch.total, **{s: 0 for s in jobstate.STATUSES}, "queued": batch.total}
-    return {"id": batch.id, "object": "batch", "status": batch.status, "counts": counts,
-            "created_at": jobstate.isoformat(batch.created_at), "finished_at": None, "results_url": None,
-            "metadata": dict(batch.metadata_ or {}), "webhook_url": batch.webhook_url}
+    key = idempotency("batches.create", request_hash)
+    batch = _validate_items(fields, raw, svc.settings.max_batch_items)
+    accepted = svc.submitter.submit_batch(db(), tenant=tenant, spec=batch, idempotency=key)
+    if not accepted.replayed:
+        log.info("batch accepted (%d items)", len(batch.items), extra={"batch_id": accepted.id,
+                                                                       "tenant_id": tenant.id})
+    return respond(accepted)
 
 
 def _batch_or_404(batch_id: str) -> Batch:
@@ -251,32 +220,48 @@ def _batch_or_404(batch_id: str) -> Batch:
     return batch
 
 
+def _batch_response(batch: Batch) -> Response:
+    session = db()
+    return jsonify(batch_object(batch, services().storage, counts=batchstate.counts(session, batch)))
+
+
 @bp.get("/<batch_id>")
+@spec.validate(resp=Answers(200, BatchObject, "The batch with its counts.", 404), operation_id="getBatch",
+               tags=["batches"], skip_validation=True)
 def get_batch(batch_id: str) -> Response:
-    return jsonify(batchstate.batch_object(db(), _batch_or_404(batch_id), services().storage))
+    """Get a batch with its counts"""
+    return _batch_response(_batch_or_404(batch_id))
 
 
 @bp.get("/<batch_id>/jobs")
+@spec.validate(query=BatchJobsQuery, resp=Answers(200, JobList, "A page of the batch's jobs, newest first.",
+                                                  400, 404, 422),
+               operation_id="listBatchJobs", tags=["batches"], skip_validation=True)
 def list_batch_jobs(batch_id: str) -> Response:
+    """The batch's jobs, newest first"""
     batch = _batch_or_404(batch_id)
     query = select(Job).where(Job.tenant_id == batch.tenant_id, Job.batch_id == batch.id)
-    wanted = parse_status()
+    wanted = parse_status(JobStatus)
     if wanted:
         query = query.where(Job.status.in_(wanted))
-    return jsonify(list_page(query, limit=parse_limit(), cursor=request.args.get("cursor")))
+    storage = services().storage
+    return jsonify(page(db(), query, Job, lambda job: job_object(job, storage)))
 
 
 @bp.post("/<batch_id>/cancel")
+@spec.validate(resp=Answers(200, BatchObject, "The canceled batch (canceling it again changes nothing).", 404, 409),
+               operation_id="cancelBatch", tags=["batches"], skip_validation=True)
 def cancel_batch(batch_id: str) -> Response:
+    """Cancel every job of the batch not yet finished"""
     svc = services()
     session = db()
     batch = _batch_or_404(batch_id)
-    if batch.status == batchstate.COMPLETED:
+    if batch.status == BatchStatus.COMPLETED:
         raise ApiProblem(409, "batch_not_cancelable", "The batch already completed.")
-    deliveries: list[str] = []
-    if batch.status == batchstate.RUNNING:
-        deliveries = batchstate.cancel(session, batch, svc.storage)
+    if batch.status == BatchStatus.RUNNING:
+        finished = batchstate.cancel(session, batch, svc.storage)
         session.commit()
-        after_finish(svc.celery, svc.sessions, batch_id=batch.id, deliveries=deliveries)
+        # The batch id goes along even when no job was left to cancel: its manifest is still due.
+        after_commit(svc.celery, svc.sessions, Effects.of(finished, batch_ids=[batch.id]))
         session.refresh(batch)
-    return jsonify(batchstate.batch_object(session, batch, svc.storage))
+    return _batch_response(batch)

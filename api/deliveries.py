@@ -3,42 +3,46 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 
 from api.auth import current_tenant, require_tenant
-from api.jobs import decode_cursor, encode_cursor, parse_limit, parse_status
+from api.openapi import Answers, spec
+from api.pagination import page
+from api.parsing import parse_status
 from api.problems import ApiProblem
+from api.schemas import DeliveryListQuery, WebhookDeliveryList, WebhookDeliveryObject
 from api.services import db, services
+from shared.enums import DeliveryStatus
+from shared.followups import Effects, after_commit
 from shared.models import WebhookDelivery
-from shared.queue import after_finish
-from shared.webhooks import FAILED, PENDING, SUCCEEDED, delivery_object, retry_now
+from shared.present import delivery_object
+from shared.webhooks import retry_now
 
 bp = Blueprint("deliveries", __name__, url_prefix="/v1/webhook-deliveries")
 bp.before_request(require_tenant)
 
 
 @bp.get("")
+@spec.validate(query=DeliveryListQuery, resp=Answers(200, WebhookDeliveryList, "A page of deliveries, newest first.",
+                                                     400, 422),
+               operation_id="listWebhookDeliveries", tags=["webhooks"], skip_validation=True)
 def list_deliveries() -> Response:
+    """Webhook deliveries, newest first"""
     query = select(WebhookDelivery).where(WebhookDelivery.tenant_id == current_tenant().id)
     for name, column in (("job_id", WebhookDelivery.job_id), ("batch_id", WebhookDelivery.batch_id)):
         if request.args.get(name):
             query = query.where(column == request.args[name])
-    wanted = parse_status((PENDING, SUCCEEDED, FAILED))
+    wanted = parse_status(DeliveryStatus)
     if wanted:
         query = query.where(WebhookDelivery.status.in_(wanted))
-    limit = parse_limit()
-    if request.args.get("cursor"):
-        created, last = decode_cursor(request.args["cursor"])
-        query = query.where(tuple_(WebhookDelivery.created_at, WebhookDelivery.id) < tuple_(created, last))
-    rows = db().execute(query.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc())
-                        .limit(limit + 1)).scalars().all()
-    page = rows[:limit]
-    return jsonify({"object": "list", "data": [delivery_object(r) for r in page],
-                    "next_cursor": encode_cursor(page[-1]) if len(rows) > limit else None})
+    return jsonify(page(db(), query, WebhookDelivery, delivery_object))
 
 
 @bp.post("/<delivery_id>/retry")
+@spec.validate(resp=Answers(202, WebhookDeliveryObject, "Queued for delivery now (same webhook-id).", 404),
+               operation_id="retryWebhookDelivery", tags=["webhooks"], skip_validation=True)
 def retry_delivery(delivery_id: str) -> Response:
+    """Deliver again now (same webhook-id)"""
     session = db()
     row = session.execute(select(WebhookDelivery).where(
         WebhookDelivery.id == delivery_id, WebhookDelivery.tenant_id == current_tenant().id)).scalar_one_or_none()
@@ -47,7 +51,7 @@ def retry_delivery(delivery_id: str) -> Response:
     retry_now(row)
     session.commit()
     svc = services()
-    after_finish(svc.celery, svc.sessions, batch_id=None, deliveries=[row.id])
+    after_commit(svc.celery, svc.sessions, Effects.of(delivery_ids=[row.id]))
     resp = jsonify(delivery_object(row))
     resp.status_code = 202
     return resp

@@ -6,6 +6,7 @@ import redis
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
+from api.openapi import Answers, spec
 from api.problems import ApiProblem
 from api.services import services
 
@@ -13,12 +14,18 @@ bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@spec.validate(resp=Answers(200, None, "ok", public=True), security={}, operation_id="healthz", tags=["operations"],
+               skip_validation=True)
 def healthz() -> Response:
+    """Process is serving (no dependency checks)"""
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@spec.validate(resp=Answers(200, None, "ready", 503, public=True), security={}, operation_id="readyz",
+               tags=["operations"], skip_validation=True)
 def readyz() -> Response:
+    """Postgres, Redis and object storage answer"""
     svc = services()
     checks: dict[str, str] = {}
     try:

@@ -1,6 +1,6 @@
-"""Per-tenant limits: a request rate (token bucket in Redis) and a cap on queued jobs.
+"""Per-tenant request rate: a token bucket in Redis (the cap on queued jobs is `shared.submit`'s).
 
-Both answer 429 with Retry-After. The bucket lives in Redis so that every API process shares
+Over the rate, 429 `rate_limited` with Retry-After. The bucket lives in Redis so that every API process shares
 it; when Redis does not answer the limiter lets the request through (the queue being down is
 reported by the route that needs it, with 503), so a Redis hiccup never locks tenants out.
 """
@@ -11,11 +11,9 @@ import logging
 import math
 
 import redis
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from api.problems import ApiProblem
-from shared.models import Job, Tenant
+from shared.models import Tenant
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,18 +66,3 @@ class RateLimiter:
             raise ApiProblem(429, "rate_limited",
                              f"Too many requests: this key allows {rate:g} per second (bursts of {burst}).",
                              headers={"Retry-After": str(retry_after)})
-
-
-def check_queued_cap(session: Session, tenant: Tenant, settings: Settings, *, adding: int = 1) -> None:
-    """Refuse with 429 `too_many_queued_jobs` when `adding` more would pass the tenant's cap."""
-    cap = tenant.max_queued_jobs or settings.max_queued_jobs
-    queued = session.execute(
-        select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status == "queued")
-    ).scalar_one()
-    if queued + adding > cap:
-        raise ApiProblem(
-            429, "too_many_queued_jobs",
-            f"{queued} jobs are waiting and the limit is {cap}; {adding} more would pass it. "
-            "Retry when some have run.",
-            headers={"Retry-After": "30"},
-        )

@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from api.openapi import Answers, spec
 from api.services import services
 
 bp = Blueprint("metrics", __name__)
@@ -71,7 +72,12 @@ def install(app: Flask) -> None:
 
 
 @bp.get("/metrics")
+@spec.validate(resp=Answers(200, None, "Prometheus text format: clipmask_http_requests_total, "
+                                       "clipmask_http_request_duration_seconds, clipmask_jobs_created_total, "
+                                       "clipmask_queue_depth", public=True),
+               security={}, operation_id="metrics", tags=["operations"], skip_validation=True)
 def metrics() -> Response:
+    """Prometheus metrics"""
     settings = services().settings
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()

@@ -11,7 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from shared.errors import StorageFailed
+from shared.errors import IdempotencyKeyReused, QueueFull, QueueUnavailable, StorageFailed
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,18 @@ HTTP_CODES = {
 
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(ApiProblem, problem_response)
+
+    @app.errorhandler(QueueFull)
+    def queue_full(exc: QueueFull) -> Response:
+        return problem_response(ApiProblem(429, exc.code, exc.message, headers={"Retry-After": "30"}))
+
+    @app.errorhandler(IdempotencyKeyReused)
+    def key_reused(exc: IdempotencyKeyReused) -> Response:
+        return problem_response(ApiProblem(409, exc.code, exc.message))
+
+    @app.errorhandler(QueueUnavailable)
+    def queue_down(exc: QueueUnavailable) -> Response:
+        return problem_response(ApiProblem(503, exc.code, exc.message, headers={"Retry-After": "5"}))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

@@ -7,9 +7,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from api.problems import ApiProblem
+from shared.enums import BatchEvent, BatchStatus, DeliveryStatus, JobEvent, JobStatus
 from shared.fetch import check_url_syntax
 
-JOB_EVENTS = ("job.succeeded", "job.failed", "job.canceled")
 MAX_PROMPTS = 16
 MAX_PROMPT_CHARS = 200
 MAX_METADATA_PAIRS = 16
@@ -50,7 +50,7 @@ class JobParams(BaseModel):
         default=0.4, gt=0, lt=1, description="A pixel is in the mask where sigmoid(logit) >= threshold.",
     )
     webhook_url: str | None = Field(default=None, description="http(s) URL that receives the job's events.")
-    webhook_events: list[Literal["job.succeeded", "job.failed", "job.canceled"]] | None = Field(
+    webhook_events: list[JobEvent] | None = Field(
         default=None, description="Subset of job events to deliver; default all.",
     )
     metadata: dict[str, str] = Field(
@@ -84,8 +84,8 @@ class JobParams(BaseModel):
 
     @field_validator("webhook_events")
     @classmethod
-    def _events(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else sorted(set(value), key=JOB_EVENTS.index)
+    def _events(cls, value: list[JobEvent] | None) -> list[JobEvent] | None:
+        return None if value is None else [event for event in JobEvent if event in value]
 
     @field_validator("metadata", mode="before")
     @classmethod
@@ -113,10 +113,18 @@ class JobCreateJson(JobParams):
         return None if value is None else check_http_url(value)
 
 
-class JobCreateMultipart(JobParams):
-    """`POST /v1/jobs` as multipart/form-data: the file part `image` plus the fields above."""
+class JobCreateMultipart(BaseModel):
+    """`POST /v1/jobs` as multipart/form-data: the file part `image`; list fields repeat
+    (`-F prompts=shirt -F prompts=pants`); `metadata` is a JSON object as a string. (Documentation
+    only: the form is parsed into JobParams.)"""
 
     image: bytes = Field(description="The image file.", json_schema_extra={"format": "binary"})
+    prompts: list[str] = Field(description="Repeat the field once per prompt; rules as in the JSON body.")
+    threshold: float = Field(default=0.4, gt=0, lt=1)
+    webhook_url: str | None = None
+    webhook_events: list[JobEvent] | None = Field(default=None, description="Repeat the field once per event.")
+    metadata: str | None = Field(default=None, description='A JSON object of strings, as a string: {"sku": "123"}.',
+                                 json_schema_extra={"contentMediaType": "application/json"})
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -169,7 +177,7 @@ class JobObject(BaseModel):
 
     id: str
     object: Literal["job"]
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    status: JobStatus
     created_at: str
     started_at: str | None
     finished_at: str | None
@@ -182,6 +190,7 @@ class JobObject(BaseModel):
     metadata: dict[str, str]
     batch_id: str | None
     webhook_url: str | None
+    attempts: int = Field(description="Times a worker took the job (0 while never taken).")
 
 
 class JobList(BaseModel):
@@ -202,9 +211,6 @@ class Problem(BaseModel):
 
 
 # ---- batches ------------------------------------------------------------------------------
-
-BATCH_EVENTS = (*JOB_EVENTS, "batch.completed")
-
 
 class BatchItem(BaseModel):
     """One catalog item; fields it leaves out come from the batch."""
@@ -227,7 +233,7 @@ class BatchCreate(BaseModel):
     prompts: list[str] | None = Field(default=None, description="Prompts for items that set none.")
     threshold: float = Field(default=0.4, gt=0, lt=1)
     webhook_url: str | None = Field(default=None, description="Receives the items' job events and batch.completed.")
-    webhook_events: list[Literal["job.succeeded", "job.failed", "job.canceled", "batch.completed"]] | None = Field(
+    webhook_events: list[JobEvent | BatchEvent] | None = Field(
         default=None, description="Subset of events to deliver; default all four.")
     metadata: dict[str, str] = Field(default_factory=dict, description="The batch's own, and items' defaults.")
 
@@ -239,8 +245,9 @@ class BatchCreateMultipart(BaseModel):
     prompts: list[str] | None = None
     threshold: float | None = None
     webhook_url: str | None = None
-    webhook_events: list[str] | None = None
-    metadata: str | None = Field(default=None, description="A JSON object, as a string.")
+    webhook_events: list[JobEvent | BatchEvent] | None = None
+    metadata: str | None = Field(default=None, description="A JSON object of strings, as a string.",
+                                 json_schema_extra={"contentMediaType": "application/json"})
 
 
 class BatchCounts(BaseModel):
@@ -257,7 +264,7 @@ class BatchObject(BaseModel):
 
     id: str
     object: Literal["batch"]
-    status: Literal["running", "completed", "canceled"]
+    status: BatchStatus
     counts: BatchCounts
     created_at: str
     finished_at: str | None
@@ -273,11 +280,11 @@ class WebhookDeliveryObject(BaseModel):
 
     id: str = Field(description="The webhook-id header; stable across retries.")
     object: Literal["webhook_delivery"]
-    event_type: Literal["job.succeeded", "job.failed", "job.canceled", "batch.completed"]
+    event_type: JobEvent | BatchEvent
     job_id: str | None
     batch_id: str | None
     url: str
-    status: Literal["pending", "succeeded", "failed"]
+    status: DeliveryStatus
     attempts: int
     last_status_code: int | None
     last_error: str | None
@@ -292,3 +299,50 @@ class WebhookDeliveryList(BaseModel):
     object: Literal["list"]
     data: list[WebhookDeliveryObject]
     next_cursor: str | None
+
+
+# ---- webhook payloads (OpenAPI `webhooks`) ----------------------------------------------
+
+class JobEventPayload(BaseModel):
+    """The body POSTed for a job event, signed per Standard Webhooks (webhook-id, -timestamp, -signature)."""
+
+    type: JobEvent
+    timestamp: str
+    data: JobObject
+
+
+class BatchEventPayload(BaseModel):
+    """The body POSTed when a batch completes."""
+
+    type: Literal[BatchEvent.COMPLETED]
+    timestamp: str
+    data: BatchObject
+
+
+# ---- query strings and headers ------------------------------------------------------------
+
+class IdempotencyHeader(BaseModel):
+    idempotency_key: str | None = Field(
+        default=None, alias="Idempotency-Key", min_length=1, max_length=255,
+        description="The same key and body within 24 h replays the first response (with Idempotent-Replayed: "
+                    "true); the same key with another body is 409 idempotency_key_reused.")
+
+
+class PageQuery(BaseModel):
+    limit: int = Field(default=20, ge=1, le=100)
+    cursor: str | None = Field(default=None, description="next_cursor of the previous page.")
+
+
+class JobListQuery(PageQuery):
+    status: str | None = Field(default=None, description="One job status or several separated by commas.")
+    batch_id: str | None = None
+
+
+class BatchJobsQuery(PageQuery):
+    status: str | None = Field(default=None, description="One job status or several separated by commas.")
+
+
+class DeliveryListQuery(PageQuery):
+    job_id: str | None = None
+    batch_id: str | None = None
+    status: str | None = Field(default=None, description="pending, succeeded or failed; several separated by commas.")

@@ -14,6 +14,7 @@ from shared.db import make_engine, make_session_factory
 from shared.queue import make_celery
 from shared.settings import Settings
 from shared.storage import ObjectStorage
+from shared.submit import SubmitPolicy, Submitter
 
 
 @dataclass
@@ -24,12 +25,14 @@ class Services:
     storage: ObjectStorage
     celery: Celery
     limiter: RateLimiter
+    submitter: Submitter
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         engine = make_engine(settings.database_url)
-        return cls(settings, engine, make_session_factory(engine), ObjectStorage(settings), make_celery(settings),
-                   RateLimiter(settings))
+        storage, celery = ObjectStorage(settings), make_celery(settings)
+        submitter = Submitter(policy=SubmitPolicy.from_settings(settings), storage=storage, celery=celery)
+        return cls(settings, engine, make_session_factory(engine), storage, celery, RateLimiter(settings), submitter)
 
 
 def services() -> Services:

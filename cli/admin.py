@@ -2,9 +2,12 @@
 
 Output is one JSON object per line, so it pipes into jq and scripts.
 
-`jobs retry` makes a new job with the failed job's input (and a copy of its upload). The
-contract's state machine has no edge out of `failed`, so the original keeps its history and
-its id; the new job's metadata is the original's.
+`jobs retry` submits a new job with the failed job's input (and its uploaded image) through the
+same submission service as the API, so the tenant's queued-jobs cap applies. The contract's
+state machine has no edge out of `failed`, so the original keeps its history and its id; the new
+job's metadata is the original's. The new job is a single job, not part of the original's
+batch: that batch's counts and manifest were final when it completed, and a job that joined it
+afterwards would be counted nowhere.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import uuid
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs as jobstate
+from shared.clock import isoformat, utcnow
 from shared.db import make_engine, make_session_factory, session_scope
+from shared.enums import JobStatus
+from shared.errors import SubmissionRefused
 from shared.models import Job, Tenant
 from shared.settings import Settings
 
@@ -41,20 +45,21 @@ def jobs_list(args: argparse.Namespace, settings: Settings) -> int:
     with sessions_for(settings)() as session:
         for job in session.execute(query).scalars():
             _emit({"id": job.id, "tenant_id": job.tenant_id, "status": job.status,
-                   "created_at": jobstate.isoformat(job.created_at), "error": job.error,
+                   "created_at": isoformat(job.created_at), "error": job.error,
                    "prompts": job.prompts, "input": job.input, "attempts": job.attempts})
     return 0
 
 
 def jobs_retry(args: argparse.Namespace, settings: Settings) -> int:
-    from shared.queue import enqueue_segment, make_celery
-    from shared.storage import ObjectStorage, upload_key
+    from shared.queue import make_celery
+    from shared.storage import ObjectStorage
+    from shared.submit import JobSpec, SubmitPolicy, Submitter
 
     if not args.job_id and not args.failed:
         print("give a job id or --failed", file=sys.stderr)
         return 2
     sessions = sessions_for(settings)
-    query = select(Job).where(Job.status == jobstate.FAILED)
+    query = select(Job).where(Job.status == JobStatus.FAILED)
     if args.job_id:
         query = query.where(Job.id == args.job_id)
     if args.tenant:
@@ -65,30 +70,32 @@ def jobs_retry(args: argparse.Namespace, settings: Settings) -> int:
         print(f"job {args.job_id} does not exist or is not failed", file=sys.stderr)
         return 1
     storage = ObjectStorage(settings)
-    celery = make_celery(settings)
+    submitter = Submitter(policy=SubmitPolicy.from_settings(settings), storage=storage, celery=make_celery(settings))
+    refused = 0
     for old in originals:
-        new_id = str(uuid.uuid4())
-        new_upload = None
-        if old.upload_key:
-            new_upload = upload_key(tenant_id=old.tenant_id, job_id=new_id)
-            storage.copy(old.upload_key, new_upload)
-        with session_scope(sessions) as session:
-            session.add(Job(
-                id=new_id, tenant_id=old.tenant_id, status=jobstate.QUEUED, created_at=jobstate.now(),
-                input=old.input, upload_key=new_upload, prompts=old.prompts, threshold=old.threshold, results=[],
-                metadata_=old.metadata_, batch_id=old.batch_id, webhook_url=old.webhook_url,
-                webhook_events=old.webhook_events, enqueued_at=jobstate.now(),
-            ))
-        enqueue_segment(celery, job_id=new_id, queue=settings.interactive_queue)
-        _emit({"retried": old.id, "new_job_id": new_id, "tenant_id": old.tenant_id})
-    return 0
+        upload = old.input.get("upload") or {}
+        spec = JobSpec(prompts=list(old.prompts), threshold=old.threshold, input=old.input,
+                       metadata=dict(old.metadata_ or {}), webhook_url=old.webhook_url,
+                       webhook_events=old.webhook_events, filename=upload.get("filename"),
+                       image=storage.get(old.upload_key) if old.upload_key else None)
+        with sessions() as session:
+            tenant = session.get(Tenant, old.tenant_id)
+            assert tenant is not None  # jobs are deleted with their tenant
+            try:
+                accepted = submitter.submit_job(session, tenant=tenant, spec=spec)
+            except SubmissionRefused as exc:
+                refused += 1
+                _emit({"retried": old.id, "refused": exc.code, "message": exc.message, "tenant_id": old.tenant_id})
+                continue
+        _emit({"retried": old.id, "new_job_id": accepted.id, "tenant_id": old.tenant_id})
+    return 1 if refused else 0
 
 
 def tenant_list(args: argparse.Namespace, settings: Settings) -> int:
     with sessions_for(settings)() as session:
         for tenant in session.execute(select(Tenant).order_by(Tenant.created_at)).scalars():
-            _emit({"tenant_id": tenant.id, "name": tenant.name, "created_at": jobstate.isoformat(tenant.created_at),
-                   "disabled_at": jobstate.isoformat(tenant.disabled_at)})
+            _emit({"tenant_id": tenant.id, "name": tenant.name, "created_at": isoformat(tenant.created_at),
+                   "disabled_at": isoformat(tenant.disabled_at)})
     return 0
 
 
@@ -96,8 +103,8 @@ def tenant_disable(args: argparse.Namespace, settings: Settings) -> int:
     with session_scope(sessions_for(settings)) as session:
         changed = session.execute(
             update(Tenant).where(Tenant.id == args.tenant_id, Tenant.disabled_at.is_(None))
-            .values(disabled_at=jobstate.now())
-        ).rowcount
+            .values(disabled_at=utcnow()).returning(Tenant.id)
+        ).scalar_one_or_none()
     if not changed:
         print(f"no enabled tenant {args.tenant_id}", file=sys.stderr)
         return 1
@@ -177,7 +184,7 @@ def retention(args: argparse.Namespace, settings: Settings) -> int:
 def add_commands(sub: argparse._SubParsersAction, tenant_sub: argparse._SubParsersAction) -> None:
     jobs = sub.add_parser("jobs", help="inspect and retry jobs").add_subparsers(dest="jobs_command", required=True)
     listing = jobs.add_parser("list", help="newest first, one JSON object per line")
-    listing.add_argument("--status", choices=jobstate.STATUSES)
+    listing.add_argument("--status", choices=[str(s) for s in JobStatus])
     listing.add_argument("--tenant")
     listing.add_argument("--limit", type=int, default=50)
     listing.set_defaults(func=jobs_list)

@@ -26,6 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from client import Batch, Clipmask, ClipmaskError, Job
+from shared.enums import UNFINISHED_JOB, BatchStatus, JobStatus
 
 STATE = ".clipmask-batch.json"
 
@@ -56,13 +57,13 @@ def cmd_submit(args: argparse.Namespace, _settings: Any) -> int:
         except ClipmaskError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        if args.out and job.status == "succeeded":
+        if args.out and job.status == JobStatus.SUCCEEDED:
             name = Path(args.image.split("?")[0]).stem or job.id
             for url, path in mask_paths(Path(args.out), name, job):
                 cm.download(url, path)
                 print(path, file=sys.stderr)
     print(json.dumps(job.raw))
-    return 0 if job.status in ("queued", "running", "succeeded") else 1
+    return 0 if job.status in (*UNFINISHED_JOB, JobStatus.SUCCEEDED) else 1
 
 
 def _catalog_items(path: Path) -> int:
@@ -110,7 +111,7 @@ def cmd_batch(args: argparse.Namespace, _settings: Any) -> int:
             print(f"error: {exc} (run the same command again to resume)", file=sys.stderr)
             return 1
     print(json.dumps(batch.raw))
-    return 0 if batch.status == "completed" and batch.counts["failed"] == 0 else 1
+    return 0 if batch.status == BatchStatus.COMPLETED and batch.counts[JobStatus.FAILED] == 0 else 1
 
 
 def _follow(cm: Clipmask, state: dict[str, Any], out: Path, poll_s: float) -> Batch:
@@ -120,7 +121,7 @@ def _follow(cm: Clipmask, state: dict[str, Any], out: Path, poll_s: float) -> Ba
     done: set[str] = set()
 
     def fetch(job: Job) -> None:
-        if job.id in done or job.status != "succeeded":
+        if job.id in done or job.status != JobStatus.SUCCEEDED:
             return
         for url, path in mask_paths(out, f"{index[job.id]:0{width}d}", job):
             if not path.exists():
@@ -132,15 +133,16 @@ def _follow(cm: Clipmask, state: dict[str, Any], out: Path, poll_s: float) -> Ba
     while True:
         batch = cm.get_batch(state["batch_id"])
         c = batch.counts
-        finished = c["succeeded"] + c["failed"] + c["canceled"]
+        finished = c[JobStatus.SUCCEEDED] + c[JobStatus.FAILED] + c[JobStatus.CANCELED]
         bar.update(finished - bar.n)
-        bar.set_postfix(ok=c["succeeded"], failed=c["failed"], running=c["running"], queued=c["queued"],
+        bar.set_postfix(ok=c[JobStatus.SUCCEEDED], failed=c[JobStatus.FAILED], running=c[JobStatus.RUNNING],
+                        queued=c[JobStatus.QUEUED],
                         saved=len(done))
         if batch.finished and batch.results_url:
             break
         # A few pages of succeeded jobs per round, resuming where the last round stopped.
         for _ in range(5):
-            page = cm.list_batch_jobs(state["batch_id"], status="succeeded", cursor=cursor)
+            page = cm.list_batch_jobs(state["batch_id"], status=JobStatus.SUCCEEDED, cursor=cursor)
             for job in page.data:
                 fetch(job)
             cursor = page.next_cursor
@@ -152,10 +154,10 @@ def _follow(cm: Clipmask, state: dict[str, Any], out: Path, poll_s: float) -> Ba
     for line in manifest.read_text().splitlines():
         job = Job.from_api(json.loads(line))
         fetch(job)
-        if job.status != "succeeded":
+        if job.status != JobStatus.SUCCEEDED:
             failed.append({"row": index.get(job.id), "id": job.id, "status": job.status, "error": job.error,
                            "image_url": job.input.get("image_url")})
-    bar.set_postfix(ok=batch.counts["succeeded"], failed=batch.counts["failed"], saved=len(done))
+    bar.set_postfix(ok=batch.counts[JobStatus.SUCCEEDED], failed=batch.counts[JobStatus.FAILED], saved=len(done))
     bar.close()
     (out / "failed.jsonl").write_text("".join(json.dumps(f) + "\n" for f in failed))
     print(f"batch {batch.status}: {batch.counts['succeeded']} succeeded, {batch.counts['failed']} failed, "

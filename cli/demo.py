@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from shared.enums import UNFINISHED_JOB, JobStatus
 from shared.settings import Settings
 
 
@@ -55,13 +56,13 @@ def run_demo(settings: Settings, *, base_url: str, out_dir: Path, random_weights
         "metadata": {"sku": "DEMO-1"}})
     print(f"submitted job {job['id']}; waiting", end="", flush=True)
     deadline = time.monotonic() + 300
-    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+    while job["status"] in UNFINISHED_JOB and time.monotonic() < deadline:
         time.sleep(0.5)
         print(".", end="", flush=True)
         job = _call("GET", f"{base_url}/v1/jobs/{job['id']}", key=tenant.api_key)
     print()
     print(json.dumps(job, indent=2))
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         print(f"demo job ended {job['status']}", file=sys.stderr)
         return 1
     out_dir.mkdir(parents=True, exist_ok=True)

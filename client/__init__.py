@@ -21,7 +21,9 @@ from typing import Any
 
 import httpx
 
-FINISHED = ("succeeded", "failed", "canceled")
+from shared.enums import FINISHED_JOB, BatchStatus
+
+FINISHED = FINISHED_JOB
 
 
 class ClipmaskError(Exception):
@@ -86,7 +88,7 @@ class Batch:
 
     @property
     def finished(self) -> bool:
-        return self.status in ("completed", "canceled")
+        return self.status in (BatchStatus.COMPLETED, BatchStatus.CANCELED)
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Batch:

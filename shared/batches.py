@@ -24,14 +24,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs as jobstate
 from shared.db import session_scope
+from shared.enums import UNFINISHED_JOB, BatchEvent, BatchStatus
 from shared.models import Batch, Job
+from shared.present import batch_counts, batch_object, job_object
 from shared.storage import ObjectStorage
-from shared.webhooks import job_event, new_delivery
+from shared.webhooks import new_delivery
 
 log = logging.getLogger(__name__)
 
-RUNNING, COMPLETED, CANCELED = "running", "completed", "canceled"
-UNFINISHED = (jobstate.QUEUED, jobstate.RUNNING)
 INSERT_CHUNK = 5000
 
 
@@ -47,24 +47,17 @@ def insert_batch(session: Session, batch: Batch, jobs: list[dict[str, Any]]) -> 
 
 
 def counts(session: Session, batch: Batch) -> dict[str, int]:
-    by_status = dict(session.execute(
+    rows = session.execute(
         select(Job.status, func.count()).where(Job.batch_id == batch.id, Job.tenant_id == batch.tenant_id)
         .group_by(Job.status)
-    ).all())
-    return {"total": batch.total, **{status: int(by_status.get(status, 0)) for status in jobstate.STATUSES}}
-
-
-def batch_object(session: Session, batch: Batch, storage: ObjectStorage, *, long_urls: bool = False) -> dict[str, Any]:
-    return {
-        "id": batch.id, "object": "batch", "status": batch.status, "counts": counts(session, batch),
-        "created_at": jobstate.isoformat(batch.created_at), "finished_at": jobstate.isoformat(batch.finished_at),
-        "results_url": storage.presign_get(batch.results_key, long=long_urls) if batch.results_key else None,
-        "metadata": dict(batch.metadata_ or {}), "webhook_url": batch.webhook_url,
-    }
+    ).all()
+    by_status = {status: int(count) for status, count in rows}
+    return batch_counts(batch.total, by_status)
 
 
 def has_unfinished(session: Session, batch_id: str) -> bool:
-    return bool(session.execute(select(exists().where(Job.batch_id == batch_id, Job.status.in_(UNFINISHED)))).scalar())
+    return bool(session.execute(
+        select(exists().where(Job.batch_id == batch_id, Job.status.in_(UNFINISHED_JOB)))).scalar())
 
 
 def write_manifest(sessions: sessionmaker[Session], storage: ObjectStorage, batch: Batch) -> str:
@@ -76,7 +69,7 @@ def write_manifest(sessions: sessionmaker[Session], storage: ObjectStorage, batc
             .order_by(Job.created_at, Job.id).execution_options(yield_per=2000)
         ).scalars()
         for job in rows:
-            line = json.dumps(jobstate.job_object(job, storage, long_urls=True), separators=(",", ":"))
+            line = json.dumps(job_object(job, storage, long_urls=True), separators=(",", ":"))
             buf.write(line.encode() + b"\n")
     key = manifest_key(tenant_id=batch.tenant_id, batch_id=batch.id)
     storage.put(key, buf.getvalue(), content_type="application/x-ndjson")
@@ -95,13 +88,13 @@ def finalize(sessions: sessionmaker[Session], storage: ObjectStorage, batch_id: 
         session.expunge(batch)
     key = write_manifest(sessions, storage, batch)
     with session_scope(sessions) as session:
-        if batch.status == CANCELED:
+        if batch.status == BatchStatus.CANCELED:
             session.execute(update(Batch).where(Batch.id == batch_id).values(results_key=key))
             return None
-        no_unfinished = ~exists().where(Job.batch_id == batch_id, Job.status.in_(UNFINISHED))
+        no_unfinished = ~exists().where(Job.batch_id == batch_id, Job.status.in_(UNFINISHED_JOB))
         done = session.execute(
-            update(Batch).where(and_(Batch.id == batch_id, Batch.status == RUNNING, no_unfinished))
-            .values(status=COMPLETED, finished_at=func.now(), results_key=key)
+            update(Batch).where(and_(Batch.id == batch_id, Batch.status == BatchStatus.RUNNING, no_unfinished))
+            .values(status=BatchStatus.COMPLETED, finished_at=func.now(), results_key=key)
             .returning(Batch).execution_options(synchronize_session=False)
         ).scalar_one_or_none()
         if done is None:
@@ -110,38 +103,33 @@ def finalize(sessions: sessionmaker[Session], storage: ObjectStorage, batch_id: 
         log.info("batch completed", extra={"batch_id": batch_id, "tenant_id": done.tenant_id})
         if not done.webhook_url:
             return None
-        delivery = new_delivery(tenant_id=done.tenant_id, event_type="batch.completed", url=done.webhook_url,
-                                data=batch_object(session, done, storage, long_urls=True), batch_id=batch_id)
+        data = batch_object(done, storage, counts=counts(session, done), long_urls=True)
+        delivery = new_delivery(tenant_id=done.tenant_id, event_type=BatchEvent.COMPLETED, url=done.webhook_url,
+                                data=data, batch_id=batch_id)
         session.add(delivery)
         return delivery.id
 
 
-def cancel(session: Session, batch: Batch, storage: ObjectStorage) -> list[str]:
-    """Cancel every unfinished job of the batch and the batch itself; returns new delivery ids."""
-    canceled = list(session.execute(
-        update(Job).where(Job.batch_id == batch.id, Job.tenant_id == batch.tenant_id, Job.status.in_(UNFINISHED))
-        .values(status=jobstate.CANCELED, finished_at=func.now(), lease_expires_at=None)
-        .returning(Job).execution_options(synchronize_session=False)
-    ).scalars())
-    deliveries = []
-    for job in canceled:
-        if job.webhook_url:
-            delivery_id = job_event(session, job, jobstate.job_object(job, storage, long_urls=True))
-            if delivery_id:
-                deliveries.append(delivery_id)
-    session.execute(update(Batch).where(Batch.id == batch.id, Batch.status == RUNNING)
-                    .values(status=CANCELED, finished_at=func.now()))
-    log.info("batch canceled (%d jobs canceled)", len(canceled), extra={"batch_id": batch.id,
-                                                                        "tenant_id": batch.tenant_id})
-    return deliveries
+def cancel(session: Session, batch: Batch, storage: ObjectStorage) -> list[jobstate.Finished]:
+    """Cancel every unfinished job of the batch (through the job state machine) and the batch itself.
+
+    Returns what the job transitions caused; the caller commits and hands them to `after_commit`,
+    which also asks for the canceled batch's manifest.
+    """
+    finished = jobstate.cancel_batch_jobs(session, batch_id=batch.id, tenant_id=batch.tenant_id, storage=storage)
+    session.execute(update(Batch).where(Batch.id == batch.id, Batch.status == BatchStatus.RUNNING)
+                    .values(status=BatchStatus.CANCELED, finished_at=func.now()))
+    log.info("batch canceled (%d jobs canceled)", len(finished), extra={"batch_id": batch.id,
+                                                                         "tenant_id": batch.tenant_id})
+    return finished
 
 
 def stale_batches(session: Session, *, older_than: dt.timedelta, limit: int = 100) -> list[str]:
     """Batches that should be finalized but are not: the reconciler's safety net."""
-    no_unfinished = ~exists().where(Job.batch_id == Batch.id, Job.status.in_(UNFINISHED))
+    no_unfinished = ~exists().where(Job.batch_id == Batch.id, Job.status.in_(UNFINISHED_JOB))
     return list(session.execute(
         select(Batch.id).where(
-            Batch.results_key.is_(None), Batch.status.in_([RUNNING, CANCELED]), no_unfinished,
-            Batch.created_at < func.now() - older_than,
+            Batch.results_key.is_(None), Batch.status.in_([BatchStatus.RUNNING, BatchStatus.CANCELED]),
+            no_unfinished, Batch.created_at < func.now() - older_than,
         ).limit(limit)
     ).scalars())

@@ -31,3 +31,30 @@ class ImageInvalid(JobFailure):
 
 class StorageFailed(JobFailure):
     code = "storage_failed"
+
+
+class SubmissionRefused(ClipmaskError):
+    """A create request that can't be accepted now; the API maps each kind to its problem."""
+
+
+class QueueFull(SubmissionRefused):
+    code = "too_many_queued_jobs"
+
+    def __init__(self, *, queued: int, cap: int, adding: int) -> None:
+        super().__init__(f"{queued} jobs are waiting and the limit is {cap}; {adding} more would pass it. "
+                         "Retry when some have run.")
+        self.queued, self.cap, self.adding = queued, cap, adding
+
+
+class IdempotencyKeyReused(SubmissionRefused):
+    code = "idempotency_key_reused"
+
+    def __init__(self) -> None:
+        super().__init__("This Idempotency-Key was already used with a different request; use a new key.")
+
+
+class QueueUnavailable(SubmissionRefused):
+    code = "dependency_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The queue (Redis) is not answering; try again shortly.")

@@ -14,9 +14,7 @@ import uuid
 from typing import Any
 
 from celery import Celery
-from sqlalchemy.orm import Session, sessionmaker
 
-from shared.batches import has_unfinished
 from shared.settings import Settings
 
 SEGMENT_TASK = "clipmask.segment"
@@ -123,21 +121,3 @@ def _task_message(job_id: str, queue: str, *, origin: str, reply_to: str) -> str
             "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
         },
     })
-
-
-def after_finish(app: Celery, sessions: sessionmaker[Session], *, batch_id: str | None,
-                 deliveries: list[str]) -> None:
-    """After a commit that finished jobs: send their webhooks now and finalize a finished batch.
-
-    Best effort: if Redis is down, the periodic dispatcher and the reconciler do it later.
-    """
-    try:
-        if deliveries:
-            app.send_task(DELIVER_TASK, args=[deliveries], retry=True, retry_policy=RETRY_POLICY)
-        if batch_id:
-            with sessions() as session:
-                done = not has_unfinished(session, batch_id)
-            if done:
-                app.send_task(FINALIZE_TASK, args=[batch_id], retry=True, retry_policy=RETRY_POLICY)
-    except Exception as exc:  # noqa: BLE001 - the table is the truth; the sweeps catch up
-        log.warning("could not enqueue follow-up work: %s", exc, extra={"batch_id": batch_id})

@@ -24,9 +24,9 @@ from celery import Celery
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs as jobstate
 from shared.batches import stale_batches
 from shared.db import session_scope
+from shared.enums import JobStatus
 from shared.models import Job
 from shared.settings import Settings
 
@@ -46,15 +46,15 @@ def reconcile(
 ) -> ReconcileReport:
     with session_scope(sessions) as session:
         expired = select(Job.id).where(
-            Job.status == jobstate.RUNNING, Job.lease_expires_at < func.now()
+            Job.status == JobStatus.RUNNING, Job.lease_expires_at < func.now()
         ).limit(batch).with_for_update(skip_locked=True).scalar_subquery()
         requeued = list(session.execute(
-            update(Job).where(Job.id.in_(expired), Job.status == jobstate.RUNNING)
-            .values(status=jobstate.QUEUED, lease_expires_at=None, enqueued_at=func.now())
+            update(Job).where(Job.id.in_(expired), Job.status == JobStatus.RUNNING)
+            .values(status=JobStatus.QUEUED, lease_expires_at=None, enqueued_at=func.now())
             .returning(Job.id, Job.batch_id).execution_options(synchronize_session=False)
         ).tuples())
         stale = select(Job.id).where(
-            Job.status == jobstate.QUEUED,
+            Job.status == JobStatus.QUEUED,
             func.coalesce(Job.enqueued_at, Job.created_at) < func.now() - queued_after,
         ).limit(batch).with_for_update(skip_locked=True).scalar_subquery()
         reenqueued = list(session.execute(

@@ -13,8 +13,9 @@ import logging
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs as jobstate
+from shared.clock import utcnow
 from shared.db import session_scope
+from shared.enums import FINISHED_JOB
 from shared.models import IdempotencyKey, Job
 from shared.settings import Settings
 from shared.storage import ObjectStorage
@@ -27,14 +28,14 @@ def purge_expired(
     idempotency_ttl: dt.timedelta = dt.timedelta(hours=24), max_chunks: int | None = None,
 ) -> int:
     """Delete finished jobs created before now - older_than; returns how many were deleted."""
-    cutoff = jobstate.now() - older_than
+    cutoff = utcnow() - older_than
     deleted = 0
     chunks = 0
     while max_chunks is None or chunks < max_chunks:
         with session_scope(sessions) as session:
             rows = session.execute(
                 select(Job.id, Job.upload_key, Job.results)
-                .where(Job.created_at < cutoff, Job.status.in_(jobstate.FINISHED))
+                .where(Job.created_at < cutoff, Job.status.in_(FINISHED_JOB))
                 .order_by(Job.created_at)
                 .limit(chunk)
                 .with_for_update(skip_locked=True)
@@ -50,7 +51,7 @@ def purge_expired(
         chunks += 1
         log.info("retention: deleted %d jobs and %d objects", len(rows), len(keys))
     with session_scope(sessions) as session:
-        session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < jobstate.now() - idempotency_ttl))
+        session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < utcnow() - idempotency_ttl))
     return deleted
 
 

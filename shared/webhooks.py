@@ -28,7 +28,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
+from shared.clock import isoformat, utcnow
 from shared.db import session_scope
+from shared.enums import DeliveryStatus, EventType, JobEvent
 from shared.errors import ImageFetchFailed
 from shared.fetch import AddressRefused, FetchPolicy, guarded_pool, policy_from_settings
 from shared.models import Job, Tenant, WebhookDelivery
@@ -36,33 +38,22 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-JOB_EVENTS = {"succeeded": "job.succeeded", "failed": "job.failed", "canceled": "job.canceled"}
-EVENT_TYPES = ("job.succeeded", "job.failed", "job.canceled", "batch.completed")
-PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
 CLAIM_S = 120  # a claimed row is invisible to other dispatchers this long (longer than one send)
 
 
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def new_delivery(*, tenant_id: str, event_type: str, url: str, data: dict[str, Any], job_id: str | None = None,
+def new_delivery(*, tenant_id: str, event_type: EventType, url: str, data: dict[str, Any], job_id: str | None = None,
                  batch_id: str | None = None) -> WebhookDelivery:
-    created = now()
-    body = json.dumps({"type": event_type, "timestamp": _iso(created), "data": data}, separators=(",", ":"))
+    created = utcnow()
+    body = json.dumps({"type": event_type, "timestamp": isoformat(created), "data": data}, separators=(",", ":"))
     return WebhookDelivery(
         id=f"msg_{uuid.uuid4().hex}", tenant_id=tenant_id, event_type=event_type, job_id=job_id, batch_id=batch_id,
-        url=url, payload=body, status=PENDING, attempts=0, next_attempt_at=created, created_at=created,
+        url=url, payload=body, status=DeliveryStatus.PENDING, attempts=0, next_attempt_at=created, created_at=created,
     )
 
 
 def job_event(session: Session, job: Job, data: dict[str, Any]) -> str | None:
     """Add the delivery for a job that just finished, if it has a webhook and wants this event."""
-    event = JOB_EVENTS.get(job.status)
+    event = JobEvent.for_status(job.status)
     if event is None or not job.webhook_url:
         return None
     if job.webhook_events is not None and event not in job.webhook_events:
@@ -71,16 +62,6 @@ def job_event(session: Session, job: Job, data: dict[str, Any]) -> str | None:
                             job_id=job.id, batch_id=job.batch_id)
     session.add(delivery)
     return delivery.id
-
-
-def delivery_object(row: WebhookDelivery) -> dict[str, Any]:
-    return {
-        "id": row.id, "object": "webhook_delivery", "event_type": row.event_type,
-        "job_id": row.job_id, "batch_id": row.batch_id, "url": row.url, "status": row.status,
-        "attempts": row.attempts, "last_status_code": row.last_status_code, "last_error": row.last_error,
-        "next_attempt_at": _iso(row.next_attempt_at) if row.next_attempt_at and row.status == PENDING else None,
-        "created_at": _iso(row.created_at), "delivered_at": _iso(row.delivered_at) if row.delivered_at else None,
-    }
 
 
 @dataclass(frozen=True)
@@ -105,7 +86,7 @@ def sign_headers(delivery_id: str, payload: str, secret: str, at: dt.datetime) -
 def send(delivery_id: str, url: str, payload: str, secret: str, policy: FetchPolicy, timeout_s: float) -> Outcome:
     """One POST, no redirects followed, the same address rules as image fetching."""
     headers = {"Content-Type": "application/json", "User-Agent": "clipmask-webhooks/1",
-               **sign_headers(delivery_id, payload, secret, now())}
+               **sign_headers(delivery_id, payload, secret, utcnow())}
     try:
         pool, path = guarded_pool(url, policy)
     except ImageFetchFailed as exc:
@@ -146,7 +127,7 @@ class Dispatcher:
     def claim(self, *, ids: Iterable[str] | None = None, limit: int = 100) -> list[WebhookDelivery]:
         with session_scope(self.sessions) as session:
             due = select(WebhookDelivery.id).where(
-                WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= func.now())
+                WebhookDelivery.status == DeliveryStatus.PENDING, WebhookDelivery.next_attempt_at <= func.now())
             if ids is not None:
                 due = due.where(WebhookDelivery.id.in_(list(ids)))
             due = due.order_by(WebhookDelivery.next_attempt_at).limit(limit).with_for_update(skip_locked=True)
@@ -184,10 +165,10 @@ class Dispatcher:
                "status_code": outcome.status_code}
         delay = None if outcome.ok or outcome.permanent else self.next_delay(attempts)
         if outcome.ok:
-            values.update(status=SUCCEEDED, delivered_at=func.now(), next_attempt_at=None)
+            values.update(status=DeliveryStatus.SUCCEEDED, delivered_at=func.now(), next_attempt_at=None)
             log.info("webhook delivered (%s, attempt %d)", row.event_type, attempts, extra=ctx)
         elif delay is None:
-            values.update(status=FAILED, next_attempt_at=None)
+            values.update(status=DeliveryStatus.FAILED, next_attempt_at=None)
             log.warning("webhook failed for good after %d attempts: %s", attempts, outcome.error, extra=ctx)
         else:
             values.update(next_attempt_at=func.now() + dt.timedelta(seconds=delay))
@@ -203,5 +184,5 @@ def dispatcher_from_settings(settings: Settings, sessions: sessionmaker[Session]
 
 def retry_now(delivery: WebhookDelivery) -> None:
     """Make a delivery due now, whatever its state (a manual redelivery keeps its webhook-id)."""
-    delivery.status = PENDING
-    delivery.next_attempt_at = now()
+    delivery.status = DeliveryStatus.PENDING
+    delivery.next_attempt_at = utcnow()

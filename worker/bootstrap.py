@@ -10,7 +10,8 @@ from celery import Celery
 
 from shared.db import make_engine, make_session_factory
 from shared.fetch import policy_from_settings
-from shared.queue import after_finish, make_celery
+from shared.followups import Effects, after_commit
+from shared.queue import make_celery
 from shared.settings import Settings
 from shared.storage import ObjectStorage
 from worker import metrics
@@ -51,13 +52,13 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
     storage = ObjectStorage(settings)
     sessions = make_session_factory(engine)
 
-    def follow_up(batch_id: str | None, deliveries: list[str]) -> None:
-        after_finish(celery, sessions, batch_id=batch_id, deliveries=deliveries)
+    def follow_up(effects: Effects) -> None:
+        after_commit(celery, sessions, effects)
 
     return RunnerDeps(sessions, storage, LazySegmenter(settings), policy_from_settings(settings),
                       settings.max_image_pixels, settings.model, on_stage=metrics.on_stage, on_finish=metrics.on_finish,
                       lease_s=settings.job_lease_s, leases=LeaseKeeper(sessions, lease_s=settings.job_lease_s),
-                      after_finish=follow_up)
+                      follow_up=follow_up)
 
 
 def build_worker_app(settings: Settings) -> Celery:

@@ -21,8 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs as jobstate
 from shared.db import session_scope
+from shared.enums import JobStatus
 from shared.errors import JobFailure, StorageFailed
 from shared.fetch import FetchPolicy, fetch_image_bytes
+from shared.followups import Effects
 from shared.images import decode_image
 from shared.models import Job
 from shared.storage import ObjectStorage, mask_key
@@ -47,7 +49,7 @@ def _no_finish(status: str, code: str | None, seconds: float) -> None:
     pass
 
 
-def _no_after(batch_id: str | None, deliveries: list[str]) -> None:
+def _no_follow_up(effects: Effects) -> None:
     pass
 
 
@@ -63,8 +65,8 @@ class RunnerDeps:
     on_finish: Callable[[str, str | None, float], None] = _no_finish  # (status, error code, seconds)
     lease_s: float = 60.0
     leases: LeaseKeeper | None = None  # the process's heartbeat; None: leases are not renewed
-    # after the commit that finished a job: (batch_id, new webhook delivery ids) -> send, finalize
-    after_finish: Callable[[str | None, list[str]], None] = _no_after
+    # after the commit that finished a job: send its deliveries, finalize its batch (followups.after_commit)
+    follow_up: Callable[[Effects], None] = _no_follow_up
 
 
 def encode_png(mask: Any) -> bytes:
@@ -135,9 +137,9 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         del data
         with session_scope(deps.sessions) as session:
             status = jobstate.record_image_size(session, job.id, width=image.width, height=image.height)
-        if status != jobstate.RUNNING:
+        if status != JobStatus.RUNNING:
             log.info("job canceled before inference", extra=ctx)
-            return _finish(deps, started, jobstate.CANCELED)
+            return _finish(deps, started, JobStatus.CANCELED)
         with stages.time("infer"):
             result = deps.segmenter().segment(image, list(job.prompts), job.threshold)
         results = []
@@ -153,15 +155,14 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             })
         with session_scope(deps.sessions) as session:
             done = jobstate.mark_succeeded(session, job.id, results=results, storage=deps.storage)
-            deliveries = jobstate.new_deliveries(session)
         stages.flush()
         if done is None:
             log.info("job canceled during inference; its masks are discarded", extra=ctx)
             deps.storage.delete([r["mask_key"] for r in results])
-            return _finish(deps, started, jobstate.CANCELED)
+            return _finish(deps, started, JobStatus.CANCELED)
         log.info("job succeeded", extra=ctx | {"duration_ms": round((time.monotonic() - started) * 1000)})
-        deps.after_finish(job.batch_id, deliveries)
-        return _finish(deps, started, jobstate.SUCCEEDED)
+        deps.follow_up(Effects.of([done]))
+        return _finish(deps, started, JobStatus.SUCCEEDED)
     except DBAPIError:
         raise
     except StorageFailed as exc:
@@ -171,7 +172,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             back = jobstate.requeue(session, job.id)
         log.warning("object storage unavailable; job requeued for a retry", extra=ctx | {"error": exc.message[:300]})
         if back is None:  # canceled meanwhile: nothing to retry
-            return _finish(deps, started, jobstate.CANCELED)
+            return _finish(deps, started, JobStatus.CANCELED)
         raise TransientError(exc.message) from exc
     except JobFailure as exc:
         return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message, started=started)
@@ -189,9 +190,8 @@ def _finish(deps: RunnerDeps, started: float, status: str, code: str | None = No
 def _fail(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], code: str, message: str, started: float) -> str:
     with session_scope(deps.sessions) as session:
         failed = jobstate.mark_failed(session, job.id, code=code, message=message, storage=deps.storage)
-        deliveries = jobstate.new_deliveries(session)
     if failed is None:
-        return _finish(deps, started, jobstate.CANCELED)
+        return _finish(deps, started, JobStatus.CANCELED)
     log.info("job failed: %s", message, extra=ctx | {"code": code})
-    deps.after_finish(job.batch_id, deliveries)
-    return _finish(deps, started, jobstate.FAILED, code)
+    deps.follow_up(Effects.of([failed]))
+    return _finish(deps, started, JobStatus.FAILED, code)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from celery import Celery, Task
 
 from shared.batches import finalize
+from shared.followups import Effects, after_commit
 from shared.queue import (
     DELIVER_TASK,
     DISPATCH_TASK,
@@ -14,7 +15,6 @@ from shared.queue import (
     RECONCILE_TASK,
     RETENTION_TASK,
     SEGMENT_TASK,
-    after_finish,
 )
 from shared.reconcile import reconcile_from_settings
 from shared.retention import purge_from_settings
@@ -61,5 +61,5 @@ def register_tasks(app: Celery, get_deps: Callable[[], RunnerDeps], *, settings:
         deps = get_deps()
         delivery = finalize(deps.sessions, deps.storage, batch_id)
         if delivery:
-            after_finish(app, deps.sessions, batch_id=None, deliveries=[delivery])
+            after_commit(app, deps.sessions, Effects.of(delivery_ids=[delivery]))
         return delivery is not None

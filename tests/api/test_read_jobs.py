@@ -7,8 +7,9 @@ import uuid
 
 import pytest
 
-from shared import jobs as jobstate
+from shared.clock import utcnow
 from shared.db import session_scope
+from shared.enums import FINISHED_JOB
 from shared.models import Job
 
 
@@ -19,8 +20,8 @@ def insert_job(sessions, tenant, *, status="queued", created_at=None, batch_id=N
         session.add(Job(
             id=job_id, tenant_id=tenant.tenant_id, status=status, input={"image_url": "https://x.test/a.jpg"},
             prompts=["shirt"], threshold=0.4, results=results or [], metadata_={}, batch_id=batch_id,
-            created_at=created_at or jobstate.now(),
-            finished_at=jobstate.now() if status in jobstate.FINISHED else None,
+            created_at=created_at or utcnow(),
+            finished_at=utcnow() if status in FINISHED_JOB else None,
         ))
     return job_id
 

@@ -18,7 +18,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from api import create_app
-from shared import jobs as jobstate
+from shared.clock import utcnow
 from shared.db import session_scope
 from shared.models import Job
 from shared.storage import mask_key, upload_key
@@ -162,7 +162,7 @@ def old_job(sessions, storage, tenant, *, days_old: float, status: str) -> tuple
     mask = mask_key(tenant_id=tenant.tenant_id, job_id=job_id, index=0)
     storage.put(up, b"img", content_type="image/png")
     storage.put(mask, b"png", content_type="image/png")
-    created = jobstate.now() - dt.timedelta(days=days_old)
+    created = utcnow() - dt.timedelta(days=days_old)
     with session_scope(sessions) as session:
         session.add(Job(id=job_id, tenant_id=tenant.tenant_id, status=status, created_at=created, upload_key=up,
                         input={"upload": {}}, prompts=["a"], threshold=0.4, metadata_={},

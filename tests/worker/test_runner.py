@@ -9,6 +9,7 @@ from unittest import mock
 import pytest
 
 from shared import jobs as jobstate
+from shared.clock import utcnow
 from shared.db import session_scope
 from shared.errors import StorageFailed
 from shared.models import Job
@@ -131,7 +132,7 @@ def test_duplicate_message_while_leased_elsewhere_is_skipped(deps, sessions, sto
         assert jobstate.mark_running(session, job_id, model_id="m", lease_s=300) is not None
     assert run_job(job_id, deps=deps) == "skipped"
     with session_scope(sessions) as session:  # that worker died: its lease ran out
-        session.get(Job, job_id).lease_expires_at = jobstate.now() - dt.timedelta(seconds=1)
+        session.get(Job, job_id).lease_expires_at = utcnow() - dt.timedelta(seconds=1)
     assert run_job(job_id, deps=deps) == "succeeded"
     job = load(sessions, job_id)
     assert job.attempts == 2 and job.lease_expires_at is None

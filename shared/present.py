@@ -1,0 +1,74 @@
+"""Objects as the API shows them (jobs, batches, webhook deliveries): the one place that shapes them.
+
+Pure functions of rows (and counts a caller queried); presigned URLs are made here, at read time,
+because they expire. Webhook bodies and batch manifests use `long_urls` (the result lifetime).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.clock import isoformat
+from shared.enums import DeliveryStatus, JobStatus
+from shared.models import Batch, Job, WebhookDelivery
+from shared.storage import ObjectStorage
+
+
+def job_object(job: Job, storage: ObjectStorage, *, long_urls: bool = False) -> dict[str, Any]:
+    """The public job object of the contract."""
+    image = None
+    if job.image_width is not None and job.image_height is not None:
+        image = {"width": job.image_width, "height": job.image_height}
+    results = []
+    if job.status == JobStatus.SUCCEEDED:
+        for item in job.results or []:
+            results.append({
+                "prompt": item["prompt"],
+                "mask_url": storage.presign_get(item["mask_key"], long=long_urls),
+                "bbox": item["bbox"],
+                "area_fraction": item["area_fraction"],
+                "score": item["score"],
+            })
+    return {
+        "id": job.id,
+        "object": "job",
+        "status": job.status,
+        "created_at": isoformat(job.created_at),
+        "started_at": isoformat(job.started_at),
+        "finished_at": isoformat(job.finished_at),
+        "input": job.input,
+        "image": image,
+        "prompts": list(job.prompts),
+        "threshold": job.threshold,
+        "results": results,
+        "error": job.error if job.status == JobStatus.FAILED else None,
+        "metadata": dict(job.metadata_ or {}),
+        "batch_id": job.batch_id,
+        "webhook_url": job.webhook_url,
+        "attempts": job.attempts or 0,
+    }
+
+
+def batch_counts(total: int, by_status: dict[str, int]) -> dict[str, int]:
+    return {"total": total, **{str(status): int(by_status.get(status, 0)) for status in JobStatus}}
+
+
+def batch_object(batch: Batch, storage: ObjectStorage, *, counts: dict[str, int],
+                 long_urls: bool = False) -> dict[str, Any]:
+    """The public batch object; `counts` comes from `shared.batches.counts` (or is known, at creation)."""
+    return {
+        "id": batch.id, "object": "batch", "status": batch.status, "counts": counts,
+        "created_at": isoformat(batch.created_at), "finished_at": isoformat(batch.finished_at),
+        "results_url": storage.presign_get(batch.results_key, long=long_urls) if batch.results_key else None,
+        "metadata": dict(batch.metadata_ or {}), "webhook_url": batch.webhook_url,
+    }
+
+
+def delivery_object(row: WebhookDelivery) -> dict[str, Any]:
+    return {
+        "id": row.id, "object": "webhook_delivery", "event_type": row.event_type,
+        "job_id": row.job_id, "batch_id": row.batch_id, "url": row.url, "status": row.status,
+        "attempts": row.attempts, "last_status_code": row.last_status_code, "last_error": row.last_error,
+        "next_attempt_at": isoformat(row.next_attempt_at) if row.status == DeliveryStatus.PENDING else None,
+        "created_at": isoformat(row.created_at), "delivered_at": isoformat(row.delivered_at),
+    }

@@ -1,0 +1,239 @@
+"""The one way in: idempotency -> queued-jobs cap -> rows -> commit -> enqueue (or withdraw).
+
+`POST /v1/jobs`, `POST /v1/batches` and `clipmask jobs retry` all submit through `Submitter`;
+they only parse what they were given into `JobSpec`s. The steps, in this order:
+1. An Idempotency-Key seen before replays its first answer (another body: IdempotencyKeyReused).
+2. The tenant's cap on queued jobs (QueueFull). A limit of 0 means 0.
+3. Uploads go to object storage, then the rows (job, or batch and jobs) and the key's record are
+   written and committed together. If a concurrent request with the same key committed first,
+   the unique key makes ours fail: its uploads are deleted and its answer is the winner's.
+4. The ids go onto the queue. If that fails, nothing was answered 202, so the rows, the key and
+   the uploads are withdrawn and QueueUnavailable is raised: nothing accepted is ever stranded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.batches import insert_batch
+from shared.clock import utcnow
+from shared.enums import BatchStatus, JobStatus
+from shared.errors import IdempotencyKeyReused, QueueFull, QueueUnavailable
+from shared.images import sniff
+from shared.models import Batch, IdempotencyKey, Job, Tenant
+from shared.present import batch_counts, batch_object, job_object
+from shared.queue import enqueue_segment, enqueue_segments
+from shared.settings import Settings
+from shared.storage import ObjectStorage, upload_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SubmitPolicy:
+    """The settings the submission service reads (not the whole Settings object)."""
+
+    idempotency_ttl_s: int
+    max_queued_jobs: int
+    interactive_queue: str
+    bulk_queue: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SubmitPolicy:
+        return cls(settings.idempotency_ttl_s, settings.max_queued_jobs, settings.interactive_queue,
+                   settings.bulk_queue)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One validated job request, whichever route or tool it came from."""
+
+    prompts: list[str]
+    threshold: float
+    input: dict[str, Any]  # as the API shows it: {"image_url": ...} or {"upload": {...}} (filled in here)
+    metadata: dict[str, str] = field(default_factory=dict)
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
+    image: bytes | None = None  # bytes to store as the job's upload
+    filename: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    items: list[JobSpec]
+    metadata: dict[str, str] = field(default_factory=dict)
+    webhook_url: str | None = None  # the batch's own (batch.completed); None when only job events were asked
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    key: str
+    route: str  # "jobs.create", "batches.create": a key is per tenant, and used once across routes
+    fingerprint: str  # of the request body; the same key with another body is refused
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The answer to a create: 202 with the object, or the replay of the key's first answer."""
+
+    status_code: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+    replayed: bool = False
+
+    @property
+    def id(self) -> str:
+        return str(self.body["id"])
+
+
+@dataclass
+class _Staged:
+    """What a submission wrote before its commit, so it can be answered, enqueued or withdrawn."""
+
+    body: dict[str, Any]
+    location: str
+    job_ids: list[str]
+    queue: str
+    batch_id: str | None = None
+    upload_keys: list[str] = field(default_factory=list)
+
+
+class Submitter:
+    def __init__(self, *, policy: SubmitPolicy, storage: ObjectStorage, celery: Celery) -> None:
+        self.policy, self.storage, self.celery = policy, storage, celery
+
+    def submit_job(self, session: Session, *, tenant: Tenant, spec: JobSpec,
+                   idempotency: Idempotency | None = None) -> Accepted:
+        """Accept one job onto the interactive queue."""
+        def stage(session: Session) -> _Staged:
+            job_id = str(uuid.uuid4())
+            staged = _Staged({}, f"/v1/jobs/{job_id}", [job_id], self.policy.interactive_queue)
+            job = Job(**self._row(tenant, spec, job_id, utcnow(), staged))
+            session.add(job)
+            session.flush()
+            staged.body = job_object(job, self.storage)
+            return staged
+
+        return self._submit(session, tenant=tenant, idempotency=idempotency, adding=1, stage=stage)
+
+    def submit_batch(self, session: Session, *, tenant: Tenant, spec: BatchSpec,
+                     idempotency: Idempotency | None = None) -> Accepted:
+        """Accept a batch: one transaction for the batch row and every job row, ids onto the bulk queue."""
+        def stage(session: Session) -> _Staged:
+            batch_id = f"batch_{uuid.uuid4().hex}"
+            created = utcnow()
+            batch = Batch(id=batch_id, tenant_id=tenant.id, status=BatchStatus.RUNNING, created_at=created,
+                          total=len(spec.items), metadata_=spec.metadata, webhook_url=spec.webhook_url)
+            job_ids = [str(uuid.uuid4()) for _ in spec.items]
+            staged = _Staged({}, f"/v1/batches/{batch_id}", job_ids, self.policy.bulk_queue, batch_id=batch_id)
+            # created_at steps by a microsecond, so listings and the manifest keep the input order
+            rows = [self._row(tenant, item, job_id, created + dt.timedelta(microseconds=index), staged)
+                    for index, (job_id, item) in enumerate(zip(job_ids, spec.items, strict=True))]
+            insert_batch(session, batch, rows)
+            counts = batch_counts(batch.total, {JobStatus.QUEUED: batch.total})
+            staged.body = batch_object(batch, self.storage, counts=counts)
+            return staged
+
+        return self._submit(session, tenant=tenant, idempotency=idempotency, adding=len(spec.items), stage=stage)
+
+    # ---- the steps -------------------------------------------------------------------------------
+
+    def _row(self, tenant: Tenant, spec: JobSpec, job_id: str, created: dt.datetime,
+             staged: _Staged) -> dict[str, Any]:
+        job_input, stored_key = spec.input, None
+        if spec.image is not None:
+            stored_key = upload_key(tenant_id=tenant.id, job_id=job_id)
+            content_type = sniff(spec.image) or "application/octet-stream"
+            self.storage.put(stored_key, spec.image, content_type=content_type)
+            staged.upload_keys.append(stored_key)
+            job_input = {"upload": {"filename": spec.filename, "content_type": content_type,
+                                    "bytes": len(spec.image)}}
+        return {
+            "id": job_id, "tenant_id": tenant.id, "status": JobStatus.QUEUED, "created_at": created,
+            "input": job_input, "upload_key": stored_key, "prompts": spec.prompts, "threshold": spec.threshold,
+            "results": [], "metadata_": spec.metadata, "batch_id": staged.batch_id, "webhook_url": spec.webhook_url,
+            "webhook_events": spec.webhook_events, "enqueued_at": created, "attempts": 0,
+        }
+
+    def _submit(self, session: Session, *, tenant: Tenant, idempotency: Idempotency | None, adding: int,
+                stage: Callable[[Session], _Staged]) -> Accepted:
+        if idempotency is not None:
+            replayed = self._replay(session, tenant, idempotency)
+            if replayed is not None:
+                return replayed
+        self._check_cap(session, tenant, adding)
+        session.rollback()  # no transaction held open while uploads go to storage
+        staged = stage(session)
+        headers = {"Location": staged.location}
+        if idempotency is not None:
+            session.add(IdempotencyKey(tenant_id=tenant.id, key=idempotency.key, route=idempotency.route,
+                                       request_hash=idempotency.fingerprint, status_code=202,
+                                       response_body=staged.body, headers=headers))
+        try:
+            session.commit()
+        except IntegrityError:
+            # A concurrent request with the same key won the race: answer as it did.
+            session.rollback()
+            self.storage.delete(staged.upload_keys)
+            replayed = self._replay(session, tenant, idempotency) if idempotency is not None else None
+            if replayed is None:
+                raise
+            return replayed
+        try:
+            if staged.batch_id is None:
+                enqueue_segment(self.celery, job_id=staged.job_ids[0], queue=staged.queue)
+            else:
+                enqueue_segments(self.celery, job_ids=staged.job_ids, queue=staged.queue)
+        except Exception as exc:
+            self._withdraw(session, tenant, idempotency, staged, exc)
+            raise QueueUnavailable() from exc
+        return Accepted(202, staged.body, headers)
+
+    def _replay(self, session: Session, tenant: Tenant, idempotency: Idempotency) -> Accepted | None:
+        """The first answer given to this key, if it is still live; an expired record is deleted."""
+        row = session.execute(select(IdempotencyKey).where(
+            IdempotencyKey.tenant_id == tenant.id, IdempotencyKey.key == idempotency.key)).scalar_one_or_none()
+        if row is None:
+            return None
+        if row.created_at < utcnow() - dt.timedelta(seconds=self.policy.idempotency_ttl_s):
+            session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == row.id))
+            session.commit()
+            return None
+        if row.route != idempotency.route or row.request_hash != idempotency.fingerprint:
+            raise IdempotencyKeyReused()
+        return Accepted(row.status_code, dict(row.response_body), dict(row.headers or {}), replayed=True)
+
+    def _check_cap(self, session: Session, tenant: Tenant, adding: int) -> None:
+        cap = tenant.max_queued_jobs if tenant.max_queued_jobs is not None else self.policy.max_queued_jobs
+        queued = session.execute(select(func.count()).select_from(Job).where(
+            Job.tenant_id == tenant.id, Job.status == JobStatus.QUEUED)).scalar_one()
+        if queued + adding > cap:
+            raise QueueFull(queued=queued, cap=cap, adding=adding)
+
+    def _withdraw(self, session: Session, tenant: Tenant, idempotency: Idempotency | None, staged: _Staged,
+                  exc: Exception) -> None:
+        """Enqueueing failed, so nothing was accepted: take back the rows, the key and the uploads."""
+        log.warning("enqueue failed, withdrawing the submission",
+                    extra={"job_id": staged.job_ids[0] if staged.batch_id is None else None,
+                           "batch_id": staged.batch_id, "tenant_id": tenant.id, "error": str(exc)})
+        session.rollback()
+        if idempotency is not None:
+            session.execute(delete(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant.id,
+                                                         IdempotencyKey.key == idempotency.key))
+        if staged.batch_id is not None:
+            session.execute(delete(Job).where(Job.batch_id == staged.batch_id))
+            session.execute(delete(Batch).where(Batch.id == staged.batch_id))
+        else:
+            session.execute(delete(Job).where(Job.id.in_(staged.job_ids)))
+        session.commit()
+        self.storage.delete(staged.upload_keys)
