@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export VENV
 
-.PHONY: install up down demo test lint bench bench-load bench-api clean
+.PHONY: install up down demo test test-unit lint typecheck bench bench-load bench-api clean
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,16 @@ demo: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# the tests that need no Postgres, Redis, S3 or worker process (marker `unit`)
+test-unit: install
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
 lint: install
 	$(VENV)/bin/ruff check .
+
+# mypy on shared/, api/, worker/, client/, cli/ (the files list is in pyproject.toml)
+typecheck: install
+	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) bench/engine.py --model tiny --images 8 --prompts 4

@@ -43,7 +43,7 @@ from shared.enums import BatchEvent, BatchStatus, JobEvent, JobStatus
 from shared.followups import Effects, after_commit
 from shared.models import Batch, Job
 from shared.present import batch_object, job_object
-from shared.submit import BatchSpec
+from shared.submit import BatchSpec, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _parse_csv(text: str) -> list[dict[str, Any]]:
     if not reader.fieldnames or "image_url" not in [f.strip() for f in reader.fieldnames]:
         raise ApiProblem(422, "invalid_items", "The CSV needs a header row with an image_url column.",
                          errors=[{"field": "items", "message": "no image_url column"}])
-    items = []
+    items: list[dict[str, Any]] = []
     for row in reader:
         if None in row:  # more cells than header names
             raise _item_problem(len(items), "", "the row has more cells than the header")
@@ -148,7 +148,7 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
                          errors=[{"field": "items", "message": f"more than {limit}"}])
     events = fields.webhook_events
     job_events = None if events is None else [e for e in events if isinstance(e, JobEvent)]
-    items = []
+    items: list[JobSpec] = []
     for index, item in enumerate(raw):
         if not isinstance(item, dict):
             raise _item_problem(index, "", "must be an object")

@@ -4,8 +4,12 @@ With PROMETHEUS_MULTIPROC_DIR set, each worker process writes its metrics to fil
 /metrics merges them; a dead worker's live gauges are dropped here.
 """
 
+from __future__ import annotations
 
-def child_exit(server, worker):  # type: ignore[no-untyped-def]
+from typing import Any
+
+
+def child_exit(server: object, worker: Any) -> None:
     import os
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

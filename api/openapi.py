@@ -18,6 +18,7 @@ from flask import json as flask_json
 from pydantic.json_schema import models_json_schema
 from spectree import Response as SpecResponse
 from spectree import SecurityScheme, SecuritySchemeData, SpecTree
+from spectree.models import SecureType
 
 from api.schemas import BatchEventPayload, JobEventPayload, Problem
 from shared.enums import BatchEvent, JobEvent
@@ -27,7 +28,7 @@ REF = "#/components/schemas/{model}"
 spec = SpecTree(
     "flask", mode="strict", annotations=False, title="clipmask", version="1", page_templates={},
     description="Text-prompted image segmentation (CLIPSeg) as an asynchronous job queue.",
-    security_schemes=[SecurityScheme(name="bearer", data=SecuritySchemeData(type="http", scheme="bearer"))],
+    security_schemes=[SecurityScheme(name="bearer", data=SecuritySchemeData(type=SecureType.HTTP, scheme="bearer"))],
     security={"bearer": []}, validation_error_model=Problem,
     naming_strategy=lambda model: model.__name__, nested_naming_strategy=lambda _parent, child: child,
 )

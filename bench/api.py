@@ -31,10 +31,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.db import make_engine, make_session_factory, session_scope  # noqa: E402
-from shared.models import Tenant  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from shared.tenants import create_tenant  # noqa: E402
+from shared.db import make_engine, make_session_factory, session_scope
+from shared.models import Tenant
+from shared.settings import Settings
+from shared.tenants import create_tenant
 
 
 def jpeg(width: int = 96, height: int = 128) -> bytes:
@@ -49,7 +49,7 @@ IMAGE = jpeg()
 
 
 class Serve(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
         self.send_header("Content-Length", str(len(IMAGE)))

@@ -34,9 +34,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.engine import FastEngine, SegmentRequest, load_clipseg  # noqa: E402
-from worker.engine.batcher import DynamicBatcher  # noqa: E402
-from worker.engine.devmodel import write_dev_model  # noqa: E402
+from worker.engine import FastEngine, SegmentRequest, load_clipseg
+from worker.engine.batcher import DynamicBatcher
+from worker.engine.devmodel import write_dev_model
 
 CLOTHES = ["shirt", "pants", "dress", "shoes", "jacket", "skirt", "hat", "bag", "belt", "scarf",
            "sweater", "shorts", "coat", "socks", "gloves", "tie"]

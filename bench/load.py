@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.db import make_engine, make_session_factory, session_scope  # noqa: E402
-from shared.models import Job, Tenant  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from shared.storage import ObjectStorage  # noqa: E402
-from shared.tenants import create_tenant  # noqa: E402
+from shared.db import make_engine, make_session_factory, session_scope
+from shared.models import Job, Tenant
+from shared.settings import Settings
+from shared.storage import ObjectStorage
+from shared.tenants import create_tenant
 
 PROMPTS = ["shirt", "pants", "dress", "shoes", "jacket", "hat", "bag", "belt"]
 

@@ -149,7 +149,8 @@ def _follow(cm: Clipmask, state: dict[str, Any], out: Path, poll_s: float) -> Ba
             if cursor is None:
                 break
         time.sleep(poll_s)
-    manifest = cm.download(batch.results_url, out / "results.jsonl")  # type: ignore[arg-type]
+    assert batch.results_url is not None  # the loop above waits for it
+    manifest = cm.download(batch.results_url, out / "results.jsonl")
     failed = []
     for line in manifest.read_text().splitlines():
         job = Job.from_api(json.loads(line))

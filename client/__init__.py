@@ -70,7 +70,7 @@ class Job:
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Job:
-        fields = {k: data.get(k) for k in cls.__dataclass_fields__ if k not in ("results", "raw")}
+        fields: dict[str, Any] = {k: data.get(k) for k in cls.__dataclass_fields__ if k not in ("results", "raw")}
         return cls(**fields, results=[MaskResult(**r) for r in data.get("results") or []], raw=data)
 
 
@@ -92,7 +92,8 @@ class Batch:
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Batch:
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__ if k != "raw"}, raw=data)
+        fields: dict[str, Any] = {k: data.get(k) for k in cls.__dataclass_fields__ if k != "raw"}
+        return cls(**fields, raw=data)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,8 @@ class WebhookDelivery:
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> WebhookDelivery:
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+        fields: dict[str, Any] = {k: data.get(k) for k in cls.__dataclass_fields__}
+        return cls(**fields)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ class JobEvent(StrEnum):
         return _JOB_EVENT_BY_STATUS.get(status)
 
 
-_JOB_EVENT_BY_STATUS = {
+_JOB_EVENT_BY_STATUS: dict[str, JobEvent] = {
     JobStatus.SUCCEEDED: JobEvent.SUCCEEDED, JobStatus.FAILED: JobEvent.FAILED, JobStatus.CANCELED: JobEvent.CANCELED,
 }
 

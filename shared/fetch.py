@@ -42,7 +42,7 @@ def _resolve_checked(host: str, port: int, allow_private: bool) -> list[tuple]:
         raise ImageFetchFailed(f"invalid host name {host[:100]!r}") from exc
     if not allow_private:
         for info in infos:
-            ip = ipaddress.ip_address(info[4][0].split("%")[0])
+            ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
             if not is_public_address(ip):
                 raise AddressRefused(
                     f"refused to connect to {host!r}: it resolves to {ip}, a non-public address"

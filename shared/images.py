@@ -71,8 +71,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             img.load()
-            img = ImageOps.exif_transpose(img) or img
-            rgb = _to_rgb(img)
+            rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
             rgb.load()
             return rgb
     except (ImageTooLarge, ImageInvalid):

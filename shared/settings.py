@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=15, gt=0)
     # delays before retries 1, 2, ... (the contract's schedule); +-10% jitter is added
     webhook_retry_schedule_s: list[float] = Field(
-        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400])
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0])
     webhook_dispatch_interval_s: float = Field(default=5, gt=0)
 
     retention_days: float = Field(default=30, gt=0)

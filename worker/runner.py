@@ -176,7 +176,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         raise TransientError(exc.message) from exc
     except JobFailure as exc:
         return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message, started=started)
-    except Exception as exc:  # noqa: BLE001 - the one top-level catch: fail the job, keep the worker
+    except Exception as exc:  # the one top-level catch: fail the job, keep the worker
         log.exception("job failed with an unexpected error", extra=ctx)
         return _fail(job, deps=deps, ctx=ctx, code="internal", message=f"{type(exc).__name__}: {exc}",
                      started=started)

@@ -44,7 +44,7 @@ class Hostile(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
+    def do_GET(self) -> None:
         port = self.server.server_address[1]
         path = self.path
         if path == "/ok.jpg":

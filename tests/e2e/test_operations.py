@@ -102,7 +102,7 @@ def test_worker_metrics_after_jobs(client, tenant, image_server, settings, worke
 def test_flower_requires_basic_auth_and_sees_the_worker(settings, worker, tmp_path):
     port = free_port()
     env = {**os.environ, **settings_env(settings)}
-    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115 - closed below
+    log = open(tmp_path / "flower.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", "--address=127.0.0.1",
          f"--port={port}", f"--basic-auth={settings.flower_user}:{settings.flower_password}",
@@ -251,7 +251,7 @@ def test_admin_tenant_and_key_commands(settings, client, make_tenant):
 class SlowImage(BaseHTTPRequestHandler):
     body = make_image(40, 40)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()

@@ -51,7 +51,7 @@ class DynamicBatcher(Generic[Req, Res]):
         self._thread.join(timeout=30)
 
     def _gather(self, first: object) -> tuple[list[tuple[Req, Future[Res]]], bool]:
-        batch = [first]  # type: ignore[list-item]
+        batch: list[object] = [first]
         deadline = time.monotonic() + self.max_wait_s
         stop = False
         while len(batch) < self.max_batch:
@@ -63,7 +63,7 @@ class DynamicBatcher(Generic[Req, Res]):
             if item is _STOP:
                 stop = True
                 break
-            batch.append(item)  # type: ignore[arg-type]
+            batch.append(item)
         return batch, stop  # type: ignore[return-value]
 
     def _loop(self) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 # The checkpoint's preprocessing (its preprocessor_config.json): 352x352, ImageNet mean/std.
 IMAGE_MEAN = [0.485, 0.456, 0.406]
 IMAGE_STD = [0.229, 0.224, 0.225]
 
-SIZES = {
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                      max_position_embeddings=77),
@@ -83,7 +84,9 @@ def write_dev_model(directory: str | Path, *, size: str = "tiny", seed: int = 0)
     vocab_size = build_tokenizer_files(out)
     tokenizer = CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"))
     tokenizer.model_max_length = spec["text"]["max_position_embeddings"]
-    bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    special = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    assert isinstance(special, list)
+    bos, eos = special
 
     image_size = spec["vision"]["image_size"]
     image_processor = pil_image_processor_class()(

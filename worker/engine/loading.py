@@ -90,7 +90,7 @@ def load_clipseg(source: str, *, device: str = "auto", dtype: str = "bf16") -> L
         model = CLIPSegForImageSegmentation.from_pretrained(source, attn_implementation="sdpa", **kwargs)
     except (ValueError, ImportError):
         model = CLIPSegForImageSegmentation.from_pretrained(source, **kwargs)
-    model = model.to(dev).eval()
+    model = model.to(dev).eval()  # type: ignore[arg-type]  # (transformers types .to() for dtypes only)
     processor = load_processor(source)
     where = "directory" if Path(source).is_dir() else "hub"
     log.info("loaded CLIPSeg from %s %s on %s (%s)", where, source, dev, torch_dtype)
