@@ -285,3 +285,34 @@ def test_worker_asked_to_stop_finishes_its_job_first(settings, storage, make_ten
         if proc.poll() is None:
             stop_process(proc)
         server.shutdown()
+
+
+def test_admin_retry_of_a_batch_job_is_a_single_job_the_batch_stays_final(settings, client, tenant, image_server,
+                                                                          worker):
+    ok = image_server.add(f"/ok-{uuid.uuid4().hex[:6]}.jpg", make_image(20, 20))
+    batch = client.post("/v1/batches", json={"prompts": ["a"], "items": [
+        {"image_url": ok}, {"image_url": image_server.base + "/missing.jpg"}]}, headers=tenant.headers).get_json()
+    deadline = time.monotonic() + 60
+    while (done := client.get(f"/v1/batches/{batch['id']}", headers=tenant.headers).get_json())["status"] != \
+            "completed" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert done["counts"] == {"total": 2, "queued": 0, "running": 0, "succeeded": 1, "failed": 1, "canceled": 0}
+    failed = client.get(f"/v1/batches/{batch['id']}/jobs?status=failed", headers=tenant.headers).get_json()["data"]
+
+    retried = lines(clipmask(settings, "jobs", "retry", failed[0]["id"]))
+    new = client.get(f"/v1/jobs/{retried[0]['new_job_id']}", headers=tenant.headers).get_json()
+    assert new["batch_id"] is None and new["input"] == failed[0]["input"]
+    assert client.get(f"/v1/batches/{batch['id']}", headers=tenant.headers).get_json()["counts"] == done["counts"]
+    wait_for_job(client, tenant, new["id"])
+
+
+def test_admin_retry_obeys_the_queued_jobs_cap(settings, client, tenant, sessions):
+    job_id = str(uuid.uuid4())
+    with session_scope(sessions) as session:
+        session.add(Job(id=job_id, tenant_id=tenant.tenant_id, status="failed", input={"image_url": "http://x/y"},
+                        prompts=["a"], threshold=0.4, metadata_={}, results=[],
+                        error={"code": "internal", "message": "boom"}))
+    lines(clipmask(settings, "tenant", "limits", tenant.tenant_id, "--max-queued", "0"))
+    out = clipmask(settings, "jobs", "retry", job_id)
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["refused"] == "too_many_queued_jobs"
