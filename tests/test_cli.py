@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from shared.models import ApiKey
 from shared.tenants import hash_key
-from tests.conftest import ROOT, settings_env
+from tests.support.services import ROOT, settings_env
 
 
 def clipmask(settings, *args: str) -> subprocess.CompletedProcess:

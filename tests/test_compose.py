@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import yaml
 
 from shared.settings import Settings
-from tests.conftest import ROOT
+from tests.support.services import ROOT
+
+pytestmark = pytest.mark.unit  # no Postgres, Redis, S3 or worker process
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from api.schemas import JobObject
-from tests.conftest import make_image
+from tests.support.images import make_image
 
 
 def _post_json(client, tenant, body, **headers):

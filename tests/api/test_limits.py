@@ -9,9 +9,9 @@ from urllib.parse import parse_qs, urlsplit
 from api import create_app
 from shared.db import session_scope
 from shared.models import Job, Tenant
-from tests.api.test_read_jobs import insert_job
-from tests.conftest import free_port
-from tests.e2e.test_operations import clipmask, lines
+from tests.support.api import insert_job
+from tests.support.cli import clipmask, lines
+from tests.support.services import free_port
 
 JOB = {"image_url": "https://example.com/a.jpg", "prompts": ["shirt"]}
 

@@ -7,23 +7,7 @@ import uuid
 
 import pytest
 
-from shared.clock import utcnow
-from shared.db import session_scope
-from shared.enums import FINISHED_JOB
-from shared.models import Job
-
-
-def insert_job(sessions, tenant, *, status="queued", created_at=None, batch_id=None, results=None) -> str:
-    """A job row written directly (no message on the queue), to control its state exactly."""
-    job_id = str(uuid.uuid4())
-    with session_scope(sessions) as session:
-        session.add(Job(
-            id=job_id, tenant_id=tenant.tenant_id, status=status, input={"image_url": "https://x.test/a.jpg"},
-            prompts=["shirt"], threshold=0.4, results=results or [], metadata_={}, batch_id=batch_id,
-            created_at=created_at or utcnow(),
-            finished_at=utcnow() if status in FINISHED_JOB else None,
-        ))
-    return job_id
+from tests.support.api import insert_job
 
 
 def test_get_job_and_404s(client, tenant, sessions):

@@ -18,9 +18,8 @@ from standardwebhooks.webhooks import Webhook
 from api import create_app
 from shared.batches import finalize
 from shared.models import Batch, Job, WebhookDelivery
-from tests.conftest import make_image
-from tests.e2e.test_webhooks import wh_client, wh_settings, wh_worker  # noqa: F401 - fixtures
-from tests.e2e.webhook_receiver import Receiver
+from tests.support.images import make_image
+from tests.support.webhook_receiver import Receiver
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,7 @@ def manifest(batch: dict) -> list[dict]:
     return [json.loads(line) for line in resp.text.splitlines()]
 
 
-def test_json_batch_completes_once_with_counts_manifest_and_events(wh_client, tenant, receiver, image_server):  # noqa: F811
+def test_json_batch_completes_once_with_counts_manifest_and_events(wh_client, tenant, receiver, image_server):
     ok = image_server.add(f"/b-{uuid.uuid4().hex[:6]}.jpg", make_image(48, 32))
     path = f"/batch-{uuid.uuid4().hex[:6]}"
     hook = receiver.url(path)
@@ -91,7 +90,7 @@ def test_json_batch_completes_once_with_counts_manifest_and_events(wh_client, te
     assert len(rows) == 4 and {r["status"] for r in rows} == {"succeeded"}
 
 
-def test_jsonl_and_csv_uploads(wh_client, tenant, image_server):  # noqa: F811
+def test_jsonl_and_csv_uploads(wh_client, tenant, image_server):
     ok = image_server.add(f"/b-{uuid.uuid4().hex[:6]}.jpg", make_image(48, 32))
     jsonl = "\n".join(json.dumps({"image_url": ok, "metadata": {"sku": str(i)}}) for i in range(3)) + "\n"
     resp = wh_client.post("/v1/batches", headers=tenant.headers, content_type="multipart/form-data", data={
@@ -179,7 +178,7 @@ def test_items_go_to_the_bulk_queue_and_cancel_cancels_what_is_left(settings, te
     assert len(page["data"]) == 100 and page["next_cursor"] and {j["status"] for j in page["data"]} == {"canceled"}
 
 
-def test_a_completed_batch_is_not_cancelable(wh_client, tenant, image_server):  # noqa: F811
+def test_a_completed_batch_is_not_cancelable(wh_client, tenant, image_server):
     ok = image_server.add(f"/b-{uuid.uuid4().hex[:6]}.jpg", make_image(32, 32))
     created = wh_client.post("/v1/batches", json={"prompts": ["a"], "items": [{"image_url": ok}]},
                              headers=tenant.headers).get_json()

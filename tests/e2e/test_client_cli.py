@@ -20,7 +20,8 @@ from werkzeug.serving import make_server
 from api import create_app
 from client import Clipmask, ClipmaskError
 from shared.models import Batch
-from tests.conftest import ROOT, make_image
+from tests.support.images import make_image
+from tests.support.services import ROOT
 
 
 @pytest.fixture(scope="module")

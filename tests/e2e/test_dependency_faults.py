@@ -16,7 +16,9 @@ from sqlalchemy import select
 from api import create_app
 from shared.models import Job
 from shared.storage import ObjectStorage
-from tests.conftest import ROOT, free_port, make_image, start_worker, stop_process, wait_for_job
+from tests.support.api import wait_for_job
+from tests.support.images import make_image
+from tests.support.services import ROOT, free_port, start_worker, stop_process
 
 
 def start_s3_server(port: int) -> subprocess.Popen:
@@ -36,7 +38,7 @@ def start_s3_server(port: int) -> subprocess.Popen:
 
 def start_postgres_proxy(port: int) -> subprocess.Popen:
     """A TCP forwarder process to Postgres; killing it makes the database unreachable."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.tcp_proxy", str(port), "127.0.0.1", "5432"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.tcp_proxy", str(port), "127.0.0.1", "5432"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"listening"
     return proc

@@ -15,8 +15,8 @@ import redis
 
 from api import create_app
 from shared.models import Job
-from tests.conftest import ROOT, settings_env, start_worker, stop_process
-from tests.e2e.test_operations import SlowImage
+from tests.support.images import SlowImage
+from tests.support.services import ROOT, settings_env, start_worker, stop_process
 
 
 def reconcile_until_finished(settings, client, tenant, job_id, *, timeout=60) -> dict:
@@ -73,7 +73,7 @@ def test_message_lost_by_redis_the_job_still_completes(settings, storage, make_t
     own = own_settings(settings, "lost")
     tenant = make_tenant()
     client = create_app(own).test_client()
-    from tests.conftest import make_image
+    from tests.support.images import make_image
 
     url = image_server.add(f"/lost-{uuid.uuid4().hex[:6]}.jpg", make_image(30, 30))
     job_id = client.post("/v1/jobs", json={"image_url": url, "prompts": ["a"]}, headers=tenant.headers).get_json()["id"]
@@ -95,7 +95,7 @@ def test_worker_killed_mid_batch_every_job_ends_once_with_one_event_each(setting
     from sqlalchemy import func, select
 
     from shared.models import Batch, WebhookDelivery
-    from tests.e2e.webhook_receiver import Receiver
+    from tests.support.webhook_receiver import Receiver
 
     own = own_settings(settings, "kill9batch")
     own = own.model_copy(update={"bulk_queue": f"{settings.bulk_queue}-kill9", "events_queue":

@@ -21,7 +21,9 @@ import requests
 from PIL import Image
 
 from api import create_app
-from tests.conftest import make_image, start_worker, stop_process, wait_for_job
+from tests.support.api import wait_for_job
+from tests.support.images import make_image
+from tests.support.services import start_worker, stop_process
 
 MIB = 1024 * 1024
 

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,7 +22,10 @@ from shared.clock import utcnow
 from shared.db import session_scope
 from shared.models import Job
 from shared.storage import mask_key, upload_key
-from tests.conftest import ROOT, free_port, make_image, settings_env, start_worker, stop_process, wait_for_job
+from tests.support.api import wait_for_job
+from tests.support.cli import clipmask, lines
+from tests.support.images import SlowImage, make_image
+from tests.support.services import ROOT, free_port, settings_env, start_worker, stop_process
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -37,15 +40,6 @@ def value(metrics: dict, name: str, **labels: str) -> float:
     return metrics.get((name, frozenset(labels.items())), 0.0)
 
 
-def clipmask(settings, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **settings_env(settings)}
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def lines(out: subprocess.CompletedProcess) -> list[dict]:
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
 # ---- metrics ------------------------------------------------------------------------------
@@ -144,16 +138,6 @@ def test_api_logs_carry_job_and_tenant_ids(client, tenant, image_server, caplog)
     assert accepted and accepted[0].job_id == job_id and accepted[0].tenant_id == tenant.tenant_id
 
 
-def test_json_log_format_has_the_context_fields():
-    from shared.logs import JsonFormatter
-
-    record = logging.LogRecord("worker.runner", logging.INFO, __file__, 1, "job succeeded", None, None)
-    record.job_id, record.tenant_id, record.duration_ms = "j1", "t1", 12
-    line = json.loads(JsonFormatter().format(record))
-    assert line["job_id"] == "j1" and line["tenant_id"] == "t1" and line["duration_ms"] == 12
-    assert line["level"] == "INFO" and line["msg"] == "job succeeded" and line["ts"].endswith("Z")
-
-
 # ---- retention ----------------------------------------------------------------------------
 
 def old_job(sessions, storage, tenant, *, days_old: float, status: str) -> tuple[str, list[str]]:
@@ -248,20 +232,6 @@ def test_admin_tenant_and_key_commands(settings, client, make_tenant):
 
 # ---- graceful shutdown --------------------------------------------------------------------
 
-class SlowImage(BaseHTTPRequestHandler):
-    body = make_image(40, 40)
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        for start in range(0, len(self.body), len(self.body) // 8 + 1):  # about 2 s in all
-            self.wfile.write(self.body[start : start + len(self.body) // 8 + 1])
-            self.wfile.flush()
-            time.sleep(0.25)
-
-    def log_message(self, *args) -> None:
-        pass
 
 
 def test_worker_asked_to_stop_finishes_its_job_first(settings, storage, make_tenant, tmp_path):

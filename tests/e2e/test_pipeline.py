@@ -11,7 +11,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import make_image, wait_for_job
+from tests.support.api import wait_for_job
+from tests.support.images import make_image
 
 pytestmark = pytest.mark.usefixtures("worker")
 

@@ -10,29 +10,11 @@ import uuid
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from api import create_app
 from shared.fetch import FetchPolicy
 from shared.webhooks import send
-from tests.conftest import make_image, start_worker, stop_process, wait_for_job
-from tests.e2e.webhook_receiver import Receiver
-
-
-@pytest.fixture(scope="module")
-def wh_settings(settings):
-    suffix = "wh"
-    return settings.model_copy(update={
-        "interactive_queue": f"{settings.interactive_queue}-{suffix}", "bulk_queue": f"{settings.bulk_queue}-{suffix}",
-        "events_queue": f"{settings.events_queue}-{suffix}", "worker_metrics_port": 0,
-        "webhook_retry_schedule_s": [1.0, 1.0, 1.0], "webhook_dispatch_interval_s": 0.5, "webhook_timeout_s": 5,
-    })
-
-
-@pytest.fixture(scope="module")
-def wh_worker(wh_settings, storage, tmp_path_factory):
-    proc = start_worker(wh_settings, tmp_path_factory.mktemp("wh") / "worker.log",
-                        name=f"wh-{uuid.uuid4().hex[:6]}", beat=True)
-    yield proc
-    stop_process(proc)
+from tests.support.api import wait_for_job
+from tests.support.images import make_image
+from tests.support.webhook_receiver import Receiver
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +24,6 @@ def receiver():
     rec.httpd.shutdown()
 
 
-@pytest.fixture()
-def wh_client(wh_settings, wh_worker):
-    return create_app(wh_settings).test_client()
 
 
 def verify(tenant, request) -> dict:

@@ -14,7 +14,9 @@ from PIL import Image
 from shared.errors import ImageFetchFailed, ImageInvalid, ImageTooLarge
 from shared.fetch import AddressRefused, FetchPolicy, fetch_image_bytes
 from shared.images import decode_image, sniff
-from tests.conftest import make_image
+from tests.support.images import make_image
+
+pytestmark = pytest.mark.unit  # no Postgres, Redis, S3 or worker process
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

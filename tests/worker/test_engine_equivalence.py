@@ -20,6 +20,8 @@ from PIL import Image
 from worker.engine import FastEngine, SegmentRequest, StockEngine, load_clipseg
 from worker.engine.batcher import DynamicBatcher
 
+pytestmark = pytest.mark.unit  # no Postgres, Redis, S3 or worker process
+
 PIXEL_TOL = 1e-4
 IMAGE_MAX_TOL = 0.08
 IMAGE_MEAN_TOL = 0.01

@@ -15,7 +15,7 @@ from shared.errors import StorageFailed
 from shared.models import Job
 from shared.queue import make_celery
 from shared.storage import mask_key, upload_key
-from tests.conftest import make_image
+from tests.support.images import make_image
 from worker.bootstrap import build_deps
 from worker.runner import TransientError, run_job
 

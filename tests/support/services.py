@@ -1,0 +1,76 @@
+"""Real processes for tests: free ports, settings as environment variables, Celery worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as CLIPMASK_* variables, for subprocesses (worker, CLI)."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, list | dict):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f"CLIPMASK_{name.upper()}"] = text
+    return env
+
+
+
+def worker_queues(settings: Settings) -> list[str]:
+    return [settings.interactive_queue, settings.bulk_queue, settings.events_queue]
+
+
+def start_worker(settings: Settings, log_path: Path, *, name: str, beat: bool = False) -> subprocess.Popen:
+    """Start `celery worker` with these settings and return once it says it is ready.
+
+    `beat`: embed the periodic scheduler (webhook retries, reconciler), as `celery beat` would run.
+    """
+    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
+    extra = ["-B", "-s", str(log_path.with_suffix(".beat"))] if beat else []
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "threads",
+             "--concurrency", "4", "-Q", ",".join(worker_queues(settings)), "-n", f"{name}@%h",
+             "--loglevel", "INFO", "--without-mingle", "--without-gossip", "-E", *extra],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.monotonic() + 90
+    while b" ready." not in log_path.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM the process group (Celery's warm shutdown), SIGKILL if it outstays `timeout`."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
