@@ -8,14 +8,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+# Passwords that ship in this repository's defaults and examples: fine on a laptop, never elsewhere.
+UNSAFE_PASSWORDS = frozenset({"", "change-me", "change-me-please", "changethis", "admin", "password"})
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLIPMASK_", extra="ignore")
+
+    # "development" (the native stack, tests) accepts the repository's default secrets; anything
+    # else refuses to start with them (compose runs "production").
+    environment: Literal["development", "production"] = "development"
 
     # --- storage of record and queue -------------------------------------------------------
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/clipmask"
@@ -107,3 +113,11 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30, gt=0)
     retention_interval_s: float = Field(default=3600, gt=0)
     retention_chunk: int = Field(default=500, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Settings:
+        if self.environment != "development" and self.flower_password in UNSAFE_PASSWORDS:
+            raise ValueError(
+                "CLIPMASK_FLOWER_PASSWORD is a default or empty; outside development (CLIPMASK_ENVIRONMENT="
+                f"{self.environment}) set a password of your own for the Flower dashboard")
+        return self
