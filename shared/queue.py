@@ -10,9 +10,11 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
+import redis
 from celery import Celery
 
 from shared.settings import Settings
@@ -121,3 +123,77 @@ def _task_message(job_id: str, queue: str, *, origin: str, reply_to: str) -> str
             "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
         },
     })
+
+
+# ---- what the broker holds (for the reconciler) ------------------------------------------------
+
+# kombu's Redis transport: one list per queue and priority step (priority 0 is the plain name),
+# and every delivered-but-unacknowledged message in the `unacked` hash as [message, exchange, queue].
+PRIORITY_LISTS = ("", *(f"\x06\x16{step}" for step in (3, 6, 9)))
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"  # delivery tag -> when it was delivered (unix seconds)
+SCAN_CHUNK = 5000
+
+
+def segment_job_id(message: dict[str, Any]) -> str | None:
+    """The job id a segment-task message carries (protocol 2, base64 JSON body), else None."""
+    try:
+        if message.get("headers", {}).get("task") != SEGMENT_TASK:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0]) if args else None
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+class BrokerView:
+    """Read-only look at what the Redis broker holds per queue (with the deployment's key prefix).
+
+    An unacknowledged message counts as held only if it was delivered less than `unacked_within_s`
+    ago: a worker that died keeps its prefetched messages in `unacked` until the visibility timeout
+    (an hour), and their jobs would wait that long; a live worker marks a job running at once.
+    """
+
+    def __init__(self, settings: Settings, *, unacked_within_s: float) -> None:
+        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=3)
+        self.prefix = settings.redis_key_prefix
+        self.unacked_within_s = unacked_within_s
+
+    def _unacked(self, queue: str) -> list[dict[str, Any]]:
+        index: list[tuple[Any, float]] = self.client.zrange(self.prefix + UNACKED_INDEX_KEY, 0, -1,
+                                                            withscores=True)  # type: ignore[assignment]
+        delivered: dict[Any, float] = dict(index)
+        since = time.time() - self.unacked_within_s
+        held = []
+        for tag, raw in self.client.hgetall(self.prefix + UNACKED_KEY).items():
+            if delivered.get(tag, 0.0) < since:
+                continue
+            try:
+                message, _exchange, routing_key = json.loads(raw)
+            except (TypeError, ValueError):
+                continue
+            if routing_key == queue and isinstance(message, dict):
+                held.append(message)
+        return held
+
+    def count(self, queue: str) -> int:
+        """Messages held for `queue`: ready in its lists, or delivered and not yet acknowledged."""
+        ready = sum(int(self.client.llen(self.prefix + queue + suffix)) for suffix in PRIORITY_LISTS)
+        return ready + len(self._unacked(queue))
+
+    def job_ids(self, queue: str) -> set[str]:
+        """The job ids of every segment message held for `queue` (a full scan, in chunks: use rarely)."""
+        messages: list[dict[str, Any]] = self._unacked(queue)
+        for suffix in PRIORITY_LISTS:
+            key, start = self.prefix + queue + suffix, 0
+            while chunk := self.client.lrange(key, start, start + SCAN_CHUNK - 1):
+                for raw in chunk:
+                    try:
+                        messages.append(json.loads(raw))
+                    except ValueError:
+                        continue
+                start += len(chunk)
+        return {job_id for message in messages if (job_id := segment_job_id(message))}

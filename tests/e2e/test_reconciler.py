@@ -1,0 +1,73 @@
+"""The reconciler against a real Redis and worker: a backlog is not re-enqueued (no flood), a lost
+queue is, and every job still runs exactly once."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import redis
+from sqlalchemy import select
+
+from api import create_app
+from shared.models import Job
+from shared.queue import make_celery
+from shared.reconcile import reconcile_from_settings
+from tests.support.images import make_image
+from tests.support.services import start_worker, stop_process
+
+ITEMS = 2000
+THRESHOLD_S = 5.0
+
+
+def test_a_backlog_is_not_flooded_and_a_deleted_queue_is_recovered_exactly_once(
+        settings, storage, sessions, make_tenant, image_server, tmp_path, capsys):
+    suffix = f"rec-{uuid.uuid4().hex[:6]}"
+    own = settings.model_copy(update={
+        "interactive_queue": f"{settings.interactive_queue}-{suffix}", "bulk_queue": f"{settings.bulk_queue}-{suffix}",
+        "events_queue": f"{settings.events_queue}-{suffix}", "worker_metrics_port": 0,
+        "reconcile_queued_after_s": THRESHOLD_S, "max_batch_images": 32})
+    tenant = make_tenant()
+    client = create_app(own).test_client()
+    celery = make_celery(own)
+    broker = redis.Redis.from_url(own.redis_url)
+    bulk = own.redis_key_prefix + own.bulk_queue
+    url = image_server.add(f"/{suffix}.jpg", make_image(32, 24))
+    batch = client.post("/v1/batches", json={"prompts": ["shirt"], "items": [{"image_url": url}] * ITEMS},
+                        headers=tenant.headers)
+    assert batch.status_code == 202
+    batch_id = batch.get_json()["id"]
+    assert broker.llen(bulk) == ITEMS
+
+    def reconcile_and_measure() -> int:
+        reconcile_from_settings(own, sessions=sessions, celery=celery)
+        return int(broker.llen(bulk))
+
+    # No worker: every job is older than the threshold after 5 s; a minute of runs adds nothing.
+    lengths = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        lengths.append(reconcile_and_measure())
+        time.sleep(2)
+    assert max(lengths) == ITEMS, lengths
+
+    broker.delete(bulk)  # what FLUSHALL or a restart without persistence does to the queue
+    lengths = [reconcile_and_measure(), reconcile_and_measure()]  # the run's bound is 1000 jobs
+    assert lengths[-1] == ITEMS, lengths
+
+    worker = start_worker(own, tmp_path / "worker.log", name=f"{suffix}@drain")
+    try:
+        deadline = time.monotonic() + 240
+        while (counts := client.get(f"/v1/batches/{batch_id}", headers=tenant.headers).get_json()["counts"]
+               )["succeeded"] < ITEMS:
+            assert time.monotonic() < deadline, counts
+            lengths.append(reconcile_and_measure())
+            time.sleep(2)
+    finally:
+        stop_process(worker)
+    assert max(lengths) <= ITEMS, lengths
+    with sessions() as session:
+        attempts = session.execute(select(Job.attempts).where(Job.batch_id == batch_id)).scalars().all()
+    assert len(attempts) == ITEMS and set(attempts) == {1}, sorted(set(attempts))  # each taken exactly once
+    with capsys.disabled():
+        print(f"\n[reconciler] bulk queue length while waiting: max {ITEMS}; while draining: {lengths}")
