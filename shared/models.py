@@ -21,6 +21,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from shared.enums import UNFINISHED_JOB, BatchStatus, DeliveryStatus, JobStatus
+
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 NAMING = {
@@ -71,7 +73,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -100,7 +102,7 @@ class Job(Base):
         Index("ix_jobs_tenant_created", "tenant_id", created_at.desc(), id.desc()),
         Index("ix_jobs_tenant_status_created", "tenant_id", "status", created_at.desc(), id.desc()),
         Index("ix_jobs_tenant_batch_created", "tenant_id", "batch_id", created_at.desc(), id.desc()),
-        Index("ix_jobs_unfinished", "status", "lease_expires_at", postgresql_where=status.in_(["queued", "running"])),
+        Index("ix_jobs_unfinished", "status", "lease_expires_at", postgresql_where=status.in_(UNFINISHED_JOB)),
         Index("ix_jobs_batch_status", "batch_id", "status", postgresql_where=batch_id.isnot(None)),
     )
 
@@ -132,7 +134,7 @@ class Batch(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(16), default="running")  # running, completed, canceled
+    status: Mapped[str] = mapped_column(String(16), default=BatchStatus.RUNNING)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     total: Mapped[int] = mapped_column(Integer)
@@ -142,7 +144,7 @@ class Batch(Base):
 
     __table_args__ = (
         Index("ix_batches_tenant_created", "tenant_id", created_at.desc(), id.desc()),
-        Index("ix_batches_running", "status", postgresql_where=status == "running"),
+        Index("ix_batches_running", "status", postgresql_where=status == BatchStatus.RUNNING),
     )
 
 
@@ -162,7 +164,7 @@ class WebhookDelivery(Base):
     batch_id: Mapped[str | None] = mapped_column(String(64))
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending, succeeded, failed
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -174,5 +176,5 @@ class WebhookDelivery(Base):
         Index("ix_deliveries_tenant_created", "tenant_id", created_at.desc(), id.desc()),
         Index("ix_deliveries_tenant_job", "tenant_id", "job_id"),
         Index("ix_deliveries_tenant_batch", "tenant_id", "batch_id"),
-        Index("ix_deliveries_due", "next_attempt_at", postgresql_where=status == "pending"),
+        Index("ix_deliveries_due", "next_attempt_at", postgresql_where=status == DeliveryStatus.PENDING),
     )
