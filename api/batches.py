@@ -24,9 +24,19 @@ from api.idempotency import ACCEPTED_HEADERS, fingerprint, idempotency, respond
 from api.jobs import job_spec
 from api.openapi import Answers, spec
 from api.pagination import page
-from api.parsing import form_fields, is_json_request, is_multipart_request, json_body, parse_status
+from api.parsing import (
+    form_fields,
+    is_json_request,
+    is_multipart_request,
+    json_body,
+    loads,
+    parse_status,
+    refuse_unstorable,
+    refuse_unstorable_ids,
+)
 from api.problems import ApiProblem
 from api.schemas import (
+    FIELD_CODES,
     BatchCreate,
     BatchCreateMultipart,
     BatchJobsQuery,
@@ -49,8 +59,10 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 bp.before_request(require_tenant)
+bp.before_request(refuse_unstorable_ids)
 
 ITEM_FIELDS = ("image_url", "prompts", "threshold", "metadata")
+BATCH_CODES = {**FIELD_CODES, "items": "invalid_batch_item"}
 
 
 def _item_problem(index: int, field: str, message: str) -> ApiProblem:
@@ -65,7 +77,7 @@ def _parse_jsonl(text: str) -> list[Any]:
         if not line.strip():
             continue
         try:
-            items.append(json.loads(line))
+            items.append(loads(line))
         except (json.JSONDecodeError, RecursionError) as exc:
             raise _item_problem(len(items), "", f"line {number + 1} is not valid JSON") from exc
     return items
@@ -111,7 +123,7 @@ def _parse_file(upload: FileStorage) -> list[Any]:
 def _parse_request() -> tuple[BatchCreate, list[Any], str]:
     """(batch-level fields, raw items, request fingerprint)."""
     if is_json_request():
-        body = json_body()
+        body = json_body(BATCH_CODES)
         items = body.pop("items", None)
         if not isinstance(items, list):
             raise ApiProblem(422, "invalid_items", "items must be a list of item objects (or upload a file part).",
@@ -126,7 +138,7 @@ def _parse_request() -> tuple[BatchCreate, list[Any], str]:
         if upload is None:
             raise ApiProblem(422, "invalid_items", "The multipart body needs a file part named 'items'.",
                              errors=[{"field": "items", "message": "required"}])
-        form = form_fields(request.form)
+        form = form_fields(request.form, BATCH_CODES)
         try:
             fields = BatchCreate.model_validate(form)
         except ValidationError as exc:
@@ -134,7 +146,9 @@ def _parse_request() -> tuple[BatchCreate, list[Any], str]:
         data = upload.read()
         upload.stream.seek(0)
         digest = hashlib.sha256(data).hexdigest()
-        return fields, _parse_file(upload), fingerprint({**form, "items": digest})
+        items = _parse_file(upload)
+        refuse_unstorable(items, BATCH_CODES, prefix="items")
+        return fields, items, fingerprint({**form, "items": digest})
     raise ApiProblem(415, "unsupported_media_type", "Send application/json or multipart/form-data (file part 'items').")
 
 

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from api.auth import current_tenant, require_tenant
 from api.openapi import Answers, spec
 from api.pagination import page
-from api.parsing import parse_status
+from api.parsing import parse_status, refuse_unstorable_ids
 from api.problems import ApiProblem
 from api.schemas import DeliveryListQuery, WebhookDeliveryList, WebhookDeliveryObject
 from api.services import db, services
@@ -20,6 +20,7 @@ from shared.webhooks import retry_now
 
 bp = Blueprint("deliveries", __name__, url_prefix="/v1/webhook-deliveries")
 bp.before_request(require_tenant)
+bp.before_request(refuse_unstorable_ids)
 
 
 @bp.get("")

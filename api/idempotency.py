@@ -13,6 +13,7 @@ from typing import Any
 from flask import Response, jsonify, request
 
 from api.openapi import LOCATION, REPLAYED
+from api.parsing import text_ok
 from api.problems import ApiProblem
 from shared.submit import Accepted, Idempotency
 
@@ -26,8 +27,9 @@ def idempotency(route: str, request_hash: str) -> Idempotency | None:
     if key is None:
         return None
     key = key.strip()
-    if not key or len(key) > MAX_KEY_LENGTH:
-        raise ApiProblem(400, "invalid_idempotency_key", f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters.")
+    if not key or len(key) > MAX_KEY_LENGTH or not text_ok(key):
+        raise ApiProblem(400, "invalid_idempotency_key",
+                         f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters, without NUL.")
     return Idempotency(key=key, route=route, fingerprint=request_hash)
 
 

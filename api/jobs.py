@@ -23,9 +23,12 @@ from api.parsing import (
     is_multipart_request,
     json_body,
     parse_status,
+    refuse_unstorable_ids,
+    text_ok,
 )
 from api.problems import ApiProblem
 from api.schemas import (
+    FIELD_CODES,
     IdempotencyHeader,
     JobCreateJson,
     JobCreateMultipart,
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(require_tenant)
+bp.before_request(refuse_unstorable_ids)
 
 
 def job_spec(params: JobParams, *, input: dict[str, Any], image: bytes | None = None,
@@ -59,7 +63,7 @@ def job_spec(params: JobParams, *, input: dict[str, Any], image: bytes | None = 
 
 def _parse_json() -> tuple[JobSpec, str, str]:
     """(spec, request fingerprint, source label) of a JSON body."""
-    body = json_body()
+    body = json_body(FIELD_CODES)
     try:
         parsed = JobCreateJson.model_validate(body)
     except ValidationError as exc:
@@ -84,7 +88,10 @@ def _parse_multipart() -> tuple[JobSpec, str, str]:
     if upload is None:
         raise ApiProblem(422, "missing_image", "The multipart body needs a file part named 'image'.",
                          errors=[{"field": "image", "message": "required"}])
-    fields = form_fields(request.form)
+    fields = form_fields(request.form, FIELD_CODES)
+    if upload.filename and not text_ok(upload.filename):
+        raise ApiProblem(422, "invalid_filename", "The image's filename holds a NUL character or a lone surrogate.",
+                         errors=[{"field": "image", "message": "filename not storable"}])
     extra_files = [name for name in request.files if name != "image"]
     if extra_files:
         raise ApiProblem(422, "unknown_field", f"Unexpected file parts: {', '.join(extra_files)}.",

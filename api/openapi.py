@@ -43,8 +43,9 @@ ERROR_CODES = {
     415: "unsupported_media_type, unsupported_image_type",
     422: "invalid_prompts, invalid_threshold, invalid_webhook_url, invalid_webhook_events, invalid_metadata, "
     "invalid_image_url, invalid_image_base64, missing_image, multiple_images, empty_image, unknown_field, "
-    "invalid_limit, invalid_status, invalid_request, invalid_items, invalid_batch_item (errors[0].field names "
-    "the item: items[17].image_url)",
+    "invalid_filename, invalid_limit, invalid_status, invalid_job_id, invalid_batch_id, invalid_request, "
+    "invalid_items, invalid_batch_item (errors[0].field names the item: items[17].image_url). Text with a NUL "
+    "character or a lone surrogate gets its field's code",
     429: "rate_limited, too_many_queued_jobs",
     503: "dependency_unavailable",
 }

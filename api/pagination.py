@@ -13,6 +13,7 @@ from flask import request
 from sqlalchemy import Select, tuple_
 from sqlalchemy.orm import Session
 
+from api.parsing import text_ok
 from api.problems import ApiProblem
 
 MAX_LIMIT = 100
@@ -29,7 +30,9 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, last_id = json.loads(raw)
-        return dt.datetime.fromisoformat(created), str(last_id)
+        if not (isinstance(last_id, str) and text_ok(last_id)):
+            raise ValueError("not an id")
+        return dt.datetime.fromisoformat(created), last_id
     except (ValueError, TypeError, binascii.Error) as exc:
         raise ApiProblem(400, "invalid_cursor", "The cursor is not one this API returned.",
                          errors=[{"field": "cursor", "message": "invalid"}]) from exc
@@ -38,7 +41,7 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
 def parse_limit() -> int:
     """`limit`: ASCII digits only (str.isdigit() also takes '²', which int() refuses), 1 to 100."""
     raw = request.args.get("limit", str(DEFAULT_LIMIT))
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 3) or not 1 <= int(raw) <= MAX_LIMIT:
         raise ApiProblem(422, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}.",
                          errors=[{"field": "limit", "message": f"1 to {MAX_LIMIT}"}])
     return int(raw)

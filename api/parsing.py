@@ -16,6 +16,9 @@ from api.problems import ApiProblem
 from shared.images import sniff
 
 DATA_URI = re.compile(r"^data:(?P<type>[\w/+.-]*)(;[\w=-]+)*;base64,", re.IGNORECASE)
+# Postgres stores neither NUL in text/jsonb nor lone UTF-16 surrogates (they don't encode as UTF-8).
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+MAX_INT_DIGITS = 4000  # below Python's 4,300-digit limit on int(str); longer integers parse as float (inf)
 LIST_FIELDS = frozenset({"prompts", "webhook_events"})
 JSON_FIELDS = {"metadata": "invalid_metadata"}  # form fields that hold a JSON string -> their error code
 
@@ -29,11 +32,57 @@ def is_multipart_request() -> bool:
     return request.mimetype == "multipart/form-data"
 
 
-def json_body() -> dict[str, Any]:
-    """The body as a JSON object, or 400 `malformed_json` / `invalid_body`."""
+def _parse_int(digits: str) -> int | float:
+    return int(digits) if len(digits) <= MAX_INT_DIGITS else float(digits)
+
+
+def loads(raw: str | bytes) -> Any:
+    """json.loads, except that a 5,000-digit integer is a (huge) number, not a ValueError."""
+    return json.loads(raw, parse_int=_parse_int)
+
+
+def unstorable_path(value: Any, path: str = "") -> str | None:
+    """The path (`prompts[0]`, `metadata.sku`) of the first string, or key, Postgres can't store."""
+    if isinstance(value, str):
+        return path if UNSTORABLE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and UNSTORABLE.search(key):
+                return here.encode("unicode_escape").decode()
+            found = unstorable_path(item, here)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = unstorable_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def refuse_unstorable(value: Any, codes: dict[str, str], *, default: str = "invalid_request",
+                      prefix: str = "") -> None:
+    """422 with the field's code if any string in `value` holds NUL or a lone surrogate."""
+    path = unstorable_path(value, prefix)
+    if path is None:
+        return
+    top = re.split(r"[.\[]", path, maxsplit=1)[0]
+    raise ApiProblem(422, codes.get(top, default), f"{path} holds a NUL character or a lone surrogate, "
+                     "which can't be stored; send valid Unicode text.",
+                     errors=[{"field": path, "message": "NUL or lone surrogate"}])
+
+
+def text_ok(value: str) -> bool:
+    return UNSTORABLE.search(value) is None
+
+
+def json_body(codes: dict[str, str]) -> dict[str, Any]:
+    """The body as a JSON object, or 400 `malformed_json` / `invalid_body`; 422 with the field's code
+    (`codes`: top-level field -> code) for text Postgres can't store."""
     raw = request.get_data(cache=False)
     try:
-        body = json.loads(raw)
+        body = loads(raw)
     except UnicodeDecodeError as exc:
         raise ApiProblem(400, "malformed_json", "The body is not valid UTF-8.") from exc
     except json.JSONDecodeError as exc:
@@ -42,10 +91,11 @@ def json_body() -> dict[str, Any]:
         raise ApiProblem(400, "malformed_json", "The JSON body is nested too deeply.") from exc
     if not isinstance(body, dict):
         raise ApiProblem(400, "invalid_body", "The JSON body must be an object.")
+    refuse_unstorable(body, codes)
     return body
 
 
-def form_fields(form: MultiDict[str, str]) -> dict[str, Any]:
+def form_fields(form: MultiDict[str, str], codes: dict[str, str]) -> dict[str, Any]:
     """Multipart form fields as the JSON body would hold them: list fields repeat, metadata is JSON."""
     fields: dict[str, Any] = {}
     for name in form:
@@ -54,12 +104,13 @@ def form_fields(form: MultiDict[str, str]) -> dict[str, Any]:
             fields[name] = values
         elif name in JSON_FIELDS:
             try:
-                fields[name] = json.loads(values[-1])
+                fields[name] = loads(values[-1])
             except (json.JSONDecodeError, RecursionError) as exc:
                 raise ApiProblem(422, JSON_FIELDS[name], f"{name} must be a JSON object string.",
                                  errors=[{"field": name, "message": "not valid JSON"}]) from exc
         else:
             fields[name] = values[-1]
+    refuse_unstorable(fields, codes)  # after parsing: a JSON string may spell NUL as \u0000
     return fields
 
 
@@ -99,3 +150,19 @@ def parse_status(allowed: Iterable[str]) -> list[str]:
         raise ApiProblem(422, "invalid_status", f"Unknown status {bad[0]!r}; one of {', '.join(known)}.",
                          errors=[{"field": "status", "message": "unknown status"}])
     return wanted
+
+
+FILTER_CODES = {"job_id": "invalid_job_id", "batch_id": "invalid_batch_id"}
+
+
+def refuse_unstorable_ids() -> None:
+    """before_request (after auth): an id in the path that can't be stored can't exist (404); a filter
+    in the query that can't be stored is refused with its code (422). Neither reaches Postgres."""
+    for value in (request.view_args or {}).values():
+        if isinstance(value, str) and not text_ok(value):
+            raise ApiProblem(404, "not_found", "No such resource: the id holds a NUL character or a lone surrogate.")
+    for name, code in FILTER_CODES.items():
+        for value in request.args.getlist(name):
+            if not text_ok(value):
+                raise ApiProblem(422, code, f"{name} holds a NUL character or a lone surrogate.",
+                                 errors=[{"field": name, "message": "NUL or lone surrogate"}])

@@ -176,7 +176,7 @@ def fetch_image_bytes(url: str, policy: FetchPolicy) -> Fetched:
                 if resp.status != 200:
                     raise ImageFetchFailed(f"the image URL answered HTTP {resp.status}")
                 declared = resp.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+                if declared and declared.isascii() and declared.isdigit() and int(declared) > policy.max_bytes:
                     raise ImageFetchFailed(f"the image is larger than {policy.max_bytes} bytes")
                 chunks: list[bytes] = []
                 size = 0

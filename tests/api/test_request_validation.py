@@ -12,7 +12,7 @@ from api.batches import _parse_csv, _validate_items
 from api.pagination import parse_limit
 from api.parsing import decode_base64_image, form_fields
 from api.problems import ApiProblem
-from api.schemas import BatchCreate, JobParams, validation_problem
+from api.schemas import FIELD_CODES, BatchCreate, JobParams, validation_problem
 from shared.enums import JobEvent
 
 pytestmark = pytest.mark.unit
@@ -91,9 +91,9 @@ def test_csv_columns_become_items():
 
 def test_multipart_fields_repeat_lists_and_parse_metadata_json():
     form = MultiDict([("prompts", "shirt"), ("prompts", "pants"), ("metadata", '{"sku": "1"}'), ("threshold", "0.3")])
-    assert form_fields(form) == {"prompts": ["shirt", "pants"], "metadata": {"sku": "1"}, "threshold": "0.3"}
+    assert form_fields(form, FIELD_CODES) == {"prompts": ["shirt", "pants"], "metadata": {"sku": "1"}, "threshold": "0.3"}
     with pytest.raises(ApiProblem) as info:
-        form_fields(MultiDict([("metadata", "{not json")]))
+        form_fields(MultiDict([("metadata", "{not json")]), FIELD_CODES)
     assert info.value.code == "invalid_metadata"
 
 
