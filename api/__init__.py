@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from api import batches, deliveries, health, jobs, metrics, openapi
+from api.body import DrainUnreadBody
 from api.problems import register_error_handlers
 from api.services import Services, close_db
 from shared.settings import Settings
@@ -23,4 +24,6 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     metrics.install(app)
     for module in (health, jobs, batches, deliveries, metrics, openapi):
         app.register_blueprint(module.bp)
+    # answers given before the body was read (413, 401) reach clients that write it all first
+    app.wsgi_app = DrainUnreadBody(app.wsgi_app, limit=settings.drain_body_bytes)  # type: ignore[method-assign]
     return app

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
 
     # --- limits ------------------------------------------------------------------------------
     max_body_bytes: int = 25 * MIB
+    # An answer given before the body was read (413, 401) first reads and discards up to this much
+    # of it, so clients that send the whole body before reading (urllib, requests, httpx) see it.
+    drain_body_bytes: int = Field(default=256 * MIB, ge=0)
     max_fetch_bytes: int = 25 * MIB
     max_image_pixels: int = 50_000_000
 

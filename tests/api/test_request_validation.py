@@ -91,7 +91,8 @@ def test_csv_columns_become_items():
 
 def test_multipart_fields_repeat_lists_and_parse_metadata_json():
     form = MultiDict([("prompts", "shirt"), ("prompts", "pants"), ("metadata", '{"sku": "1"}'), ("threshold", "0.3")])
-    assert form_fields(form, FIELD_CODES) == {"prompts": ["shirt", "pants"], "metadata": {"sku": "1"}, "threshold": "0.3"}
+    assert form_fields(form, FIELD_CODES) == {"prompts": ["shirt", "pants"], "metadata": {"sku": "1"},
+                                              "threshold": "0.3"}
     with pytest.raises(ApiProblem) as info:
         form_fields(MultiDict([("metadata", "{not json")]), FIELD_CODES)
     assert info.value.code == "invalid_metadata"
