@@ -25,7 +25,7 @@ BIG = 40 * 1024 * 1024  # the limit is 25 MiB
 @pytest.fixture(scope="module")
 def gunicorn_api(settings, storage, tmp_path_factory):
     port = free_port()
-    log = open(tmp_path_factory.mktemp("gunicorn") / "api.log", "wb")  # noqa: SIM115 - closed below
+    log = open(tmp_path_factory.mktemp("gunicorn") / "api.log", "wb")  # closed at teardown
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:api.gunicorn_conf", "--workers", "2",
                              "--bind", f"127.0.0.1:{port}", "api.wsgi:app"],
                             cwd=ROOT, env={**os.environ, **settings_env(settings)}, stdout=log, stderr=log)
