@@ -3,7 +3,10 @@
 `POST /v1/jobs`, `POST /v1/batches` and `clipmask jobs retry` all submit through `Submitter`;
 they only parse what they were given into `JobSpec`s. The steps, in this order:
 1. An Idempotency-Key seen before replays its first answer (another body: IdempotencyKeyReused).
-2. The tenant's cap on queued jobs (QueueFull). A limit of 0 means 0.
+2. The tenant's cap on queued jobs (QueueFull). A limit of 0 means 0. Near the cap (within
+   CAP_SLACK jobs) and for every batch, the count and the insert are serialized per tenant by a
+   transaction-scoped advisory lock, so concurrent creates can't pass it together; far from it,
+   single jobs skip the lock (over CAP_SLACK creates would have to be in flight at once).
 3. Uploads go to object storage, then the rows (job, or batch and jobs) and the key's record are
    written and committed together. If a concurrent request with the same key committed first,
    the unique key makes ours fail: its uploads are deleted and its answer is the winner's.
@@ -37,6 +40,8 @@ from shared.settings import Settings
 from shared.storage import ObjectStorage, upload_key
 
 log = logging.getLogger(__name__)
+
+CAP_SLACK = 1000
 
 
 @dataclass(frozen=True)
@@ -171,8 +176,12 @@ class Submitter:
             replayed = self._replay(session, tenant, idempotency)
             if replayed is not None:
                 return replayed
-        self._check_cap(session, tenant, adding)
+        near_cap = self._check_cap(session, tenant, adding)
         session.rollback()  # no transaction held open while uploads go to storage
+        if near_cap:
+            # held until this transaction commits: the recount sees every create committed before
+            session.execute(select(func.pg_advisory_xact_lock(func.hashtext("clipmask.cap:" + tenant.id))))
+            self._check_cap(session, tenant, adding)
         staged = stage(session)
         headers = {"Location": staged.location}
         if idempotency is not None:
@@ -213,12 +222,14 @@ class Submitter:
             raise IdempotencyKeyReused()
         return Accepted(row.status_code, dict(row.response_body), dict(row.headers or {}), replayed=True)
 
-    def _check_cap(self, session: Session, tenant: Tenant, adding: int) -> None:
+    def _check_cap(self, session: Session, tenant: Tenant, adding: int) -> bool:
+        """QueueFull if `adding` more would pass the cap; else whether to recheck under the lock."""
         cap = tenant.max_queued_jobs if tenant.max_queued_jobs is not None else self.policy.max_queued_jobs
         queued = session.execute(select(func.count()).select_from(Job).where(
             Job.tenant_id == tenant.id, Job.status == JobStatus.QUEUED)).scalar_one()
         if queued + adding > cap:
             raise QueueFull(queued=queued, cap=cap, adding=adding)
+        return adding > 1 or queued + adding + CAP_SLACK > cap
 
     def _withdraw(self, session: Session, tenant: Tenant, idempotency: Idempotency | None, staged: _Staged,
                   exc: Exception) -> None:

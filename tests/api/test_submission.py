@@ -61,3 +61,15 @@ def test_a_queued_jobs_limit_of_zero_means_zero(client, tenant, sessions):
                        headers=tenant.headers)
     assert resp.status_code == 429 and resp.get_json()["code"] == "too_many_queued_jobs"
     assert resp.headers["Retry-After"]
+
+
+def test_the_cap_holds_under_concurrent_creates(app, tenant, sessions):
+    with session_scope(sessions) as session:
+        session.get(Tenant, tenant.tenant_id).max_queued_jobs = 10
+    body = {"image_url": "https://example.com/a.jpg", "prompts": ["x"]}
+    answers = _race(app, 20, lambda c: c.post("/v1/jobs", json=body, headers=tenant.headers))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [202] * 10 + [429] * 10, codes
+    assert {a.get_json()["code"] for a in answers if a.status_code == 429} == {"too_many_queued_jobs"}
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.tenant_id)) == 10
