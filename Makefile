@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export VENV
 
-.PHONY: install up down demo test test-unit lint typecheck bench bench-load bench-api clean
+.PHONY: install up down status demo test test-unit lint typecheck bench bench-load bench-api clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ up: install
 
 down:
 	scripts/stack.sh down
+
+status:
+	@scripts/stack.sh status
 
 demo: install
 	scripts/demo.sh

@@ -18,7 +18,7 @@ export CLIPMASK_LOG_LEVEL=WARNING CLIPMASK_API_WORKERS=${CLIPMASK_API_WORKERS:-4
 export CLIPMASK_FETCH_ALLOW_ENDPOINTS='["127.0.0.1:18199"]' CLIPMASK_BENCH_IMAGE_PORT=18199
 mkdir -p "$CLIPMASK_RUN_DIR"
 [ -f "$CLIPMASK_RUN_DIR/tiny-model/config.json" ] || "$BIN/clipmask" dev-model "$CLIPMASK_RUN_DIR/tiny-model" >/dev/null
-export CLIPMASK_MODEL="$PWD/$CLIPMASK_RUN_DIR/tiny-model"
+export CLIPMASK_MODEL="$(realpath -m -- "$CLIPMASK_RUN_DIR")/tiny-model"
 trap 'scripts/stack.sh down' EXIT
 scripts/stack.sh up
 "$BIN/python" "$script" --base-url "http://$CLIPMASK_API_BIND" "$@"

@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUN=${CLIPMASK_RUN_DIR:-.run}
+# The run folder, absolute or relative to the repository, as one absolute path for every use below.
+RUN=$(realpath -m -- "${CLIPMASK_RUN_DIR:-.run}")
 BIN=${VENV:-.venv}/bin
 mkdir -p "$RUN/logs" "$RUN/pids"
 
@@ -26,11 +27,19 @@ export CLIPMASK_S3_ENDPOINT_URL=${CLIPMASK_S3_ENDPOINT_URL:-http://127.0.0.1:$S3
 
 say() { echo "[stack] $*"; }
 
-alive() { [ -f "$RUN/pids/$1.pid" ] && kill -0 "$(cat "$RUN/pids/$1.pid")" 2>/dev/null; }
+# A process is alive when its pid exists and is not a zombie: `kill -0` succeeds on zombies, and
+# where PID 1 does not reap (many containers) a SIGKILLed worker lingers as one.
+alive() {
+  local file="$RUN/pids/$1.pid" state
+  [ -f "$file" ] || return 1
+  state=$(ps -o stat= -p "$(cat "$file")" 2>/dev/null) || return 1
+  case "$state" in Z*|X*|"") return 1 ;; esac
+}
 
 start_bg() {  # name command...
   local name=$1; shift
   if alive "$name"; then say "$name already running (pid $(cat "$RUN/pids/$name.pid"))"; return; fi
+  if [ -f "$RUN/pids/$name.pid" ]; then say "$name (pid $(cat "$RUN/pids/$name.pid")) is not running; starting it again"; fi
   setsid nohup "$@" >>"$RUN/logs/$name.log" 2>&1 < /dev/null &
   echo $! >"$RUN/pids/$name.pid"
   say "$name started (pid $!), log $RUN/logs/$name.log"
@@ -58,7 +67,7 @@ ensure_redis() {
   if redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then return; fi
   say "Redis not answering; starting it"
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
-    --pidfile "$PWD/$RUN/pids/redis-server.pid" --logfile "$PWD/$RUN/logs/redis.log"
+    --pidfile "$RUN/pids/redis-server.pid" --logfile "$RUN/logs/redis.log"
   wait_for Redis 15 redis-cli -h 127.0.0.1 -p 6379 ping
 }
 
@@ -81,7 +90,7 @@ up() {
   "$BIN/clipmask" migrate
   "$BIN/clipmask" init-storage
   if ! alive api; then rm -rf "$RUN/prometheus"; mkdir -p "$RUN/prometheus"; fi
-  PROMETHEUS_MULTIPROC_DIR="$PWD/$RUN/prometheus" start_bg api "$BIN/gunicorn" -c python:api.gunicorn_conf \
+  PROMETHEUS_MULTIPROC_DIR="$RUN/prometheus" start_bg api "$BIN/gunicorn" -c python:api.gunicorn_conf \
     --workers "${CLIPMASK_API_WORKERS:-2}" --bind "$API_BIND" --access-logfile - --graceful-timeout 20 "api.wsgi:app"
   start_bg worker "$BIN/celery" -A worker.celery_app worker --pool threads \
     --concurrency "${CLIPMASK_WORKER_CONCURRENCY:-8}" \
@@ -117,8 +126,15 @@ down() {
   fi
 }
 
+status() {
+  for name in s3 api worker beat flower; do
+    if alive "$name"; then echo "$name running (pid $(cat "$RUN/pids/$name.pid"))"; else echo "$name not running"; fi
+  done
+}
+
 case "${1:-}" in
   up) up ;;
   down) down ;;
-  *) echo "usage: $0 up|down"; exit 2 ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status"; exit 2 ;;
 esac
