@@ -145,6 +145,11 @@ def cancel_batch_jobs(session: Session, *, batch_id: str, tenant_id: str,
     return [_finished(session, job, storage) for job in jobs]
 
 
+def status_of(session: Session, job_id: str) -> str | None:
+    """The job's status now (a worker's check between stages: was it canceled meanwhile?)."""
+    return session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
+
+
 def get_job(session: Session, job_id: str, *, tenant_id: str) -> Job | None:
     """The tenant's job; another tenant's job is None, exactly like a missing one."""
     return session.execute(

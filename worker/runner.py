@@ -1,5 +1,8 @@
 """The job runner: mark running -> fetch -> decode -> segment -> encode -> store -> record.
 
+A job canceled meanwhile stops at the next stage boundary (after the fetch, after the decode,
+before each upload): nothing more is uploaded, and masks this run already wrote are deleted.
+
 A plain function over its collaborators (sessions, storage, segmenter), so it is tested without
 a broker. It is idempotent: a redelivered message re-runs a running job to the same object keys
 and the same final row, and does nothing for a finished job.
@@ -132,13 +135,16 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
                 data = deps.storage.get(job.upload_key)
             else:
                 data = fetch_image_bytes(job.input["image_url"], deps.fetch_policy).data
+        if not _still_running(deps, job.id):
+            log.info("job canceled during the fetch; stopped before decoding", extra=ctx)
+            return _finish(deps, started, JobStatus.CANCELED)
         with stages.time("decode"):
             image = decode_image(data, max_pixels=deps.max_pixels)
         del data
         with session_scope(deps.sessions) as session:
             status = jobstate.record_image_size(session, job.id, width=image.width, height=image.height)
         if status != JobStatus.RUNNING:
-            log.info("job canceled before inference", extra=ctx)
+            log.info("job canceled before inference; it takes no batcher slot", extra=ctx)
             return _finish(deps, started, JobStatus.CANCELED)
         with stages.time("infer"):
             result = deps.segmenter().segment(image, list(job.prompts), job.threshold)
@@ -147,6 +153,11 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             key = mask_key(tenant_id=job.tenant_id, job_id=job.id, index=index)
             with stages.time("encode"):
                 png = encode_png(item.mask)
+            if not _still_running(deps, job.id):
+                log.info("job canceled before upload %d of %d; nothing more is uploaded", index + 1,
+                         len(result.masks), extra=ctx)
+                deps.storage.delete([r["mask_key"] for r in results])
+                return _finish(deps, started, JobStatus.CANCELED)
             with stages.time("upload"):
                 deps.storage.put(key, png, content_type="image/png")
             results.append({
@@ -180,6 +191,11 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         log.exception("job failed with an unexpected error", extra=ctx)
         return _fail(job, deps=deps, ctx=ctx, code="internal", message=f"{type(exc).__name__}: {exc}",
                      started=started)
+
+
+def _still_running(deps: RunnerDeps, job_id: str) -> bool:
+    with deps.sessions() as session:
+        return jobstate.status_of(session, job_id) == JobStatus.RUNNING
 
 
 def _finish(deps: RunnerDeps, started: float, status: str, code: str | None = None) -> str:

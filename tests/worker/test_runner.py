@@ -89,11 +89,28 @@ def test_cancel_during_inference_is_not_overwritten(deps, sessions, storage, ten
                 jobstate.cancel(session, job_id, storage=storage)
             return real.segment(image, prompts, threshold)
 
-    with mock.patch.object(deps, "segmenter", lambda: CancelingSegmenter()):
+    with (mock.patch.object(deps, "segmenter", lambda: CancelingSegmenter()),
+          mock.patch.object(deps.storage, "put", wraps=deps.storage.put) as put):  # a spy: what was written
         assert run_job(job_id, deps=deps) == "canceled"
     job = load(sessions, job_id)
     assert job.status == "canceled" and job.results == []
+    assert put.call_count == 0  # stopped before the first upload, not written and deleted afterwards
     assert storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/") == []
+
+
+def test_cancel_between_uploads_uploads_nothing_more(deps, sessions, storage, tenant):
+    job_id = new_upload_job(sessions, storage, tenant)
+    real_put = deps.storage.put
+
+    def put_then_cancel(key, data, **kwargs):
+        real_put(key, data, **kwargs)
+        with session_scope(sessions) as session:  # the user cancels after the first mask went up
+            jobstate.cancel(session, job_id, storage=storage)
+
+    with mock.patch.object(deps.storage, "put", side_effect=put_then_cancel) as put:
+        assert run_job(job_id, deps=deps) == "canceled"
+    assert put.call_count == 1  # the second mask was never uploaded
+    assert storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/") == []  # and the first was removed
 
 
 def test_storage_failure_fails_the_job_with_storage_failed(deps, sessions, storage, tenant):
