@@ -148,7 +148,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             return _finish(deps, started, JobStatus.CANCELED)
         with stages.time("infer"):
             result = deps.segmenter().segment(image, list(job.prompts), job.threshold)
-        results = []
+        results: list[dict[str, Any]] = []
         for index, item in enumerate(result.masks):
             key = mask_key(tenant_id=job.tenant_id, job_id=job.id, index=index)
             with stages.time("encode"):
