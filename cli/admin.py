@@ -174,10 +174,11 @@ def retention(args: argparse.Namespace, settings: Settings) -> int:
     from shared.retention import purge_from_settings
     from shared.storage import ObjectStorage
 
-    deleted = purge_from_settings(settings, sessions=sessions_for(settings), storage=ObjectStorage(settings),
-                                  days=args.days)
-    _emit({"deleted_jobs": deleted, "older_than_days": args.days if args.days is not None
-           else settings.retention_days})
+    purged = purge_from_settings(settings, sessions=sessions_for(settings), storage=ObjectStorage(settings),
+                                 days=args.days)
+    _emit({"deleted_jobs": purged.jobs, "deleted_webhook_deliveries": purged.deliveries,
+           "deleted_batches": purged.batches,
+           "older_than_days": args.days if args.days is not None else settings.retention_days})
     return 0
 
 

@@ -1,5 +1,7 @@
-"""Retention: delete finished jobs older than a cut-off, with their objects, in bounded chunks.
+"""Retention: delete what is older than a cut-off, in bounded chunks, objects before rows.
 
+In this order: finished jobs (with their upload and mask objects), then webhook deliveries that
+are no longer pending, then finished batches none of whose jobs is left (with their manifest).
 Objects go first, then rows: a crash in between leaves rows whose objects are gone (the next
 run deletes them) rather than objects nobody references. Only finished jobs are deleted; a
 job still queued or running after the cut-off is a reconciliation problem, not garbage.
@@ -9,27 +11,35 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.clock import utcnow
 from shared.db import session_scope
-from shared.enums import FINISHED_JOB
-from shared.models import IdempotencyKey, Job
+from shared.enums import FINISHED_JOB, BatchStatus, DeliveryStatus
+from shared.models import Batch, IdempotencyKey, Job, WebhookDelivery
 from shared.settings import Settings
 from shared.storage import ObjectStorage
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Purged:
+    jobs: int = 0
+    deliveries: int = 0
+    batches: int = 0
+
+
 def purge_expired(
     *, sessions: sessionmaker[Session], storage: ObjectStorage, older_than: dt.timedelta, chunk: int = 500,
     idempotency_ttl: dt.timedelta = dt.timedelta(hours=24), max_chunks: int | None = None,
-) -> int:
-    """Delete finished jobs created before now - older_than; returns how many were deleted."""
+) -> Purged:
+    """Delete what was created before now - older_than; returns how many of each were deleted."""
     cutoff = utcnow() - older_than
-    deleted = 0
+    purged = Purged()
     chunks = 0
     while max_chunks is None or chunks < max_chunks:
         with session_scope(sessions) as session:
@@ -47,17 +57,45 @@ def purge_expired(
             if keys:
                 storage.delete(keys)
             session.execute(delete(Job).where(Job.id.in_([r.id for r in rows])))
-        deleted += len(rows)
+        purged.jobs += len(rows)
         chunks += 1
         log.info("retention: deleted %d jobs and %d objects", len(rows), len(keys))
+    while True:  # deliveries still pending are being retried: they go once they succeeded or failed
+        with session_scope(sessions) as session:
+            ids = session.execute(
+                select(WebhookDelivery.id).where(WebhookDelivery.created_at < cutoff,
+                                                 WebhookDelivery.status != DeliveryStatus.PENDING)
+                .limit(chunk).with_for_update(skip_locked=True)).scalars().all()
+            if ids:
+                session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(ids)))
+        purged.deliveries += len(ids)
+        if len(ids) < chunk:
+            break
+    while True:  # a batch goes after its jobs: only when none is left
+        with session_scope(sessions) as session:
+            batches = session.execute(
+                select(Batch.id, Batch.results_key).where(
+                    Batch.created_at < cutoff, Batch.status != BatchStatus.RUNNING,
+                    ~exists().where(Job.batch_id == Batch.id))
+                .limit(chunk).with_for_update(skip_locked=True)).all()
+            manifests = [b.results_key for b in batches if b.results_key]
+            if manifests:
+                storage.delete(manifests)
+            if batches:
+                session.execute(delete(Batch).where(Batch.id.in_([b.id for b in batches])))
+        purged.batches += len(batches)
+        if len(batches) < chunk:
+            break
+    if purged.deliveries or purged.batches:
+        log.info("retention: deleted %d webhook deliveries and %d batches", purged.deliveries, purged.batches)
     with session_scope(sessions) as session:
         session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < utcnow() - idempotency_ttl))
-    return deleted
+    return purged
 
 
 def purge_from_settings(
     settings: Settings, *, sessions: sessionmaker[Session], storage: ObjectStorage, days: float | None = None,
-) -> int:
+) -> Purged:
     """One retention run as configured (beat's task and `clipmask retention` both call this)."""
     return purge_expired(
         sessions=sessions, storage=storage, chunk=settings.retention_chunk,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 from celery import Celery, Task
 
@@ -44,9 +45,9 @@ def register_tasks(app: Celery, get_deps: Callable[[], RunnerDeps], *, settings:
                 "batches_finalized": len(report.batches)}
 
     @app.task(name=RETENTION_TASK, acks_late=True)
-    def retention() -> int:
+    def retention() -> dict[str, int]:
         deps = get_deps()
-        return purge_from_settings(settings, sessions=deps.sessions, storage=deps.storage)
+        return asdict(purge_from_settings(settings, sessions=deps.sessions, storage=deps.storage))
 
     @app.task(name=DELIVER_TASK, acks_late=True)
     def deliver_webhooks(delivery_ids: list[str]) -> int:

@@ -175,8 +175,8 @@ def test_retention_works_in_bounded_chunks(settings, sessions, storage, tenant):
     for _ in range(3):
         old_job(sessions, storage, tenant, days_old=100, status="succeeded")
     assert purge_expired(sessions=sessions, storage=storage, older_than=dt.timedelta(days=90), chunk=2,
-                         max_chunks=1) == 2
-    assert purge_expired(sessions=sessions, storage=storage, older_than=dt.timedelta(days=90), chunk=2) >= 1
+                         max_chunks=1).jobs == 2
+    assert purge_expired(sessions=sessions, storage=storage, older_than=dt.timedelta(days=90), chunk=2).jobs >= 1
 
 
 # ---- admin CLI ----------------------------------------------------------------------------
@@ -286,3 +286,51 @@ def test_admin_retry_obeys_the_queued_jobs_cap(settings, client, tenant, session
     out = clipmask(settings, "jobs", "retry", job_id)
     assert out.returncode == 1
     assert json.loads(out.stdout)["refused"] == "too_many_queued_jobs"
+
+
+def test_retention_takes_old_batches_manifests_and_deliveries_after_their_jobs(settings, sessions, storage, tenant):
+    from shared.batches import manifest_key
+    from shared.models import Batch, WebhookDelivery
+    from shared.webhooks import new_delivery
+
+    created = utcnow() - dt.timedelta(days=40)
+
+    def batch(status: str, job_status: str, *, days_old: float = 40) -> tuple[str, str, str]:
+        batch_id, job_id = f"batch_{uuid.uuid4().hex}", str(uuid.uuid4())
+        when = utcnow() - dt.timedelta(days=days_old)
+        key = manifest_key(tenant_id=tenant.tenant_id, batch_id=batch_id)
+        storage.put(key, b"{}\n", content_type="application/x-ndjson")
+        with session_scope(sessions) as session:
+            session.add(Batch(id=batch_id, tenant_id=tenant.tenant_id, status=status, created_at=when, total=1,
+                              metadata_={}, results_key=key))
+            session.flush()
+            session.add(Job(id=job_id, tenant_id=tenant.tenant_id, status=job_status, created_at=when,
+                            input={"image_url": "https://x.test/a.jpg"}, prompts=["a"], threshold=0.4,
+                            metadata_={}, results=[], batch_id=batch_id))
+        return batch_id, job_id, key
+
+    done = batch("completed", "succeeded")
+    canceled = batch("canceled", "canceled")
+    unfinished = batch("running", "queued")  # a job still waits: neither it nor its batch goes
+    recent = batch("completed", "succeeded", days_old=2)
+    with session_scope(sessions) as session:
+        deliveries = {}
+        for name, status in (("sent", "succeeded"), ("gave_up", "failed"), ("retrying", "pending")):
+            row = new_delivery(tenant_id=tenant.tenant_id, event_type="job.succeeded", url="https://h.test/",
+                               data={}, job_id=done[1], batch_id=done[0])
+            row.status, row.created_at = status, created
+            session.add(row)
+            deliveries[name] = row.id
+
+    out = lines(clipmask(settings.model_copy(update={"retention_chunk": 1}), "retention", "--days", "30"))[0]
+    assert out["deleted_batches"] >= 2 and out["deleted_webhook_deliveries"] >= 2
+    with sessions() as session:
+        for batch_id, job_id, key in (done, canceled):
+            assert session.get(Batch, batch_id) is None and session.get(Job, job_id) is None
+            assert storage.list_keys(key) == []
+        for batch_id, _job_id, key in (unfinished, recent):
+            assert session.get(Batch, batch_id) is not None and storage.list_keys(key) == [key]
+        assert session.get(Job, unfinished[1]) is not None
+        assert session.get(WebhookDelivery, deliveries["sent"]) is None
+        assert session.get(WebhookDelivery, deliveries["gave_up"]) is None
+        assert session.get(WebhookDelivery, deliveries["retrying"]) is not None  # still being retried
