@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export VENV
 
-.PHONY: install up down status demo test test-unit lint typecheck bench bench-load bench-api clean
+.PHONY: install up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test: install
 # the tests that need no Postgres, Redis, S3 or worker process (marker `unit`)
 test-unit: install
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+# schemathesis against a private live stack (FUZZ_EXAMPLES per operation, FUZZ_MAX_TIME seconds),
+# then the hypothesis tests on the parsers and the API's strings with the "fuzz" profile
+fuzz: install
+	scripts/fuzz.sh $(FUZZ_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -84,24 +84,29 @@ def _parse_jsonl(text: str) -> list[Any]:
 
 
 def _parse_csv(text: str) -> list[dict[str, Any]]:
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or "image_url" not in [f.strip() for f in reader.fieldnames]:
-        raise ApiProblem(422, "invalid_items", "The CSV needs a header row with an image_url column.",
-                         errors=[{"field": "items", "message": "no image_url column"}])
-    items: list[dict[str, Any]] = []
-    for row in reader:
-        if None in row:  # more cells than header names
-            raise _item_problem(len(items), "", "the row has more cells than the header")
-        clean = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-        item: dict[str, Any] = {"image_url": clean.pop("image_url")}
-        prompts = clean.pop("prompts", "")
-        if prompts:
-            item["prompts"] = prompts.split("|")
-        metadata = {k: v for k, v in clean.items() if k and v}
-        if metadata:
-            item["metadata"] = metadata
-        items.append(item)
-    return items
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # newline="": quoted fields may hold line breaks
+    try:
+        if not reader.fieldnames or "image_url" not in [f.strip() for f in reader.fieldnames]:
+            raise ApiProblem(422, "invalid_items", "The CSV needs a header row with an image_url column.",
+                             errors=[{"field": "items", "message": "no image_url column"}])
+        items: list[dict[str, Any]] = []
+        for row in reader:
+            if None in row:  # more cells than header names
+                raise _item_problem(len(items), "", "the row has more cells than the header")
+            clean = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            item: dict[str, Any] = {"image_url": clean.pop("image_url")}
+            prompts = clean.pop("prompts", "")
+            if prompts:
+                item["prompts"] = prompts.split("|")
+            metadata = {k: v for k, v in clean.items() if k and v}
+            if metadata:
+                item["metadata"] = metadata
+            items.append(item)
+        return items
+    except csv.Error as exc:  # a stray carriage return in an unquoted field, say
+        line = reader.line_num + 1  # the line being read when it failed
+        raise ApiProblem(422, "invalid_items", f"The CSV is malformed at line {line}: {exc}",
+                         errors=[{"field": "items", "message": f"line {line}: {exc}"}]) from exc
 
 
 def _parse_file(upload: FileStorage) -> list[Any]:

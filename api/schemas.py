@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.config import JsonDict
 
 from api.problems import ApiProblem
 from shared.enums import BatchEvent, BatchStatus, DeliveryStatus, JobEvent, JobStatus
@@ -27,6 +28,13 @@ FIELD_CODES = {
 }
 
 
+# What the validators below enforce, said in the JSON schema too (documentation and generators).
+PROMPT_ITEMS: JsonDict = {"items": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS, "pattern": r"\S"}}
+HTTP_URL: JsonDict = {"format": "uri", "pattern": r"^https?://[^\s/?#]+", "maxLength": 4096}
+METADATA: JsonDict = {"maxProperties": MAX_METADATA_PAIRS, "propertyNames": {"maxLength": MAX_METADATA_CHARS},
+            "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_CHARS}}
+
+
 def check_http_url(value: str) -> str:
     value = value.strip()
     if len(value) > 4096:
@@ -43,18 +51,20 @@ class JobParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompts: list[str] = Field(
-        min_length=1, max_length=MAX_PROMPTS,
+        min_length=1, max_length=MAX_PROMPTS, json_schema_extra=PROMPT_ITEMS,
         description=f"1 to {MAX_PROMPTS} text prompts, each 1 to {MAX_PROMPT_CHARS} characters after trimming.",
     )
     threshold: float = Field(
         default=0.4, gt=0, lt=1, description="A pixel is in the mask where sigmoid(logit) >= threshold.",
     )
-    webhook_url: str | None = Field(default=None, description="http(s) URL that receives the job's events.")
+    webhook_url: str | None = Field(default=None, description="http(s) URL that receives the job's events.",
+                                    json_schema_extra=HTTP_URL)
     webhook_events: list[JobEvent] | None = Field(
         default=None, description="Subset of job events to deliver; default all.",
     )
     metadata: dict[str, str] = Field(
-        default_factory=dict, description=f"String pairs echoed back, at most {MAX_METADATA_PAIRS}.",
+        default_factory=dict, json_schema_extra=METADATA,
+        description=f"String pairs echoed back, at most {MAX_METADATA_PAIRS}.",
     )
 
     @field_validator("prompts", mode="before")
@@ -104,8 +114,13 @@ class JobParams(BaseModel):
 class JobCreateJson(JobParams):
     """`POST /v1/jobs` with a JSON body: exactly one of image_url or image_base64."""
 
-    image_url: str | None = Field(default=None, description="http(s) URL the worker downloads.")
-    image_base64: str | None = Field(default=None, description="Base64 image bytes or a data: URI.")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["image_url"]}, {"required": ["image_base64"]}]})
+
+    image_url: str | None = Field(default=None, description="http(s) URL the worker downloads.",
+                                  json_schema_extra=HTTP_URL)
+    image_base64: str | None = Field(default=None, description="Base64 image bytes or a data: URI.",
+                                     json_schema_extra={"contentEncoding": "base64"})
 
     @field_validator("image_url")
     @classmethod
@@ -217,8 +232,9 @@ class BatchItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image_url: str = Field(description="http(s) URL the worker downloads.")
-    prompts: list[str] | None = Field(default=None, description="Default: the batch's prompts.")
+    image_url: str = Field(description="http(s) URL the worker downloads.", json_schema_extra=HTTP_URL)
+    prompts: list[str] | None = Field(default=None, description="Default: the batch's prompts.",
+                                      json_schema_extra=PROMPT_ITEMS)
     threshold: float | None = Field(default=None, description="Default: the batch's threshold.")
     metadata: dict[str, str] | None = Field(default=None, description="Merged over the batch's metadata.")
 
@@ -229,13 +245,17 @@ class BatchCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    items: list[BatchItem] | None = Field(default=None, description="1 to 100,000 items (or the file part).")
-    prompts: list[str] | None = Field(default=None, description="Prompts for items that set none.")
+    items: list[BatchItem] | None = Field(default=None, description="1 to 100,000 items (or the file part).",
+                                          json_schema_extra={"minItems": 1, "maxItems": 100_000})
+    prompts: list[str] | None = Field(default=None, description="Prompts for items that set none.",
+                                      json_schema_extra={**PROMPT_ITEMS, "maxItems": MAX_PROMPTS})
     threshold: float = Field(default=0.4, gt=0, lt=1)
-    webhook_url: str | None = Field(default=None, description="Receives the items' job events and batch.completed.")
+    webhook_url: str | None = Field(default=None, description="Receives the items' job events and batch.completed.",
+                                    json_schema_extra=HTTP_URL)
     webhook_events: list[JobEvent | BatchEvent] | None = Field(
         default=None, description="Subset of events to deliver; default all four.")
-    metadata: dict[str, str] = Field(default_factory=dict, description="The batch's own, and items' defaults.")
+    metadata: dict[str, str] = Field(default_factory=dict, description="The batch's own, and items' defaults.",
+                                     json_schema_extra=METADATA)
 
 
 class BatchCreateMultipart(BaseModel):

@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     webhook_retry_schedule_s: list[float] = Field(
         default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0])
     webhook_dispatch_interval_s: float = Field(default=5, gt=0)
+    # How long a delivery being sent is hidden from other dispatchers; past it, one whose sender
+    # died is sent again (same webhook-id). Keep it above webhook_timeout_s.
+    webhook_claim_s: float = Field(default=120, gt=0)
 
     retention_days: float = Field(default=30, gt=0)
     retention_interval_s: float = Field(default=3600, gt=0)

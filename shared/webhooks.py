@@ -38,7 +38,6 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CLAIM_S = 120  # a claimed row is invisible to other dispatchers this long (longer than one send)
 
 
 def new_delivery(*, tenant_id: str, event_type: EventType, url: str, data: dict[str, Any], job_id: str | None = None,
@@ -117,6 +116,9 @@ class Dispatcher:
     schedule_s: tuple[float, ...]  # delay before retry 1, 2, ...; attempts = 1 + len(schedule)
     timeout_s: float = 15.0
     max_parallel: int = 8
+    # A claimed row is invisible to other dispatchers this long; after it, a dispatcher that died
+    # mid-send (SIGKILL) is presumed gone and the row is sent again, with the same webhook-id.
+    claim_s: float = 120.0
 
     def next_delay(self, attempts: int) -> float | None:
         """Seconds until the next attempt after `attempts` failed ones, or None when spent."""
@@ -133,7 +135,7 @@ class Dispatcher:
             due = due.order_by(WebhookDelivery.next_attempt_at).limit(limit).with_for_update(skip_locked=True)
             rows = list(session.execute(
                 update(WebhookDelivery).where(WebhookDelivery.id.in_(due.scalar_subquery()))
-                .values(next_attempt_at=func.now() + dt.timedelta(seconds=CLAIM_S))
+                .values(next_attempt_at=func.now() + dt.timedelta(seconds=self.claim_s))
                 .returning(WebhookDelivery).execution_options(synchronize_session=False)
             ).scalars())
             session.expunge_all()
@@ -179,7 +181,7 @@ class Dispatcher:
 
 def dispatcher_from_settings(settings: Settings, sessions: sessionmaker[Session]) -> Dispatcher:
     return Dispatcher(sessions, policy_from_settings(settings), tuple(settings.webhook_retry_schedule_s),
-                      timeout_s=settings.webhook_timeout_s)
+                      timeout_s=settings.webhook_timeout_s, claim_s=settings.webhook_claim_s)
 
 
 def retry_now(delivery: WebhookDelivery) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from shared.settings import Settings
 from tests.support.api import TestTenant
@@ -25,6 +27,13 @@ from tests.support.services import free_port, start_worker, stop_process
 
 RUN_ID = uuid.uuid4().hex[:10]
 ADMIN_DSN = os.environ.get("CLIPMASK_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+# Hypothesis: `make test` runs the property tests briefly; `make fuzz` loads the "fuzz" profile.
+hypothesis_settings.register_profile("default", max_examples=60, deadline=None, database=None,
+                                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+hypothesis_settings.register_profile("fuzz", max_examples=1500, deadline=None, database=None,
+                                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+hypothesis_settings.load_profile("default")
 
 # Fixtures that reach Postgres, Redis, object storage or a worker process: not for `unit` tests.
 SERVICE_FIXTURES = frozenset({

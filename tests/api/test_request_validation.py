@@ -89,6 +89,18 @@ def test_csv_columns_become_items():
                      {"image_url": "https://a.test/2.jpg"}]
 
 
+def test_carriage_returns_and_oversized_csv_fields_are_no_500():
+    # found by the fuzzer: a bare carriage return in an unquoted field made csv raise (a 500)
+    assert _parse_csv("image_url,sku\nhttps://a.test/1.jpg,a\rhttps://a.test/2.jpg,b\n") == [
+        {"image_url": "https://a.test/1.jpg", "metadata": {"sku": "a"}},
+        {"image_url": "https://a.test/2.jpg", "metadata": {"sku": "b"}}]
+    assert _parse_csv('image_url,note\r\nhttps://a.test/1.jpg,"two\r\nlines"\r\n')[0]["metadata"] == {
+        "note": "two\r\nlines"}
+    with pytest.raises(ApiProblem) as info:  # csv's own limit on a field (131,072 characters)
+        _parse_csv("image_url,sku\nhttps://a.test/1.jpg," + "x" * 200_000 + "\n")
+    assert info.value.code == "invalid_items" and "line 2" in info.value.detail
+
+
 def test_multipart_fields_repeat_lists_and_parse_metadata_json():
     form = MultiDict([("prompts", "shirt"), ("prompts", "pants"), ("metadata", '{"sku": "1"}'), ("threshold", "0.3")])
     assert form_fields(form, FIELD_CODES) == {"prompts": ["shirt", "pants"], "metadata": {"sku": "1"},

@@ -21,6 +21,7 @@ class Receiver:
     """`script(path, [500, 200])`: answer 500 first, then 200 (the last code repeats)."""
 
     scripts: dict[str, list[int]] = field(default_factory=dict)
+    delays: dict[str, list[float]] = field(default_factory=dict)  # seconds to hold each answer, in turn
     received: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -35,9 +36,15 @@ class Receiver:
                                                       body))
                     script = receiver.scripts.get(self.path, [200])
                     status = script.pop(0) if len(script) > 1 else script[0]
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                    delays = receiver.delays.get(self.path, [])
+                    delay = delays.pop(0) if delays else 0.0
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass  # the sender is gone (killed while it waited)
 
             def log_message(self, *args: Any) -> None:
                 pass
