@@ -53,7 +53,7 @@ class RateLimiter:
     def check(self, tenant: Tenant) -> None:
         """Take one token for the tenant or raise 429 `rate_limited`."""
         rate = tenant.rate_limit_per_s if tenant.rate_limit_per_s is not None else self.settings.rate_limit_per_s
-        burst = tenant.rate_limit_burst or self.settings.rate_limit_burst
+        burst = tenant.rate_limit_burst if tenant.rate_limit_burst is not None else self.settings.rate_limit_burst
         if rate <= 0:
             return
         try:

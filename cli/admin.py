@@ -113,7 +113,14 @@ def tenant_disable(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def tenant_limits(args: argparse.Namespace, settings: Settings) -> int:
-    """Set a tenant's own limits; a negative value returns it to the deployment default."""
+    """Set a tenant's own limits; a negative value returns it to the deployment default.
+
+    0 means 0 for the queued-jobs cap (nothing more is accepted) and "off" for the rate, as the
+    deployment setting does; a burst of 0 could never admit a request, so it is refused.
+    """
+    if args.rate_limit_burst == 0:
+        print("--burst must be at least 1 (or -1 for the default)", file=sys.stderr)
+        return 2
     values: dict[str, float | int | None] = {}
     for field in ("rate_limit_per_s", "rate_limit_burst", "max_queued_jobs"):
         value = getattr(args, field)
