@@ -22,7 +22,7 @@ from shared.models import Batch, Job, WebhookDelivery
 from shared.storage import ObjectStorage
 from tests.support.faults import kill, start_postgres_proxy
 from tests.support.images import make_image
-from tests.support.services import free_port, start_worker, stop_process
+from tests.support.services import free_port, private_queues, start_worker, stop_process
 from tests.support.webhook_receiver import Receiver
 
 
@@ -106,10 +106,8 @@ def test_postgres_unreachable_between_the_manifest_and_the_completion(settings, 
 def test_worker_killed_while_sending_a_webhook_it_is_sent_again_under_the_same_id(
         settings, storage, make_tenant, image_server, sessions, tmp_path, receiver):
     suffix = f"whkill-{uuid.uuid4().hex[:6]}"
-    own = settings.model_copy(update={
-        "interactive_queue": f"{settings.interactive_queue}-{suffix}", "bulk_queue": f"{settings.bulk_queue}-{suffix}",
-        "events_queue": f"{settings.events_queue}-{suffix}", "worker_metrics_port": 0,
-        "webhook_claim_s": 3.0, "webhook_timeout_s": 30.0, "webhook_dispatch_interval_s": 0.5})
+    own = private_queues(settings, suffix, webhook_claim_s=3.0, webhook_timeout_s=30.0,
+                         webhook_dispatch_interval_s=0.5)
     tenant = make_tenant()
     client = create_app(own).test_client()
     hook = receiver.url(f"/{suffix}")

@@ -14,7 +14,7 @@ from shared.models import Job
 from shared.queue import make_celery
 from shared.reconcile import reconcile_from_settings
 from tests.support.images import make_image
-from tests.support.services import start_worker, stop_process
+from tests.support.services import private_queues, start_worker, stop_process
 
 ITEMS = 2000
 THRESHOLD_S = 5.0
@@ -23,10 +23,7 @@ THRESHOLD_S = 5.0
 def test_a_backlog_is_not_flooded_and_a_deleted_queue_is_recovered_exactly_once(
         settings, storage, sessions, make_tenant, image_server, tmp_path, capsys):
     suffix = f"rec-{uuid.uuid4().hex[:6]}"
-    own = settings.model_copy(update={
-        "interactive_queue": f"{settings.interactive_queue}-{suffix}", "bulk_queue": f"{settings.bulk_queue}-{suffix}",
-        "events_queue": f"{settings.events_queue}-{suffix}", "worker_metrics_port": 0,
-        "reconcile_queued_after_s": THRESHOLD_S, "max_batch_images": 32})
+    own = private_queues(settings, suffix, reconcile_queued_after_s=THRESHOLD_S, max_batch_images=32)
     tenant = make_tenant()
     client = create_app(own).test_client()
     celery = make_celery(own)

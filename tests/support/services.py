@@ -74,3 +74,10 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> int:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return proc.wait()
+
+
+def private_queues(settings: Settings, suffix: str, **update: object) -> Settings:
+    """The settings with queues of their own (and no worker metrics port), for a test's own workers."""
+    return settings.model_copy(update={
+        "interactive_queue": f"{settings.interactive_queue}-{suffix}", "bulk_queue": f"{settings.bulk_queue}-{suffix}",
+        "events_queue": f"{settings.events_queue}-{suffix}", "worker_metrics_port": 0, **update})
