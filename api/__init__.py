@@ -6,7 +6,7 @@ from flask import Flask
 
 from api import batches, deliveries, health, jobs, metrics, openapi
 from api.body import DrainUnreadBody
-from api.problems import register_error_handlers
+from api.problems import refuse_long_uri, register_error_handlers
 from api.services import Services, close_db
 from shared.settings import Settings
 
@@ -21,6 +21,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.extensions["clipmask"] = services or Services.build(settings)
     app.teardown_appcontext(close_db)
     register_error_handlers(app)
+    app.before_request(refuse_long_uri)
     metrics.install(app)
     for module in (health, jobs, batches, deliveries, metrics, openapi):
         app.register_blueprint(module.bp)

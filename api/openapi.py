@@ -40,6 +40,7 @@ ERROR_CODES = {
     404: "not_found",
     409: "job_not_cancelable, batch_not_cancelable, idempotency_key_reused",
     413: "payload_too_large",
+    414: "uri_too_long",
     415: "unsupported_media_type, unsupported_image_type",
     422: "invalid_prompts, invalid_threshold, invalid_webhook_url, invalid_webhook_events, invalid_metadata, "
     "invalid_image_url, invalid_image_base64, missing_image, multiple_images, empty_image, unknown_field, "
@@ -60,12 +61,12 @@ class Answers(SpecResponse):
     """spectree's Response with the errors every /v1 route can give, as problem+json, and headers.
 
     `Answers(202, JobObject, "Accepted", 409, 422, headers=...)`: the success answer first, then the
-    route's own error statuses; 401, 429 and 503 are added unless `public`.
+    route's own error statuses; 414 is added to every route, and 401, 429 and 503 unless `public`.
     """
 
     def __init__(self, status: int, model: Any, description: str, *errors: int, public: bool = False,
                  headers: dict[str, Any] | None = None) -> None:
-        statuses = sorted(set(errors) | (set() if public else {401, 429, 503}))
+        statuses = sorted(set(errors) | {414} | (set() if public else {401, 429, 503}))
         codes: dict[str, Any] = {f"HTTP_{status}": (model, description)}
         codes.update({f"HTTP_{code}": (Problem, f"Problem document; code: {ERROR_CODES[code]}")
                       for code in statuses})

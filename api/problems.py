@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 TITLES = {
     400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-    409: "Conflict", 413: "Payload Too Large", 415: "Unsupported Media Type",
+    409: "Conflict", 413: "Payload Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
     422: "Unprocessable Content", 429: "Too Many Requests", 500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -54,6 +54,17 @@ def problem_response(problem: ApiProblem) -> Response:
     if problem.status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="clipmask"'
     return resp
+
+
+MAX_URI_BYTES = 8192
+
+
+def refuse_long_uri() -> None:
+    """before_request: a path and query over MAX_URI_BYTES is a 414 problem, on every route."""
+    from flask import request
+
+    if len(request.full_path) > MAX_URI_BYTES:
+        raise ApiProblem(414, "uri_too_long", f"The path and query are longer than {MAX_URI_BYTES} bytes.")
 
 
 HTTP_CODES = {

@@ -12,13 +12,16 @@ export CLIPMASK_S3_PORT=19300 CLIPMASK_WORKER_METRICS_PORT=19908
 export CLIPMASK_S3_ENDPOINT_URL=http://127.0.0.1:19300
 export CLIPMASK_S3_BUCKET="clipmask-fuzz-$$" CLIPMASK_REDIS_KEY_PREFIX="clipmask-fuzz-$$:"
 export CLIPMASK_RATE_LIMIT_PER_S=0 CLIPMASK_LOG_LEVEL=WARNING
+# a database of its own, dropped at the end (the fuzzer writes thousands of rows)
+DB="clipmask_fuzz_$$"
+export CLIPMASK_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/$DB"
 EXAMPLES=${FUZZ_EXAMPLES:-1000}
 MAX_TIME=${FUZZ_MAX_TIME:-600}
 RUN=$(realpath -m -- "$CLIPMASK_RUN_DIR")
 mkdir -p "$RUN"
 [ -f "$RUN/tiny-model/config.json" ] || "$BIN/clipmask" dev-model "$RUN/tiny-model" >/dev/null
 export CLIPMASK_MODEL="$RUN/tiny-model"
-trap 'scripts/stack.sh down >/dev/null' EXIT
+trap 'scripts/stack.sh down >/dev/null; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)"' EXIT
 scripts/stack.sh up
 KEY=$("$BIN/clipmask" tenant create fuzz | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["api_key"])')
 set +e

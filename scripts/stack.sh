@@ -71,11 +71,12 @@ ensure_redis() {
   wait_for Redis 15 redis-cli -h 127.0.0.1 -p 6379 ping
 }
 
-ensure_database() {
+ensure_database() {  # the local database the URL names, created if missing
   case "$CLIPMASK_DATABASE_URL" in
-    *@127.0.0.1:5432/clipmask|*@localhost:5432/clipmask)
-      psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='clipmask'" | grep -q 1 \
-        || psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE clipmask" ;;
+    *@127.0.0.1:5432/*|*@localhost:5432/*)
+      local name=${CLIPMASK_DATABASE_URL##*/}; name=${name%%\?*}
+      psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$name'" | grep -q 1 \
+        || psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE \"$name\"" ;;
   esac
 }
 

@@ -65,3 +65,12 @@ def test_unknown_route_and_method_are_problems(client, tenant):
     assert resp.status_code == 404 and resp.content_type == "application/problem+json"
     resp = client.delete("/v1/jobs", headers=tenant.headers)
     assert resp.status_code == 405 and resp.get_json()["code"] == "method_not_allowed"
+
+
+def test_a_uri_over_8_kib_is_a_414_problem_on_every_route(client, tenant):
+    long_query = "status=" + "queued," * 1300
+    for path in (f"/v1/jobs?{long_query}", f"/healthz?{long_query}", f"/v1/jobs/{'x' * 9000}"):
+        resp = client.get(path, headers=tenant.headers)
+        assert resp.status_code == 414 and resp.content_type == "application/problem+json", path
+        assert resp.get_json()["code"] == "uri_too_long"
+    assert client.get("/openapi.json").get_json()["paths"]["/healthz"]["get"]["responses"]["414"]
