@@ -28,7 +28,7 @@ set +e
 "$BIN/st" run "http://$CLIPMASK_API_BIND/openapi.json" -H "Authorization: Bearer $KEY" \
   --max-examples "$EXAMPLES" --max-time "$MAX_TIME" --generation-allow-x00 true --workers 2 \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
-  --request-timeout 30 --seed "${FUZZ_SEED:-1}" --report junit --report-dir "$RUN/report" "$@"
+  --request-timeout 30 --seed "${FUZZ_SEED:-1}" --report junit,json --report-dir "$RUN/report" "$@"
 st=$?
 set -e
 "$BIN/python" -m pytest -q -p no:cacheprovider tests/fuzz --hypothesis-profile=fuzz
