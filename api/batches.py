@@ -21,13 +21,13 @@ from werkzeug.datastructures import FileStorage
 
 from api.auth import current_tenant, require_tenant
 from api.idempotency import ACCEPTED_HEADERS, fingerprint, idempotency, respond
-from api.jobs import job_spec
 from api.openapi import Answers, spec
 from api.pagination import page
 from api.parsing import (
     form_fields,
     is_json_request,
     is_multipart_request,
+    job_spec,
     json_body,
     loads,
     parse_status,
@@ -103,7 +103,7 @@ def _parse_csv(text: str) -> list[dict[str, Any]]:
                 item["metadata"] = metadata
             items.append(item)
         return items
-    except csv.Error as exc:  # a stray carriage return in an unquoted field, say
+    except csv.Error as exc:  # a field over csv's size limit, say
         line = reader.line_num + 1  # the line being read when it failed
         raise ApiProblem(422, "invalid_items", f"The CSV is malformed at line {line}: {exc}",
                          errors=[{"field": "items", "message": f"line {line}: {exc}"}]) from exc

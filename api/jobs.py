@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
@@ -21,6 +20,7 @@ from api.parsing import (
     form_fields,
     is_json_request,
     is_multipart_request,
+    job_spec,
     json_body,
     parse_status,
     refuse_unstorable_ids,
@@ -51,14 +51,6 @@ log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(require_tenant)
 bp.before_request(refuse_unstorable_ids)
-
-
-def job_spec(params: JobParams, *, input: dict[str, Any], image: bytes | None = None,
-             filename: str | None = None) -> JobSpec:
-    """What the submission service takes, from validated fields and the image source."""
-    events = None if params.webhook_events is None else [str(e) for e in params.webhook_events]
-    return JobSpec(prompts=params.prompts, threshold=params.threshold, input=input, metadata=params.metadata,
-                   webhook_url=params.webhook_url, webhook_events=events, image=image, filename=filename)
 
 
 def _parse_json() -> tuple[JobSpec, str, str]:

@@ -13,7 +13,9 @@ from flask import request
 from werkzeug.datastructures import MultiDict
 
 from api.problems import ApiProblem
+from api.schemas import JobParams
 from shared.images import sniff
+from shared.submit import JobSpec
 
 DATA_URI = re.compile(r"^data:(?P<type>[\w/+.-]*)(;[\w=-]+)*;base64,", re.IGNORECASE)
 # Postgres stores neither NUL in text/jsonb nor lone UTF-16 surrogates (they don't encode as UTF-8).
@@ -139,6 +141,14 @@ def check_image_bytes(data: bytes, field: str) -> None:
             "The image is not in a format we can read (JPEG, PNG, WebP, GIF, BMP, TIFF and others are).",
             errors=[{"field": field, "message": "not a supported image"}],
         )
+
+
+def job_spec(params: JobParams, *, input: dict[str, Any], image: bytes | None = None,
+             filename: str | None = None) -> JobSpec:
+    """What the submission service takes, from validated fields and the image source."""
+    events = None if params.webhook_events is None else [str(e) for e in params.webhook_events]
+    return JobSpec(prompts=params.prompts, threshold=params.threshold, input=input, metadata=params.metadata,
+                   webhook_url=params.webhook_url, webhook_events=events, image=image, filename=filename)
 
 
 def parse_status(allowed: Iterable[str]) -> list[str]:
