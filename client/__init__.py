@@ -62,6 +62,7 @@ class Job:
     metadata: dict[str, str]
     batch_id: str | None
     webhook_url: str | None
+    attempts: int | None  # times a worker took the job
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property

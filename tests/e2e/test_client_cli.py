@@ -46,6 +46,7 @@ def test_client_covers_jobs_with_typed_results_and_coded_errors(api_url, tenant,
         assert job.status == "queued" and job.input["upload"]["filename"] == "look.jpg"
         done = cm.wait(job.id, timeout=60)
         assert done.status == "succeeded" and [r.prompt for r in done.results] == ["shirt", "pants"]
+        assert done.attempts == 1 and job.attempts == 0  # taken once; 0 when just accepted
         mask = cm.download(done.results[0].mask_url, tmp_path / "m.png")
         assert Image.open(mask).size == (64, 48)
         assert any(j.id == job.id for j in cm.list_jobs(status="succeeded").data)
