@@ -23,6 +23,8 @@ mkdir -p "$RUN"
 export CLIPMASK_MODEL="$RUN/tiny-model"
 trap 'scripts/stack.sh down >/dev/null; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)"' EXIT
 scripts/stack.sh up
+LOG="$RUN/logs/api.log"
+OFFSET=$(stat -c %s "$LOG")  # the access log from here on is this run's
 KEY=$("$BIN/clipmask" tenant create fuzz | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["api_key"])')
 set +e
 "$BIN/st" run "http://$CLIPMASK_API_BIND/openapi.json" -H "Authorization: Bearer $KEY" \
@@ -31,5 +33,7 @@ set +e
   --request-timeout 30 --seed "${FUZZ_SEED:-1}" --report junit,json --report-dir "$RUN/report" "$@"
 st=$?
 set -e
+echo "[fuzz] requests the API received per operation (its access log):"
+"$BIN/python" scripts/fuzz_counts.py "$LOG" "$OFFSET"
 "$BIN/python" -m pytest -q -p no:cacheprovider tests/fuzz --hypothesis-profile=fuzz
 exit $st
