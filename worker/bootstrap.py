@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -61,8 +62,9 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
                       follow_up=follow_up)
 
 
-def build_worker_app(settings: Settings) -> Celery:
-    """The Celery app with the clipmask tasks registered against lazily built dependencies."""
+def build_worker_app(settings: Settings) -> tuple[Celery, Callable[[], RunnerDeps]]:
+    """The Celery app with the clipmask tasks registered, and the function that builds (once, on
+    first use) the dependencies they share; passed back explicitly, not hung on the app's config."""
     from worker.tasks import register_tasks
 
     app = make_celery(settings)
@@ -76,5 +78,4 @@ def build_worker_app(settings: Settings) -> Celery:
             return deps["deps"]
 
     register_tasks(app, get_deps, settings=settings)
-    app.conf.clipmask_get_deps = get_deps
-    return app
+    return app, get_deps

@@ -13,12 +13,12 @@ from worker.bootstrap import build_worker_app
 
 settings = Settings()
 configure_logging(settings.log_level, settings.log_format)
-app = build_worker_app(settings)
+app, get_deps = build_worker_app(settings)
 
 
 @worker_ready.connect
 def _load_model(**_kwargs: object) -> None:
     metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
-    deps = app.conf.clipmask_get_deps()
+    deps = get_deps()
     deps.storage.ensure_bucket()
     deps.segmenter()
