@@ -9,13 +9,11 @@ if one does. Helpers live in tests/support/.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
@@ -23,10 +21,9 @@ from hypothesis import settings as hypothesis_settings
 from shared.settings import Settings
 from tests.support.api import TestTenant
 from tests.support.images import ImageServer
-from tests.support.services import free_port, start_worker, stop_process
+from tests.support.services import free_port, migrated_database, start_worker, stop_process
 
 RUN_ID = uuid.uuid4().hex[:10]
-ADMIN_DSN = os.environ.get("CLIPMASK_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 # Hypothesis: `make test` runs the property tests briefly; `make fuzz` loads the "fuzz" profile.
 hypothesis_settings.register_profile("default", max_examples=60, deadline=None, database=None,
@@ -37,8 +34,8 @@ hypothesis_settings.load_profile("default")
 
 # Fixtures that reach Postgres, Redis, object storage or a worker process: not for `unit` tests.
 SERVICE_FIXTURES = frozenset({
-    "database_url", "s3_endpoint", "settings", "storage", "sessions", "worker", "app", "client", "make_tenant",
-    "tenant",
+    "database_url", "own_database", "s3_endpoint", "settings", "storage", "sessions", "worker", "app", "client",
+    "make_tenant", "tenant",
 })
 
 
@@ -55,16 +52,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
-    name = f"clipmask_test_{RUN_ID}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    from shared.migrate import upgrade
+    with migrated_database(f"clipmask_test_{RUN_ID}") as url:
+        yield url
 
-    upgrade(url)
-    yield url
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+@pytest.fixture()
+def own_database() -> Iterator[str]:
+    """A database of the test's own, for code that looks at every row (the reconciler, say): the
+    session's database holds other tests' jobs, queued for queues nobody serves."""
+    with migrated_database(f"clipmask_test_{RUN_ID}_{uuid.uuid4().hex[:6]}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

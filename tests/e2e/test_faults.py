@@ -11,12 +11,32 @@ import time
 import uuid
 from http.server import ThreadingHTTPServer
 
+import pytest
 import redis
 
 from api import create_app
+from shared.db import make_engine, make_session_factory
 from shared.models import Job
 from tests.support.images import SlowImage
-from tests.support.services import ROOT, settings_env, start_worker, stop_process
+from tests.support.services import ROOT, migrated_database, settings_env, start_worker, stop_process
+
+
+@pytest.fixture(scope="module")
+def fault_database():
+    with migrated_database(f"clipmask_faults_{uuid.uuid4().hex[:10]}") as url:
+        yield url
+
+
+# This module's reconciler runs look at every queued job in the database: a database of its own,
+# so that other tests' jobs (queued for queues nobody serves) are not swept into these queues.
+@pytest.fixture(scope="module")
+def fault_settings(settings, fault_database):
+    return settings.model_copy(update={"database_url": fault_database})
+
+
+@pytest.fixture(scope="module")
+def sessions(fault_database):
+    return make_session_factory(make_engine(fault_database, pool_size=2))
 
 
 def reconcile_until_finished(settings, client, tenant, job_id, *, timeout=60) -> dict:
@@ -37,8 +57,8 @@ def own_settings(settings, name):
                                        "worker_metrics_port": 0, "job_lease_s": 2.0})
 
 
-def test_worker_killed_mid_job_the_job_still_ends_once(settings, storage, sessions, make_tenant, tmp_path):
-    own = own_settings(settings, "kill9")
+def test_worker_killed_mid_job_the_job_still_ends_once(fault_settings, storage, sessions, make_tenant, tmp_path):
+    own = own_settings(fault_settings, "kill9")
     server = ThreadingHTTPServer(("127.0.0.1", 0), SlowImage)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     tenant = make_tenant()
@@ -69,8 +89,8 @@ def test_worker_killed_mid_job_the_job_still_ends_once(settings, storage, sessio
         server.shutdown()
 
 
-def test_message_lost_by_redis_the_job_still_completes(settings, storage, make_tenant, tmp_path, image_server):
-    own = own_settings(settings, "lost")
+def test_message_lost_by_redis_the_job_still_completes(fault_settings, storage, make_tenant, tmp_path, image_server):
+    own = own_settings(fault_settings, "lost")
     tenant = make_tenant()
     client = create_app(own).test_client()
     from tests.support.images import make_image
@@ -90,16 +110,16 @@ def test_message_lost_by_redis_the_job_still_completes(settings, storage, make_t
         stop_process(worker)
 
 
-def test_worker_killed_mid_batch_every_job_ends_once_with_one_event_each(settings, storage, sessions, make_tenant,
+def test_worker_killed_mid_batch_every_job_ends_once_with_one_event_each(fault_settings, storage, sessions, make_tenant,
                                                                         tmp_path):
     from sqlalchemy import func, select
 
     from shared.models import Batch, WebhookDelivery
     from tests.support.webhook_receiver import Receiver
 
-    own = own_settings(settings, "kill9batch")
-    own = own.model_copy(update={"bulk_queue": f"{settings.bulk_queue}-kill9", "events_queue":
-                                 f"{settings.events_queue}-kill9"})
+    own = own_settings(fault_settings, "kill9batch")
+    own = own.model_copy(update={"bulk_queue": f"{fault_settings.bulk_queue}-kill9", "events_queue":
+                                 f"{fault_settings.events_queue}-kill9"})
     server = ThreadingHTTPServer(("127.0.0.1", 0), SlowImage)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     receiver = Receiver().start()

@@ -10,9 +10,11 @@ import redis
 from sqlalchemy import select
 
 from api import create_app
+from shared.db import make_engine, make_session_factory, session_scope
 from shared.models import Job
 from shared.queue import make_celery
 from shared.reconcile import reconcile_from_settings
+from shared.tenants import create_tenant
 from tests.support.images import make_image
 from tests.support.services import private_queues, start_worker, stop_process
 
@@ -21,17 +23,23 @@ THRESHOLD_S = 5.0
 
 
 def test_a_backlog_is_not_flooded_and_a_deleted_queue_is_recovered_exactly_once(
-        settings, storage, sessions, make_tenant, image_server, tmp_path, capsys):
+        settings, storage, own_database, image_server, tmp_path, capsys):
     suffix = f"rec-{uuid.uuid4().hex[:6]}"
-    own = private_queues(settings, suffix, reconcile_queued_after_s=THRESHOLD_S, max_batch_images=32)
-    tenant = make_tenant()
+    # A database of its own: the reconciler compares every queued job with what the broker holds,
+    # and the session's database holds other tests' jobs, queued for queues nobody serves.
+    own = private_queues(settings, suffix, database_url=own_database, reconcile_queued_after_s=THRESHOLD_S,
+                         max_batch_images=32)
+    sessions = make_session_factory(make_engine(own_database, pool_size=2))
+    with session_scope(sessions) as session:
+        api_key = create_tenant(session, name=suffix).api_key
+    headers = {"Authorization": f"Bearer {api_key}"}
     client = create_app(own).test_client()
     celery = make_celery(own)
     broker = redis.Redis.from_url(own.redis_url)
     bulk = own.redis_key_prefix + own.bulk_queue
     url = image_server.add(f"/{suffix}.jpg", make_image(32, 24))
     batch = client.post("/v1/batches", json={"prompts": ["shirt"], "items": [{"image_url": url}] * ITEMS},
-                        headers=tenant.headers)
+                        headers=headers)
     assert batch.status_code == 202
     batch_id = batch.get_json()["id"]
     assert broker.llen(bulk) == ITEMS
@@ -55,7 +63,7 @@ def test_a_backlog_is_not_flooded_and_a_deleted_queue_is_recovered_exactly_once(
     worker = start_worker(own, tmp_path / "worker.log", name=f"{suffix}@drain")
     try:
         deadline = time.monotonic() + 240
-        while (counts := client.get(f"/v1/batches/{batch_id}", headers=tenant.headers).get_json()["counts"]
+        while (counts := client.get(f"/v1/batches/{batch_id}", headers=headers).get_json()["counts"]
                )["succeeded"] < ITEMS:
             assert time.monotonic() < deadline, counts
             lengths.append(reconcile_and_measure())

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from shared.settings import Settings
@@ -81,3 +83,24 @@ def private_queues(settings: Settings, suffix: str, **update: object) -> Setting
     return settings.model_copy(update={
         "interactive_queue": f"{settings.interactive_queue}-{suffix}", "bulk_queue": f"{settings.bulk_queue}-{suffix}",
         "events_queue": f"{settings.events_queue}-{suffix}", "worker_metrics_port": 0, **update})
+
+
+ADMIN_DSN = os.environ.get("CLIPMASK_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextmanager
+def migrated_database(name: str) -> Iterator[str]:
+    """A new database migrated to head (its URL), dropped afterwards."""
+    import psycopg
+
+    from shared.migrate import upgrade
+
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
