@@ -112,10 +112,8 @@ class JobParams(BaseModel):
 
 
 class JobCreateJson(JobParams):
-    """`POST /v1/jobs` with a JSON body: exactly one of image_url or image_base64."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "oneOf": [{"required": ["image_url"]}, {"required": ["image_base64"]}]})
+    """`POST /v1/jobs` with a JSON body: exactly one of image_url or image_base64 (neither: 422
+    missing_image; both: 422 multiple_images)."""
 
     image_url: str | None = Field(default=None, description="http(s) URL the worker downloads.",
                                   json_schema_extra=HTTP_URL)

@@ -28,7 +28,7 @@ OFFSET=$(stat -c %s "$LOG")  # the access log from here on is this run's
 KEY=$("$BIN/clipmask" tenant create fuzz | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["api_key"])')
 set +e
 "$BIN/st" run "http://$CLIPMASK_API_BIND/openapi.json" -H "Authorization: Bearer $KEY" \
-  --max-examples "$EXAMPLES" --max-time "$MAX_TIME" --generation-allow-x00 true --workers 2 \
+  --max-examples "$EXAMPLES" --max-time "$MAX_TIME" --generation-allow-x00 true --workers 1 \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
   --request-timeout 30 --seed "${FUZZ_SEED:-1}" --report junit,json --report-dir "$RUN/report" "$@"
 st=$?
