@@ -21,7 +21,12 @@ RUN=$(realpath -m -- "$CLIPMASK_RUN_DIR")
 mkdir -p "$RUN"
 [ -f "$RUN/tiny-model/config.json" ] || "$BIN/clipmask" dev-model "$RUN/tiny-model" >/dev/null
 export CLIPMASK_MODEL="$RUN/tiny-model"
-trap 'scripts/stack.sh down >/dev/null; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)"' EXIT
+cleanup() {  # the stack, its database and its Redis keys
+  scripts/stack.sh down >/dev/null
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
+  redis-cli --scan --pattern "$CLIPMASK_REDIS_KEY_PREFIX*" | xargs -r -n 500 redis-cli del >/dev/null || true
+}
+trap cleanup EXIT
 scripts/stack.sh up
 LOG="$RUN/logs/api.log"
 OFFSET=$(stat -c %s "$LOG")  # the access log from here on is this run's
