@@ -16,7 +16,7 @@ export CLIPMASK_RATE_LIMIT_PER_S=0 CLIPMASK_LOG_LEVEL=WARNING
 DB="clipmask_fuzz_$$"
 export CLIPMASK_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/$DB"
 EXAMPLES=${FUZZ_EXAMPLES:-1000}
-MAX_TIME=${FUZZ_MAX_TIME:-600}
+MAX_TIME=${FUZZ_MAX_TIME:-900}
 RUN=$(realpath -m -- "$CLIPMASK_RUN_DIR")
 mkdir -p "$RUN"
 [ -f "$RUN/tiny-model/config.json" ] || "$BIN/clipmask" dev-model "$RUN/tiny-model" >/dev/null
