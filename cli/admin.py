@@ -73,11 +73,9 @@ def jobs_retry(args: argparse.Namespace, settings: Settings) -> int:
     submitter = Submitter(policy=SubmitPolicy.from_settings(settings), storage=storage, celery=make_celery(settings))
     refused = 0
     for old in originals:
-        upload = old.input.get("upload") or {}
         spec = JobSpec(prompts=list(old.prompts), threshold=old.threshold, input=old.input,
                        metadata=dict(old.metadata_ or {}), webhook_url=old.webhook_url,
-                       webhook_events=old.webhook_events, filename=upload.get("filename"),
-                       image=storage.get(old.upload_key) if old.upload_key else None)
+                       webhook_events=old.webhook_events, copy_upload_from=old.upload_key)
         with sessions() as session:
             tenant = session.get(Tenant, old.tenant_id)
             assert tenant is not None  # jobs are deleted with their tenant

@@ -71,6 +71,7 @@ class JobSpec:
     webhook_events: list[str] | None = None
     image: bytes | None = None  # bytes to store as the job's upload
     filename: str | None = None
+    copy_upload_from: str | None = None  # an upload already in storage (a retry): copied there, not re-sent
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,10 @@ class Submitter:
             staged.upload_keys.append(stored_key)
             job_input = {"upload": {"filename": spec.filename, "content_type": content_type,
                                     "bytes": len(spec.image)}}
+        elif spec.copy_upload_from is not None:  # `input` already describes it
+            stored_key = upload_key(tenant_id=tenant.id, job_id=job_id)
+            self.storage.copy(spec.copy_upload_from, stored_key)
+            staged.upload_keys.append(stored_key)
         return {
             "id": job_id, "tenant_id": tenant.id, "status": JobStatus.QUEUED, "created_at": created,
             "input": job_input, "upload_key": stored_key, "prompts": spec.prompts, "threshold": spec.threshold,
