@@ -179,6 +179,9 @@ class BrokerView:
                 held.append(message)
         return held
 
+    def close(self) -> None:
+        self.client.close()
+
     def count(self, queue: str) -> int:
         """Messages held for `queue`: ready in its lists, or delivered and not yet acknowledged."""
         ready = sum(int(self.client.llen(self.prefix + queue + suffix)) for suffix in PRIORITY_LISTS)

@@ -134,11 +134,16 @@ def reconcile_from_settings(
     from shared.queue import FINALIZE_TASK, BrokerView, enqueue_segment, segment_queue
 
     queued_after = settings.reconcile_queued_after_s if queued_after_s is None else queued_after_s
-    return reconcile(
-        sessions=sessions, batch=settings.reconcile_batch, broker=BrokerView(settings, unacked_within_s=queued_after),
-        queues={settings.interactive_queue: Job.batch_id.is_(None), settings.bulk_queue: Job.batch_id.isnot(None)},
-        enqueue=lambda job_id, batch_id: enqueue_segment(celery, job_id=job_id,
-                                                         queue=segment_queue(settings, batch_id)),
-        finalize=lambda batch_id: celery.send_task(FINALIZE_TASK, args=[batch_id]),
-        queued_after=dt.timedelta(seconds=queued_after),
-    )
+    broker = BrokerView(settings, unacked_within_s=queued_after)
+    try:
+        return reconcile(
+            sessions=sessions, batch=settings.reconcile_batch, broker=broker,
+            queues={settings.interactive_queue: Job.batch_id.is_(None),
+                    settings.bulk_queue: Job.batch_id.isnot(None)},
+            enqueue=lambda job_id, batch_id: enqueue_segment(celery, job_id=job_id,
+                                                             queue=segment_queue(settings, batch_id)),
+            finalize=lambda batch_id: celery.send_task(FINALIZE_TASK, args=[batch_id]),
+            queued_after=dt.timedelta(seconds=queued_after),
+        )
+    finally:
+        broker.close()  # a run every 30 s: don't leave a connection pool per run to the garbage collector
