@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export VENV
 
-.PHONY: install up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api clean
+.PHONY: install up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,10 @@ typecheck: install
 
 bench: install
 	$(PY) bench/engine.py --model tiny --images 8 --prompts 4
+
+# on a CUDA host with torch and transformers installed: engine tests on CUDA + GPU benchmarks
+gpu-check:
+	scripts/gpu_check.sh
 
 # 5,000 jobs through a private stack on the tiny model (BENCH_ARGS="--jobs 500" for less)
 bench-load: install

@@ -12,16 +12,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
-from shared.settings import Settings
-from tests.support.api import TestTenant
-from tests.support.images import ImageServer
-from tests.support.services import free_port, migrated_database, start_worker, stop_process
+# Imported inside the fixtures that need them, so that the engine tests (`unit`) run where only
+# pytest, hypothesis, torch and transformers are installed: the GPU machine, say.
+if TYPE_CHECKING:
+    from shared.settings import Settings
+    from tests.support.api import TestTenant
+    from tests.support.images import ImageServer
 
 RUN_ID = uuid.uuid4().hex[:10]
 
@@ -52,6 +54,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
+    from tests.support.services import migrated_database
+
     with migrated_database(f"clipmask_test_{RUN_ID}") as url:
         yield url
 
@@ -60,6 +64,8 @@ def database_url() -> Iterator[str]:
 def own_database() -> Iterator[str]:
     """A database of the test's own, for code that looks at every row (the reconciler, say): the
     session's database holds other tests' jobs, queued for queues nobody serves."""
+    from tests.support.services import migrated_database
+
     with migrated_database(f"clipmask_test_{RUN_ID}_{uuid.uuid4().hex[:6]}") as url:
         yield url
 
@@ -67,6 +73,8 @@ def own_database() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
+
+    from tests.support.services import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -85,6 +93,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def settings(database_url: str, s3_endpoint: str, tiny_model_dir: Path) -> Iterator[Settings]:
     """This run's settings; the run's Redis keys (queues, unacked messages) are removed at the end."""
+    from shared.settings import Settings
+    from tests.support.services import free_port
+
     test_settings = Settings(
         database_url=database_url,
         redis_url="redis://127.0.0.1:6379/0",
@@ -139,6 +150,8 @@ def sessions(settings: Settings) -> Any:
 @pytest.fixture(scope="session")
 def worker(settings: Settings, storage: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A real `celery worker` process (threads pool) consuming this run's queue."""
+    from tests.support.services import start_worker, stop_process
+
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     proc = start_worker(settings, log_path, name=f"test-{RUN_ID}")
     yield log_path
@@ -169,6 +182,7 @@ def client(app: Any) -> Any:
 def make_tenant(sessions: Any) -> Callable[[], TestTenant]:
     from shared.db import session_scope
     from shared.tenants import create_tenant
+    from tests.support.api import TestTenant
 
     def make() -> TestTenant:
         with session_scope(sessions) as session:
@@ -191,6 +205,8 @@ def tenant(make_tenant: Callable[[], TestTenant]) -> TestTenant:
 
 @pytest.fixture(scope="session")
 def image_server() -> Iterator[ImageServer]:
+    from tests.support.images import ImageServer
+
     server = ImageServer()
     yield server
     server.httpd.shutdown()

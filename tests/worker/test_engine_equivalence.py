@@ -1,11 +1,14 @@
 """The fast engine against stock `CLIPSegForImageSegmentation` fed by `CLIPSegProcessor`.
 
-Stated tolerances (fp32, CPU, tiny random-weight model):
+Stated tolerances (fp32, tiny random-weight model; on every device present: the CPU always, CUDA
+where torch sees one, with TF32 off so that fp32 means fp32):
 - Same pixel values in (the model math alone: truncated vision encoder, per-prompt expansion,
   cached text embeddings, batching): probabilities within 1e-4.
 - From the image (the engine resizes on the device with antialiased bilinear; the processor
   resizes in PIL): probabilities within 0.08 at any pixel and 0.01 on average. Random weights
   amplify pixel noise, which the trained checkpoint does not: these bounds are loose on purpose.
+- The engine in bf16 on CUDA (the GPU worker's default) against stock fp32: probabilities within
+  BF16_MAX_TOL at any pixel and BF16_MEAN_TOL on average, masks agreeing on 97% of pixels.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ pytestmark = pytest.mark.unit  # no Postgres, Redis, S3 or worker process
 PIXEL_TOL = 1e-4
 IMAGE_MAX_TOL = 0.08
 IMAGE_MEAN_TOL = 0.01
+BF16_MAX_TOL = 0.1
+BF16_MEAN_TOL = 0.01
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 PROMPT_SETS = {
     1: ["shirt"],
@@ -44,9 +51,12 @@ def picture(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load_clipseg(str(tiny_model_dir), device="cpu")
+@pytest.fixture(scope="module", params=DEVICES)
+def loaded(request, tiny_model_dir):
+    if request.param == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return load_clipseg(str(tiny_model_dir), device=request.param, dtype="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +78,8 @@ def test_same_pixels_same_probabilities(engines, loaded, n_prompts):
     for image, got in zip(images, batched, strict=True):
         inputs = loaded.processor(text=prompts, images=[image] * len(prompts), padding=True, return_tensors="pt")
         with torch.inference_mode():
-            want = loaded.model(**inputs).logits.reshape(len(prompts), *got.shape[-2:])
+            want = loaded.model(**{k: v.to(loaded.device) for k, v in inputs.items()}).logits
+        want = want.reshape(len(prompts), *got.shape[-2:])
         assert (probs(got) - probs(want)).abs().max().item() < PIXEL_TOL
 
 
@@ -81,7 +92,7 @@ def test_images_match_the_processor_path(engines, n_prompts, batched):
     requests = [SegmentRequest(img, prompts, 0.4) for img in images]
     results = fast.segment_batch(requests) if batched else [fast.segment_batch([r])[0] for r in requests]
     for image, result in zip(images, results, strict=True):
-        diff = (probs(result.logits) - probs(stock.stock_logits(image, prompts))).abs()
+        diff = (probs(result.logits) - probs(stock.stock_logits(image, prompts).cpu())).abs()
         assert diff.max().item() < IMAGE_MAX_TOL, (image.size, diff.max().item())
         assert diff.mean().item() < IMAGE_MEAN_TOL, (image.size, diff.mean().item())
         assert [m.mask.shape for m in result.masks] == [(image.height, image.width)] * len(prompts)
@@ -168,3 +179,23 @@ def test_one_bad_request_does_not_fail_its_batch(engines):
     with pytest.raises(ValueError, match="RGB uint8"):
         bad.result(timeout=60)
     batcher.close()
+
+
+if torch.cuda.is_available():  # defined only where it can run, so that no skip is reported elsewhere
+
+    def test_bf16_engine_on_cuda_matches_stock_fp32(tiny_model_dir):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        stock = StockEngine(load_clipseg(str(tiny_model_dir), device="cuda", dtype="fp32"))
+        fast = FastEngine(load_clipseg(str(tiny_model_dir), device="cuda", dtype="bf16"))
+        assert fast.loaded.dtype == torch.bfloat16
+        prompts = PROMPT_SETS[3]
+        images = [picture(w, h, seed=20 + i) for i, (w, h) in enumerate(SIZES)]
+        results = fast.segment_batch([SegmentRequest(img, prompts, 0.4) for img in images])
+        for image, result in zip(images, results, strict=True):
+            theirs = stock.segment(image, prompts, 0.4)
+            diff = (probs(result.logits) - probs(theirs.logits)).abs()
+            assert diff.max().item() < BF16_MAX_TOL, (image.size, diff.max().item())
+            assert diff.mean().item() < BF16_MEAN_TOL, (image.size, diff.mean().item())
+            for a, b in zip(result.masks, theirs.masks, strict=True):
+                assert (a.mask == b.mask).mean() > 0.97
