@@ -24,6 +24,7 @@ from api.idempotency import ACCEPTED_HEADERS, fingerprint, idempotency, respond
 from api.openapi import Answers, spec
 from api.pagination import page
 from api.parsing import (
+    LabelResolver,
     form_fields,
     is_json_request,
     is_multipart_request,
@@ -49,6 +50,7 @@ from api.schemas import (
 )
 from api.services import db, services
 from shared import batches as batchstate
+from shared import presets
 from shared.enums import BatchEvent, BatchStatus, JobEvent, JobStatus
 from shared.followups import Effects, after_commit
 from shared.models import Batch, Job
@@ -61,7 +63,7 @@ bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 bp.before_request(require_tenant)
 bp.before_request(refuse_unstorable_ids)
 
-ITEM_FIELDS = ("image_url", "prompts", "threshold", "metadata")
+ITEM_FIELDS = ("image_url", "prompts", "threshold", "metadata", "preset", "outputs")
 BATCH_CODES = {**FIELD_CODES, "items": "invalid_batch_item"}
 
 
@@ -95,9 +97,13 @@ def _parse_csv(text: str) -> list[dict[str, Any]]:
                 raise _item_problem(len(items), "", "the row has more cells than the header")
             clean = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
             item: dict[str, Any] = {"image_url": clean.pop("image_url")}
-            prompts = clean.pop("prompts", "")
-            if prompts:
-                item["prompts"] = prompts.split("|")
+            for name in ("prompts", "outputs"):  # list columns, values separated by |
+                value = clean.pop(name, "")
+                if value:
+                    item[name] = value.split("|")
+            preset = clean.pop("preset", "")
+            if preset:
+                item["preset"] = preset
             metadata = {k: v for k, v in clean.items() if k and v}
             if metadata:
                 item["metadata"] = metadata
@@ -167,6 +173,7 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
                          errors=[{"field": "items", "message": f"more than {limit}"}])
     events = fields.webhook_events
     job_events = None if events is None else [e for e in events if isinstance(e, JobEvent)]
+    resolve = LabelResolver()
     items: list[JobSpec] = []
     for index, item in enumerate(raw):
         if not isinstance(item, dict):
@@ -185,21 +192,27 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
         if metadata is not None and not isinstance(metadata, dict):
             raise _item_problem(index, "metadata", "must be an object of strings")
         merged = {
-            "prompts": item["prompts"] if item.get("prompts") is not None else fields.prompts,
+            "prompts": item["prompts"] if item.get("prompts") is not None else (fields.prompts or []),
             "threshold": item["threshold"] if item.get("threshold") is not None else fields.threshold,
             "metadata": {**fields.metadata, **(metadata or {})},
             "webhook_url": fields.webhook_url,
             "webhook_events": job_events,
+            "preset": item["preset"] if item.get("preset") is not None else fields.preset,
+            "outputs": item["outputs"] if item.get("outputs") is not None else fields.outputs,
         }
-        if merged["prompts"] is None:
-            raise _item_problem(index, "prompts", "required (on the item or the batch)")
         try:
             params = JobParams.model_validate(merged)
         except ValidationError as exc:
             first = exc.errors()[0]
             field = str(first["loc"][0]) if first["loc"] else ""
-            raise _item_problem(index, field, first["msg"]) from exc
-        items.append(job_spec(params, input={"image_url": url}))
+            raise _item_problem(index, field, first["msg"].removeprefix("Value error, ")) from exc
+        try:
+            labels = resolve(params.preset, params.prompts)
+        except presets.PresetError as exc:
+            raise _item_problem(index, "preset" if exc.code == "unknown_preset" else "prompts", exc.message) from exc
+        except ApiProblem as exc:
+            raise _item_problem(index, "prompts", exc.detail) from exc
+        items.append(job_spec(params, labels=labels, input={"image_url": url}))
     # The batch's own webhook gets batch.completed unless only job events were asked for.
     wants_completed = events is None or BatchEvent.COMPLETED in events
     return BatchSpec(items=items, metadata=fields.metadata,

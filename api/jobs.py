@@ -15,6 +15,7 @@ from api.metrics import JOBS_CREATED
 from api.openapi import Answers, spec
 from api.pagination import page
 from api.parsing import (
+    LabelResolver,
     check_image_bytes,
     decode_base64_image,
     form_fields,
@@ -68,11 +69,12 @@ def _parse_json() -> tuple[JobSpec, str, str]:
         raise ApiProblem(422, "multiple_images", "Give exactly one of image_url and image_base64.",
                          errors=[{"field": name, "message": "only one image source"} for name in sources])
     params = JobParams.model_validate(parsed.model_dump(exclude={"image_url", "image_base64"}))
+    labels = LabelResolver()(params.preset, params.prompts)
     if parsed.image_base64 is not None:
         data = decode_base64_image(parsed.image_base64)
         check_image_bytes(data, "image_base64")
-        return job_spec(params, input={}, image=data), fingerprint(body), "base64"
-    return job_spec(params, input={"image_url": parsed.image_url}), fingerprint(body), "url"
+        return job_spec(params, labels=labels, input={}, image=data), fingerprint(body), "base64"
+    return job_spec(params, labels=labels, input={"image_url": parsed.image_url}), fingerprint(body), "url"
 
 
 def _parse_multipart() -> tuple[JobSpec, str, str]:
@@ -92,10 +94,11 @@ def _parse_multipart() -> tuple[JobSpec, str, str]:
         params = JobParams.model_validate(fields)
     except ValidationError as exc:
         raise validation_problem(exc) from exc
+    labels = LabelResolver()(params.preset, params.prompts)
     data = upload.read()
     check_image_bytes(data, "image")
     digest = hashlib.sha256(data).hexdigest()
-    job = job_spec(params, input={}, image=data, filename=upload.filename or None)
+    job = job_spec(params, labels=labels, input={}, image=data, filename=upload.filename or None)
     return job, fingerprint({**fields, "image": digest}), "upload"
 
 

@@ -38,13 +38,14 @@ ERROR_CODES = {
     400: "malformed_json, invalid_body, invalid_cursor, invalid_idempotency_key, bad_request",
     401: "unauthorized",
     404: "not_found",
-    409: "job_not_cancelable, batch_not_cancelable, idempotency_key_reused",
+    409: "job_not_cancelable, batch_not_cancelable, idempotency_key_reused, preset_exists, preset_read_only",
     413: "payload_too_large",
     414: "uri_too_long",
     415: "unsupported_media_type, unsupported_image_type",
     422: "invalid_prompts, invalid_threshold, invalid_webhook_url, invalid_webhook_events, invalid_metadata, "
     "invalid_image_url, invalid_image_base64, missing_image, multiple_images, empty_image, unknown_field, "
-    "invalid_filename, invalid_limit, invalid_status, invalid_job_id, invalid_batch_id, invalid_request, "
+    "invalid_filename, unknown_preset, invalid_outputs, too_many_labels, invalid_preset_id, invalid_labels, "
+    "invalid_limit, invalid_status, invalid_job_id, invalid_batch_id, invalid_request, "
     "invalid_items, invalid_batch_item (errors[0].field names the item: items[17].image_url). Text with a NUL "
     "character or a lone surrogate gets its field's code",
     429: "rate_limited, too_many_queued_jobs",

@@ -12,8 +12,11 @@ from typing import Any
 from flask import request
 from werkzeug.datastructures import MultiDict
 
+from api.auth import current_tenant
 from api.problems import ApiProblem
 from api.schemas import JobParams
+from api.services import db
+from shared import presets
 from shared.images import sniff
 from shared.submit import JobSpec
 
@@ -21,7 +24,7 @@ DATA_URI = re.compile(r"^data:(?P<type>[\w/+.-]*)(;[\w=-]+)*;base64,", re.IGNORE
 # Postgres stores neither NUL in text/jsonb nor lone UTF-16 surrogates (they don't encode as UTF-8).
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 MAX_INT_DIGITS = 4000  # below Python's 4,300-digit limit on int(str); longer integers parse as float (inf)
-LIST_FIELDS = frozenset({"prompts", "webhook_events"})
+LIST_FIELDS = frozenset({"prompts", "webhook_events", "outputs"})
 JSON_FIELDS = {"metadata": "invalid_metadata"}  # form fields that hold a JSON string -> their error code
 
 
@@ -143,12 +146,35 @@ def check_image_bytes(data: bytes, field: str) -> None:
         )
 
 
-def job_spec(params: JobParams, *, input: dict[str, Any], image: bytes | None = None,
+class LabelResolver:
+    """A job's labels from its preset and prompts; each preset id is looked up once per request
+    (a batch of 100,000 items naming one preset reads it once)."""
+
+    def __init__(self) -> None:
+        self._presets: dict[str, presets.PresetDef] = {}
+
+    def __call__(self, preset_id: str | None, prompts: list[str], *, field: str = "prompts") -> list[dict[str, Any]]:
+        if not prompts and preset_id is None:
+            raise ApiProblem(422, "invalid_prompts", "Give prompts, a preset, or both.",
+                             errors=[{"field": field, "message": "give prompts or a preset"}])
+        found = None
+        if preset_id is not None:
+            found = self._presets.get(preset_id)
+            if found is None:
+                found = presets.find(db(), current_tenant().id, preset_id)
+                if found is None:
+                    raise presets.UnknownPreset(preset_id)
+                self._presets[preset_id] = found
+        return presets.expand(found, prompts)
+
+
+def job_spec(params: JobParams, *, labels: list[dict[str, Any]], input: dict[str, Any], image: bytes | None = None,
              filename: str | None = None) -> JobSpec:
     """What the submission service takes, from validated fields and the image source."""
     events = None if params.webhook_events is None else [str(e) for e in params.webhook_events]
     return JobSpec(prompts=params.prompts, threshold=params.threshold, input=input, metadata=params.metadata,
-                   webhook_url=params.webhook_url, webhook_events=events, image=image, filename=filename)
+                   webhook_url=params.webhook_url, webhook_events=events, image=image, filename=filename,
+                   labels=labels, preset=params.preset, outputs=[str(o) for o in params.outputs])
 
 
 def parse_status(allowed: Iterable[str]) -> list[str]:

@@ -12,6 +12,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from shared.errors import IdempotencyKeyReused, QueueFull, QueueUnavailable, StorageFailed
+from shared.presets import PresetError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,12 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(QueueUnavailable)
     def queue_down(exc: QueueUnavailable) -> Response:
         return problem_response(ApiProblem(503, exc.code, exc.message, headers={"Retry-After": "5"}))
+
+    @app.errorhandler(PresetError)
+    def preset_error(exc: PresetError) -> Response:
+        field = "labels" if exc.code == "too_many_labels" else "preset"
+        return problem_response(ApiProblem(exc.status, exc.code, exc.message,
+                                           errors=[{"field": field, "message": exc.message}]))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

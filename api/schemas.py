@@ -10,6 +10,14 @@ from pydantic.config import JsonDict
 from api.problems import ApiProblem
 from shared.enums import BatchEvent, BatchStatus, DeliveryStatus, JobEvent, JobStatus
 from shared.fetch import check_url_syntax
+from shared.presets import MAX_LABEL_NAME, MAX_PHRASINGS, MAX_PRESET_LABELS, PRESET_ID
+
+OutputKind = Literal["mask", "soft", "rle", "cutout", "label_map", "overlay"]
+OUTPUT_KINDS: tuple[str, ...] = ("mask", "soft", "rle", "cutout", "label_map", "overlay")
+
+
+def default_outputs() -> list[OutputKind]:
+    return ["mask"]
 
 MAX_PROMPTS = 16
 MAX_PROMPT_CHARS = 200
@@ -25,6 +33,8 @@ FIELD_CODES = {
     "metadata": "invalid_metadata",
     "image_url": "invalid_image_url",
     "image_base64": "invalid_image_base64",
+    "preset": "unknown_preset",
+    "outputs": "invalid_outputs",
 }
 
 
@@ -51,9 +61,16 @@ class JobParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompts: list[str] = Field(
-        min_length=1, max_length=MAX_PROMPTS, json_schema_extra=PROMPT_ITEMS,
-        description=f"1 to {MAX_PROMPTS} text prompts, each 1 to {MAX_PROMPT_CHARS} characters after trimming.",
+        default_factory=list, max_length=MAX_PROMPTS, json_schema_extra=PROMPT_ITEMS,
+        description=f"Up to {MAX_PROMPTS} text prompts, each 1 to {MAX_PROMPT_CHARS} characters after trimming. "
+                    "A job needs prompts, a preset, or both.",
     )
+    preset: str | None = Field(default=None, description="Id of a built-in preset (clothing, human_parsing) or of "
+                               "one of yours; its labels come first in the results.",
+                               json_schema_extra={"maxLength": 64})
+    outputs: list[OutputKind] = Field(
+        default_factory=default_outputs, min_length=1,
+        description="What to return per label (mask, soft, rle, cutout) and per image (label_map, overlay).")
     threshold: float = Field(
         default=0.4, gt=0, lt=1, description="A pixel is in the mask where sigmoid(logit) >= threshold.",
     )
@@ -66,6 +83,23 @@ class JobParams(BaseModel):
         default_factory=dict, json_schema_extra=METADATA,
         description=f"String pairs echoed back, at most {MAX_METADATA_PAIRS}.",
     )
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _outputs_list(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            unknown = [v for v in value if v not in OUTPUT_KINDS]
+            if unknown:
+                raise ValueError(f"unknown output {unknown[0]!r}; any of {', '.join(OUTPUT_KINDS)}")
+            return list(dict.fromkeys(value))
+        return value
+
+    @field_validator("preset")
+    @classmethod
+    def _preset_id(cls, value: str | None) -> str | None:
+        if value is not None and not PRESET_ID.match(value):
+            raise ValueError("a preset id is 1 to 64 letters, digits, '_', '.' or '-'")
+        return value
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -132,7 +166,10 @@ class JobCreateMultipart(BaseModel):
     only: the form is parsed into JobParams.)"""
 
     image: bytes = Field(description="The image file.", json_schema_extra={"format": "binary"})
-    prompts: list[str] = Field(description="Repeat the field once per prompt; rules as in the JSON body.")
+    prompts: list[str] | None = Field(default=None,
+                                      description="Repeat the field once per prompt; rules as in the JSON body.")
+    preset: str | None = None
+    outputs: list[OutputKind] | None = Field(default=None, description="Repeat the field once per output.")
     threshold: float = Field(default=0.4, gt=0, lt=1)
     webhook_url: str | None = None
     webhook_events: list[JobEvent] | None = Field(default=None, description="Repeat the field once per event.")
@@ -147,7 +184,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return path
 
 
-def validation_problem(exc: ValidationError) -> ApiProblem:
+def validation_problem(exc: ValidationError, codes: dict[str, str] | None = None) -> ApiProblem:
     """Turn pydantic's errors into a 422 whose `code` names the first bad field."""
     errors = []
     for err in exc.errors():
@@ -158,7 +195,8 @@ def validation_problem(exc: ValidationError) -> ApiProblem:
         errors.append({"field": _field_path(loc), "message": message})
     first = exc.errors()[0]
     top = str(first["loc"][0]) if first["loc"] else ""
-    code = "unknown_field" if first["type"] == "extra_forbidden" else FIELD_CODES.get(top, "invalid_request")
+    top_level_extra = first["type"] == "extra_forbidden" and len(first["loc"]) == 1
+    code = "unknown_field" if top_level_extra else (codes or FIELD_CODES).get(top, "invalid_request")
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     return ApiProblem(422, code, f"The request has invalid fields: {detail}", errors=errors)
 
@@ -170,14 +208,43 @@ class ImageSize(BaseModel):
     height: int
 
 
+class CocoRle(BaseModel):
+    size: Annotated[list[int], Field(min_length=2, max_length=2)] = Field(description="[height, width]")
+    counts: str = Field(description="pycocotools' compressed counts string.")
+
+
 class MaskResult(BaseModel):
-    prompt: str
-    mask_url: str = Field(description="Presigned GET URL of an 8-bit grayscale PNG (0/255) at image size.")
+    """One label's result; fields by `outputs` (those not asked for are absent)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="The preset label's name or the text prompt.")
+    source: Literal["preset", "text", "image"]
+    mask_url: str | None = Field(default=None, description="(mask) Presigned GET URL of an 8-bit grayscale PNG, "
+                                 "0 or 255, image size.")
+    soft_url: str | None = Field(default=None, description="(soft) 8-bit grayscale PNG of round(255 * p).")
+    cutout_url: str | None = Field(default=None, description="(cutout) RGBA PNG of the image cropped to bbox, "
+                                   "alpha round(255 * p); null for an empty mask.")
+    rle: CocoRle | None = Field(default=None, description="(rle) COCO RLE of the binary mask, as "
+                                "pycocotools.mask.encode gives it.")
     bbox: Annotated[list[int], Field(min_length=4, max_length=4)] | None = Field(
         description="[x0, y0, x1, y1], exclusive end; null for an empty mask."
     )
     area_fraction: float
-    score: float = Field(description="Highest probability anywhere in the image for this prompt.")
+    score: float = Field(description="Highest probability anywhere in the image for this label.")
+
+
+class JobOutputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label_map_url: str | None = Field(default=None, description="(label_map) Palette PNG: 0 none, else 1 + the "
+                                      "index of the most probable result reaching the threshold.")
+    overlay_url: str | None = Field(default=None, description="(overlay) JPEG of the image with the labels tinted.")
+
+
+class ModelInfo(BaseModel):
+    id: str = Field(description="The checkpoint: a hub id or a local folder.")
+    revision: str | None = Field(description="The hub commit, or sha256 of a local folder's weights.")
 
 
 class JobError(BaseModel):
@@ -204,6 +271,14 @@ class JobObject(BaseModel):
     batch_id: str | None
     webhook_url: str | None
     attempts: int = Field(description="Times a worker took the job (0 while never taken).")
+    preset: str | None
+    outputs_requested: list[OutputKind]
+    outputs: JobOutputs
+    model: ModelInfo | None = Field(description="The checkpoint that ran the job, once running.")
+    image_prompts: list[dict[str, Any]]
+    embed: list[str]
+    embedding: list[float] | None
+    embedding_model: str | None
 
 
 class JobList(BaseModel):
@@ -235,6 +310,8 @@ class BatchItem(BaseModel):
                                       json_schema_extra=PROMPT_ITEMS)
     threshold: float | None = Field(default=None, description="Default: the batch's threshold.")
     metadata: dict[str, str] | None = Field(default=None, description="Merged over the batch's metadata.")
+    preset: str | None = Field(default=None, description="Default: the batch's preset.")
+    outputs: list[OutputKind] | None = Field(default=None, description="Default: the batch's outputs.")
 
 
 class BatchCreate(BaseModel):
@@ -248,6 +325,9 @@ class BatchCreate(BaseModel):
     prompts: list[str] | None = Field(default=None, description="Prompts for items that set none.",
                                       json_schema_extra={**PROMPT_ITEMS, "maxItems": MAX_PROMPTS})
     threshold: float = Field(default=0.4, gt=0, lt=1)
+    preset: str | None = Field(default=None, description="Preset for items that set none.")
+    outputs: list[OutputKind] = Field(default_factory=default_outputs, min_length=1,
+                                      description="Outputs for items that set none.")
     webhook_url: str | None = Field(default=None, description="Receives the items' job events and batch.completed.",
                                     json_schema_extra=HTTP_URL)
     webhook_events: list[JobEvent | BatchEvent] | None = Field(
@@ -257,10 +337,12 @@ class BatchCreate(BaseModel):
 
 
 class BatchCreateMultipart(BaseModel):
-    items: bytes = Field(description="JSONL (item objects) or CSV (header with image_url, optional prompts "
-                                     "separated by |, other columns to metadata).",
+    items: bytes = Field(description="JSONL (item objects) or CSV (header with image_url; optional preset, and "
+                                     "prompts and outputs separated by |; other columns to metadata).",
                          json_schema_extra={"format": "binary"})
     prompts: list[str] | None = None
+    preset: str | None = None
+    outputs: list[OutputKind] | None = Field(default=None, description="Repeat the field once per output.")
     threshold: float | None = None
     webhook_url: str | None = None
     webhook_events: list[JobEvent | BatchEvent] | None = None
@@ -364,3 +446,68 @@ class DeliveryListQuery(PageQuery):
     job_id: str | None = None
     batch_id: str | None = None
     status: str | None = Field(default=None, description="pending, succeeded or failed; several separated by commas.")
+
+
+# ---- presets ------------------------------------------------------------------------------
+
+class PresetLabel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=MAX_LABEL_NAME, description="The label's name in results.")
+    prompts: list[str] = Field(min_length=1, max_length=MAX_PHRASINGS, json_schema_extra=PROMPT_ITEMS,
+                               description=f"1 to {MAX_PHRASINGS} phrasings; their text embeddings are averaged.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("the label name is blank")
+        return value
+
+    @field_validator("prompts")
+    @classmethod
+    def _phrasings(cls, value: list[str]) -> list[str]:
+        return JobParams._prompts(value)
+
+
+class PresetCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="Your id for it (letters, digits, _ . -); not a built-in's.",
+                    json_schema_extra={"pattern": PRESET_ID.pattern, "maxLength": 64})
+    labels: list[PresetLabel] = Field(min_length=1, max_length=MAX_PRESET_LABELS)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not PRESET_ID.match(value):
+            raise ValueError("a preset id is 1 to 64 letters, digits, '_', '.' or '-'")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_names(cls, value: list[PresetLabel]) -> list[PresetLabel]:
+        names = [label.name for label in value]
+        if len(set(names)) != len(names):
+            raise ValueError("label names must be unique within a preset")
+        return value
+
+
+class PresetObject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    object: Literal["preset"]
+    builtin: bool
+    labels: list[PresetLabel]
+
+
+class PresetList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    object: Literal["list"]
+    data: list[PresetObject]
+
+
+PRESET_FIELD_CODES = {"id": "invalid_preset_id", "labels": "invalid_labels"}

@@ -38,11 +38,12 @@ class DeliveryStatus(StrEnum):
 
 
 class JobEvent(StrEnum):
-    """Events a job sends to its webhook (the default set is every final one)."""
+    """Events a job sends to its webhook (the default set is every final one; job.started is opt-in)."""
 
     SUCCEEDED = "job.succeeded"
     FAILED = "job.failed"
     CANCELED = "job.canceled"
+    STARTED = "job.started"
 
     @classmethod
     def for_status(cls, status: str) -> JobEvent | None:

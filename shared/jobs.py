@@ -20,11 +20,11 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
-from shared.enums import UNFINISHED_JOB, JobStatus
+from shared.enums import UNFINISHED_JOB, JobEvent, JobStatus
 from shared.models import Job
 from shared.present import job_object
 from shared.storage import ObjectStorage
-from shared.webhooks import job_event
+from shared.webhooks import job_event, wants_event
 
 # target -> statuses it may be entered from (the contract's only moves)
 ALLOWED_FROM: dict[JobStatus, tuple[JobStatus, ...]] = {
@@ -87,6 +87,20 @@ def mark_running(session: Session, job_id: str, *, model_id: str | None, lease_s
     )
 
 
+def started_event(session: Session, job: Job, storage: ObjectStorage) -> tuple[str, ...]:
+    """The job.started delivery of a job's first run, in mark_running's transaction: a retried job
+    (attempts > 1) sends none, so the event goes out once whatever crashes."""
+    if job.attempts != 1 or not wants_event(job, JobEvent.STARTED):
+        return ()
+    delivery_id = job_event(session, job, job_object(job, storage, long_urls=True), JobEvent.STARTED)
+    return (delivery_id,) if delivery_id else ()
+
+
+def record_model(session: Session, job_id: str, *, model_id: str, revision: str | None) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(model_id=model_id, model_revision=revision)
+                    .execution_options(synchronize_session=False))
+
+
 def renew_leases(session: Session, job_ids: list[str], *, lease_s: float) -> int:
     """The worker's heartbeat: extend the leases of the running jobs it holds."""
     if not job_ids:
@@ -108,10 +122,10 @@ def record_image_size(session: Session, job_id: str, *, width: int, height: int)
 
 
 def mark_succeeded(session: Session, job_id: str, *, results: list[dict[str, Any]],
-                   storage: ObjectStorage) -> Finished | None:
+                   storage: ObjectStorage, output_keys: dict[str, str] | None = None) -> Finished | None:
     """running -> succeeded with its results; None when the job was canceled meanwhile."""
-    job = _transition(session, job_id, JobStatus.SUCCEEDED, results=results, error=None, finished_at=utcnow(),
-                      lease_expires_at=None)
+    job = _transition(session, job_id, JobStatus.SUCCEEDED, results=results, output_keys=output_keys or {},
+                      error=None, finished_at=utcnow(), lease_expires_at=None)
     return None if job is None else _finished(session, job, storage)
 
 

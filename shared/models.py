@@ -54,6 +54,8 @@ class Tenant(Base):
     rate_limit_per_s: Mapped[float | None] = mapped_column(Float)
     rate_limit_burst: Mapped[int | None] = mapped_column(Integer)
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    # Buckets whose objects this tenant's jobs may read as image_s3_uri; None or []: none.
+    input_buckets: Mapped[list[str] | None] = mapped_column(JSONType)
 
 
 class ApiKey(Base):
@@ -84,14 +86,22 @@ class Job(Base):
     image_height: Mapped[int | None] = mapped_column(Integer)
     prompts: Mapped[list[str]] = mapped_column(JSONType)
     threshold: Mapped[float] = mapped_column(Float)
-    # [{"prompt", "mask_key", "bbox", "area_fraction", "score"}]; URLs are presigned at read time
+    # [{"prompt", "source", "bbox", "area_fraction", "score", and by outputs "mask_key", "soft_key",
+    # "cutout_key", "rle"}]; URLs are presigned at read time
     results: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    # What to segment, expanded when the job was created (a later preset edit never changes it):
+    # [{"name", "prompts": [phrasings], "source": "preset" | "text"}]; None on jobs older than presets.
+    labels: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    preset: Mapped[str | None] = mapped_column(String(64))
+    outputs_requested: Mapped[list[str] | None] = mapped_column(JSONType)  # None: ["mask"]
+    output_keys: Mapped[dict[str, str] | None] = mapped_column(JSONType)  # {"label_map": key, "overlay": key}
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSONType, default=dict)
     batch_id: Mapped[str | None] = mapped_column(String(64))
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
     model_id: Mapped[str | None] = mapped_column(Text)
+    model_revision: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # A running job belongs to a worker until this time; the worker's heartbeat extends it.
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -146,6 +156,17 @@ class Batch(Base):
         Index("ix_batches_tenant_created", "tenant_id", created_at.desc(), id.desc()),
         Index("ix_batches_running", "status", postgresql_where=status == BatchStatus.RUNNING),
     )
+
+
+class Preset(Base):
+    """A tenant's own label set; the built-in ones live in code (shared/presets.py)."""
+
+    __tablename__ = "presets"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    labels: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)  # [{"name", "prompts": [...]}]
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 class WebhookDelivery(Base):

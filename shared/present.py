@@ -13,6 +13,23 @@ from shared.enums import DeliveryStatus, JobStatus
 from shared.models import Batch, Job, WebhookDelivery
 from shared.storage import ObjectStorage
 
+# result field -> the stored key it is presigned from
+RESULT_URLS = {"mask_url": "mask_key", "soft_url": "soft_key", "cutout_url": "cutout_key"}
+JOB_OUTPUT_URLS = {"label_map": "label_map_url", "overlay": "overlay_url"}
+
+
+def result_entry(item: dict[str, Any], storage: ObjectStorage, *, long_urls: bool) -> dict[str, Any]:
+    """One label's result: the fields its job asked for (a stored key becomes a presigned URL)."""
+    entry: dict[str, Any] = {"prompt": item["prompt"], "source": item.get("source", "text")}
+    for url_field, key_field in RESULT_URLS.items():
+        if key_field in item:
+            key = item[key_field]
+            entry[url_field] = None if key is None else storage.presign_get(key, long=long_urls)
+    entry.update(bbox=item["bbox"], area_fraction=item["area_fraction"], score=item["score"])
+    if "rle" in item:
+        entry["rle"] = item["rle"]
+    return entry
+
 
 def job_object(job: Job, storage: ObjectStorage, *, long_urls: bool = False) -> dict[str, Any]:
     """The public job object of the contract."""
@@ -20,15 +37,14 @@ def job_object(job: Job, storage: ObjectStorage, *, long_urls: bool = False) -> 
     if job.image_width is not None and job.image_height is not None:
         image = {"width": job.image_width, "height": job.image_height}
     results = []
+    outputs: dict[str, str] = {}
     if job.status == JobStatus.SUCCEEDED:
-        for item in job.results or []:
-            results.append({
-                "prompt": item["prompt"],
-                "mask_url": storage.presign_get(item["mask_key"], long=long_urls),
-                "bbox": item["bbox"],
-                "area_fraction": item["area_fraction"],
-                "score": item["score"],
-            })
+        results = [result_entry(item, storage, long_urls=long_urls) for item in job.results or []]
+        for name, key in (job.output_keys or {}).items():
+            outputs[JOB_OUTPUT_URLS[name]] = storage.presign_get(key, long=long_urls)
+    model = None
+    if job.model_id is not None and job.status != JobStatus.QUEUED:
+        model = {"id": job.model_id, "revision": job.model_revision}
     return {
         "id": job.id,
         "object": "job",
@@ -46,6 +62,14 @@ def job_object(job: Job, storage: ObjectStorage, *, long_urls: bool = False) -> 
         "batch_id": job.batch_id,
         "webhook_url": job.webhook_url,
         "attempts": job.attempts or 0,
+        "preset": job.preset,
+        "outputs_requested": list(job.outputs_requested or ["mask"]),
+        "outputs": outputs,
+        "model": model,
+        "image_prompts": [],
+        "embed": [],
+        "embedding": None,
+        "embedding_model": None,
     }
 
 

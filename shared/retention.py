@@ -21,7 +21,7 @@ from shared.db import session_scope
 from shared.enums import FINISHED_JOB, BatchStatus, DeliveryStatus
 from shared.models import Batch, IdempotencyKey, Job, WebhookDelivery
 from shared.settings import Settings
-from shared.storage import ObjectStorage
+from shared.storage import ObjectStorage, job_object_keys
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def purge_expired(
     while max_chunks is None or chunks < max_chunks:
         with session_scope(sessions) as session:
             rows = session.execute(
-                select(Job.id, Job.upload_key, Job.results)
+                select(Job.id, Job.upload_key, Job.results, Job.output_keys)
                 .where(Job.created_at < cutoff, Job.status.in_(FINISHED_JOB))
                 .order_by(Job.created_at)
                 .limit(chunk)
@@ -53,7 +53,7 @@ def purge_expired(
             if not rows:
                 break
             keys = [r.upload_key for r in rows if r.upload_key]
-            keys += [item["mask_key"] for r in rows for item in (r.results or []) if "mask_key" in item]
+            keys += [key for r in rows for key in job_object_keys(r.results, r.output_keys)]
             if keys:
                 storage.delete(keys)
             session.execute(delete(Job).where(Job.id.in_([r.id for r in rows])))

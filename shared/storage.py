@@ -24,6 +24,18 @@ def mask_key(*, tenant_id: str, job_id: str, index: int) -> str:
     return f"masks/{tenant_id}/{job_id}/{index}.png"
 
 
+def output_key(*, tenant_id: str, job_id: str, name: str) -> str:
+    """A job's other outputs, as deterministic as its masks: `0.soft.png`, `0.cutout.png`,
+    `label_map.png`, `overlay.jpg`."""
+    return f"masks/{tenant_id}/{job_id}/{name}"
+
+
+def job_object_keys(results: list[dict[str, Any]] | None, output_keys: dict[str, str] | None) -> list[str]:
+    """Every object a job's row points at (masks, soft maps, cutouts, label map, overlay)."""
+    keys = [value for item in results or [] for name, value in item.items() if name.endswith("_key") and value]
+    return keys + [key for key in (output_keys or {}).values() if key]
+
+
 class ObjectStorage:
     """A bucket with put/get/delete/presign. Every failure surfaces as StorageFailed."""
 

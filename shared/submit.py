@@ -35,6 +35,7 @@ from shared.errors import IdempotencyKeyReused, QueueFull, QueueUnavailable
 from shared.images import sniff
 from shared.models import Batch, IdempotencyKey, Job, Tenant
 from shared.present import batch_counts, batch_object, job_object
+from shared.presets import expand
 from shared.queue import enqueue_segment, enqueue_segments
 from shared.settings import Settings
 from shared.storage import ObjectStorage, upload_key
@@ -72,6 +73,9 @@ class JobSpec:
     image: bytes | None = None  # bytes to store as the job's upload
     filename: str | None = None
     copy_upload_from: str | None = None  # an upload already in storage (a retry): copied there, not re-sent
+    labels: list[dict[str, Any]] | None = None  # expanded preset labels and prompts (shared.presets.expand)
+    preset: str | None = None
+    outputs: list[str] = field(default_factory=lambda: ["mask"])
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,8 @@ class Submitter:
             "input": job_input, "upload_key": stored_key, "prompts": spec.prompts, "threshold": spec.threshold,
             "results": [], "metadata_": spec.metadata, "batch_id": staged.batch_id, "webhook_url": spec.webhook_url,
             "webhook_events": spec.webhook_events, "enqueued_at": created, "attempts": 0,
+            "labels": spec.labels if spec.labels is not None else expand(None, spec.prompts), "preset": spec.preset,
+            "outputs_requested": list(spec.outputs), "output_keys": {},
         }
 
     def _submit(self, session: Session, *, tenant: Tenant, idempotency: Idempotency | None, adding: int,

@@ -50,12 +50,19 @@ def new_delivery(*, tenant_id: str, event_type: EventType, url: str, data: dict[
     )
 
 
-def job_event(session: Session, job: Job, data: dict[str, Any]) -> str | None:
-    """Add the delivery for a job that just finished, if it has a webhook and wants this event."""
-    event = JobEvent.for_status(job.status)
-    if event is None or not job.webhook_url:
-        return None
-    if job.webhook_events is not None and event not in job.webhook_events:
+def wants_event(job: Job, event: JobEvent) -> bool:
+    """job.started only when named; the final events when named, or when no list was given."""
+    if not job.webhook_url:
+        return False
+    if job.webhook_events is None:
+        return event != JobEvent.STARTED
+    return event in job.webhook_events
+
+
+def job_event(session: Session, job: Job, data: dict[str, Any], event: JobEvent | None = None) -> str | None:
+    """Add the delivery for a job that just finished (or `event`), if it has a webhook and wants it."""
+    event = event or JobEvent.for_status(job.status)
+    if event is None or not job.webhook_url or not wants_event(job, event):
         return None
     delivery = new_delivery(tenant_id=job.tenant_id, event_type=event, url=job.webhook_url, data=data,
                             job_id=job.id, batch_id=job.batch_id)

@@ -1,4 +1,4 @@
-"""The job runner: mark running -> fetch -> decode -> segment -> encode -> store -> record.
+"""The job runner: mark running -> fetch -> decode -> segment -> encode outputs -> store -> record.
 
 A job canceled meanwhile stops at the next stage boundary (after the fetch, after the decode,
 before each upload): nothing more is uploaded, and masks this run already wrote are deleted.
@@ -10,7 +10,6 @@ and the same final row, and does nothing for a finished job.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 from PIL import Image
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,14 +30,20 @@ from shared.fetch import FetchPolicy, fetch_image_bytes
 from shared.followups import Effects
 from shared.images import decode_image
 from shared.models import Job
-from shared.storage import ObjectStorage, mask_key
+from shared.presets import labels_of
+from shared.storage import ObjectStorage, job_object_keys, mask_key, output_key
+from worker.engine.fast import SegmentRequest
+from worker.engine.postprocess import SegmentResult, Wanted
 from worker.leases import LeaseKeeper
+from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, png_gray
 
 log = logging.getLogger(__name__)
 
 
 class Segments(Protocol):
-    def segment(self, image: Image.Image, prompts: list[str], threshold: float) -> Any: ...
+    """The engine as the runner sees it (worker.engine.Segmenter); it may also carry `model_revision`."""
+
+    def run(self, request: SegmentRequest) -> SegmentResult: ...
 
 
 class TransientError(Exception):
@@ -72,11 +78,51 @@ class RunnerDeps:
     follow_up: Callable[[Effects], None] = _no_follow_up
 
 
-def encode_png(mask: Any) -> bytes:
-    """8-bit grayscale PNG (0/255). Fast compression: masks are flat and compress well anyway."""
-    buf = io.BytesIO()
-    Image.fromarray(mask, mode="L").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+@dataclass
+class Encoded:
+    """A job's results rows, output keys and the objects to upload, before any upload."""
+
+    results: list[dict[str, Any]]
+    output_keys: dict[str, str]
+    uploads: list[tuple[str, bytes, str]]  # (key, bytes, content type)
+
+
+def encode_outputs(job: Job, labels: list[dict[str, Any]], outputs: list[str], image: Image.Image,
+                   result: SegmentResult) -> Encoded:
+    """Everything the job asked for, from one model pass, under deterministic keys."""
+    pixels = np.asarray(image) if {"cutout", "overlay"} & set(outputs) else None
+    encoded = Encoded([], {}, [])
+
+    def stage(name: str, data: bytes, content_type: str) -> str:
+        key = output_key(tenant_id=job.tenant_id, job_id=job.id, name=name)
+        encoded.uploads.append((key, data, content_type))
+        return key
+
+    for index, (label, item) in enumerate(zip(labels, result.masks, strict=True)):
+        entry: dict[str, Any] = {
+            "prompt": item.prompt, "source": label.get("source", "text"), "bbox": item.bbox,
+            "area_fraction": round(item.area_fraction, 6), "score": round(item.score, 6),
+        }
+        if "mask" in outputs:
+            key = mask_key(tenant_id=job.tenant_id, job_id=job.id, index=index)
+            encoded.uploads.append((key, png_gray(item.mask), "image/png"))
+            entry["mask_key"] = key
+        if "soft" in outputs and item.soft is not None:
+            entry["soft_key"] = stage(f"{index}.soft.png", png_gray(item.soft), "image/png")
+        if "rle" in outputs:
+            entry["rle"] = coco_rle(item.mask)
+        if "cutout" in outputs and pixels is not None and item.soft is not None:
+            cut = cutout_png(pixels, item.soft, item.bbox)
+            entry["cutout_key"] = None if cut is None else stage(f"{index}.cutout.png", cut, "image/png")
+        encoded.results.append(entry)
+    if result.label_map is not None:
+        if "label_map" in outputs:
+            encoded.output_keys["label_map"] = stage("label_map.png", label_map_png(result.label_map, len(labels)),
+                                                     "image/png")
+        if "overlay" in outputs and pixels is not None:
+            encoded.output_keys["overlay"] = stage("overlay.jpg", overlay_jpeg(pixels, result.label_map, len(labels)),
+                                                   "image/jpeg")
+    return encoded
 
 
 def run_job(job_id: str, *, deps: RunnerDeps, retry_storage: bool = False) -> str:
@@ -91,6 +137,9 @@ def run_job(job_id: str, *, deps: RunnerDeps, retry_storage: bool = False) -> st
     try:
         with session_scope(deps.sessions) as session:
             job = jobstate.mark_running(session, job_id, model_id=deps.model_id, lease_s=deps.lease_s)
+            started_deliveries = () if job is None else jobstate.started_event(session, job, deps.storage)
+        if started_deliveries:
+            deps.follow_up(Effects.of(delivery_ids=started_deliveries))
         if job is None:
             log.info("job not runnable (finished, canceled, unknown or leased elsewhere); message dropped",
                      extra=ctx)
@@ -141,35 +190,42 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         with stages.time("decode"):
             image = decode_image(data, max_pixels=deps.max_pixels)
         del data
+        segmenter = deps.segmenter()  # loads the model on the process's first job
         with session_scope(deps.sessions) as session:
             status = jobstate.record_image_size(session, job.id, width=image.width, height=image.height)
+            jobstate.record_model(session, job.id, model_id=deps.model_id,
+                                  revision=getattr(segmenter, "model_revision", None))
         if status != JobStatus.RUNNING:
             log.info("job canceled before inference; it takes no batcher slot", extra=ctx)
             return _finish(deps, started, JobStatus.CANCELED)
+        labels = labels_of(job.labels, list(job.prompts))
+        outputs = list(job.outputs_requested or ["mask"])
+        wanted = Wanted(soft=bool({"soft", "cutout"} & set(outputs)),
+                        label_map=bool({"label_map", "overlay"} & set(outputs)))
+        request = SegmentRequest(image, [label["name"] for label in labels], job.threshold,
+                                 phrasings=[tuple(label["prompts"]) for label in labels], wanted=wanted)
         with stages.time("infer"):
-            result = deps.segmenter().segment(image, list(job.prompts), job.threshold)
-        results: list[dict[str, Any]] = []
-        for index, item in enumerate(result.masks):
-            key = mask_key(tenant_id=job.tenant_id, job_id=job.id, index=index)
-            with stages.time("encode"):
-                png = encode_png(item.mask)
+            result = segmenter.run(request)
+        with stages.time("encode"):
+            encoded = encode_outputs(job, labels, outputs, image, result)
+        del result
+        uploaded: list[str] = []
+        for index, (key, data, content_type) in enumerate(encoded.uploads):
             if not _still_running(deps, job.id):
                 log.info("job canceled before upload %d of %d; nothing more is uploaded", index + 1,
-                         len(result.masks), extra=ctx)
-                deps.storage.delete([r["mask_key"] for r in results])
+                         len(encoded.uploads), extra=ctx)
+                deps.storage.delete(uploaded)
                 return _finish(deps, started, JobStatus.CANCELED)
             with stages.time("upload"):
-                deps.storage.put(key, png, content_type="image/png")
-            results.append({
-                "prompt": item.prompt, "mask_key": key, "bbox": item.bbox,
-                "area_fraction": round(item.area_fraction, 6), "score": round(item.score, 6),
-            })
+                deps.storage.put(key, data, content_type=content_type)
+            uploaded.append(key)
         with session_scope(deps.sessions) as session:
-            done = jobstate.mark_succeeded(session, job.id, results=results, storage=deps.storage)
+            done = jobstate.mark_succeeded(session, job.id, results=encoded.results, storage=deps.storage,
+                                           output_keys=encoded.output_keys)
         stages.flush()
         if done is None:
-            log.info("job canceled during inference; its masks are discarded", extra=ctx)
-            deps.storage.delete([r["mask_key"] for r in results])
+            log.info("job canceled during inference; its outputs are discarded", extra=ctx)
+            deps.storage.delete(job_object_keys(encoded.results, encoded.output_keys))
             return _finish(deps, started, JobStatus.CANCELED)
         log.info("job succeeded", extra=ctx | {"duration_ms": round((time.monotonic() - started) * 1000)})
         deps.follow_up(Effects.of([done]))

@@ -111,6 +111,32 @@ def test_jsonl_and_csv_uploads(wh_client, tenant, image_server):
     assert all(j["status"] == "succeeded" for j in lines)
 
 
+def test_presets_and_outputs_as_batch_defaults_items_and_csv_columns(wh_client, tenant, image_server):
+    ok = image_server.add(f"/b-{uuid.uuid4().hex[:6]}.jpg", make_image(48, 32))
+    resp = wh_client.post("/v1/batches", headers=tenant.headers, json={
+        "preset": "clothing", "outputs": ["mask", "rle"],
+        "items": [{"image_url": ok}, {"image_url": ok, "preset": "human_parsing", "outputs": ["label_map"]},
+                  {"image_url": ok, "prompts": ["hat"]}]})
+    assert resp.status_code == 202, resp.get_json()
+    lines = manifest(wait_batch(wh_client, tenant, resp.get_json()["id"]))
+    assert [j["status"] for j in lines] == ["succeeded"] * 3
+    assert [j["preset"] for j in lines] == ["clothing", "human_parsing", "clothing"]
+    assert [j["outputs_requested"] for j in lines] == [["mask", "rle"], ["label_map"], ["mask", "rle"]]
+    assert [len(j["results"]) for j in lines] == [3, 17, 4]
+    assert lines[2]["results"][3]["prompt"] == "hat" and lines[2]["results"][3]["source"] == "text"
+    assert "rle" in lines[0]["results"][0] and "mask_url" in lines[0]["results"][0]
+    assert "label_map_url" in lines[1]["outputs"] and "mask_url" not in lines[1]["results"][0]
+
+    csv_text = f"image_url,preset,outputs,prompts\n{ok},clothing,cutout|overlay,\n{ok},,,dress\n"
+    resp = wh_client.post("/v1/batches", headers=tenant.headers, content_type="multipart/form-data", data={
+        "items": (io.BytesIO(csv_text.encode()), "catalog.csv", "text/csv"), "outputs": ["soft"]})
+    assert resp.status_code == 202, resp.get_json()
+    lines = manifest(wait_batch(wh_client, tenant, resp.get_json()["id"]))
+    assert [(j["preset"], j["outputs_requested"], j["prompts"]) for j in lines] == [
+        ("clothing", ["cutout", "overlay"], []), (None, ["soft"], ["dress"])]
+    assert "overlay_url" in lines[0]["outputs"] and "soft_url" in lines[1]["results"][0]
+
+
 @pytest.mark.parametrize(("body", "code", "field"), [
     ({"prompts": ["a"], "items": []}, "invalid_items", "items"),
     ({"prompts": ["a"]}, "invalid_items", "items"),
@@ -126,6 +152,15 @@ def test_jsonl_and_csv_uploads(wh_client, tenant, image_server):
      "invalid_batch_item", "items[0].metadata"),
     ({"prompts": ["a"], "webhook_events": ["batch.exploded"], "items": [{"image_url": "https://x.test/1.jpg"}]},
      "invalid_webhook_events", None),
+    ({"prompts": ["a"], "items": [{"image_url": "https://x.test/1.jpg"}, {"image_url": "https://x.test/2.jpg",
+                                                                          "preset": "nope"}]},
+     "invalid_batch_item", "items[1].preset"),
+    ({"prompts": ["a"], "items": [{"image_url": "https://x.test/1.jpg", "outputs": ["mask", "svg"]}]},
+     "invalid_batch_item", "items[0].outputs"),
+    ({"prompts": ["a"], "outputs": ["svg"], "items": [{"image_url": "https://x.test/1.jpg"}]},
+     "invalid_outputs", None),
+    ({"preset": "human_parsing", "prompts": [f"p{i}" for i in range(16)],
+      "items": [{"image_url": "https://x.test/1.jpg"}]}, "invalid_batch_item", "items[0].prompts"),
 ])
 def test_an_invalid_item_fails_the_whole_request_and_nothing_is_queued(client, tenant, sessions, body, code, field):
     resp = client.post("/v1/batches", json=body, headers=tenant.headers)

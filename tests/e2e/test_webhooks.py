@@ -128,3 +128,20 @@ def test_webhook_urls_obey_the_address_rules(tenant):
     for url in ("http://127.0.0.1:9/hook", "http://169.254.169.254/latest/", "http://localhost:9/h"):
         outcome = send("msg_x", url, json.dumps({"type": "job.succeeded"}), tenant.webhook_secret, strict, 2)
         assert outcome.status_code is None and outcome.permanent and "non-public" in (outcome.error or "")
+
+
+def test_job_started_comes_before_the_final_event_when_asked_for(wh_client, tenant, receiver, image_server):
+    url = image_server.add(f"/wh-{uuid.uuid4().hex[:6]}.jpg", make_image(40, 30))
+    hook = receiver.url(f"/started-{uuid.uuid4().hex[:6]}", 200)
+    job_id = wh_client.post("/v1/jobs", json={"image_url": url, "prompts": ["shirt"], "webhook_url": hook,
+                                              "webhook_events": ["job.succeeded", "job.started"]},
+                            headers=tenant.headers).get_json()["id"]
+    assert wait_for_job(wh_client, tenant, job_id)["status"] == "succeeded"
+    requests_seen = receiver.wait(hook.removeprefix(receiver.base), 2)
+    events = [verify(tenant, r) for r in requests_seen]
+    assert sorted(e["type"] for e in events) == ["job.started", "job.succeeded"]
+    started = next(e for e in events if e["type"] == "job.started")
+    assert started["data"]["id"] == job_id and started["data"]["status"] == "running"
+    assert started["data"]["attempts"] == 1 and started["data"]["results"] == []
+    time.sleep(1.5)
+    assert len(receiver.at(hook.removeprefix(receiver.base))) == 2  # nothing more came

@@ -84,10 +84,10 @@ def test_cancel_during_inference_is_not_overwritten(deps, sessions, storage, ten
     real = deps.segmenter()
 
     class CancelingSegmenter:
-        def segment(self, image, prompts, threshold):
+        def run(self, request):
             with session_scope(sessions) as session:  # the user cancels while the model runs
                 jobstate.cancel(session, job_id, storage=storage)
-            return real.segment(image, prompts, threshold)
+            return real.run(request)
 
     with (mock.patch.object(deps, "segmenter", lambda: CancelingSegmenter()),
           mock.patch.object(deps.storage, "put", wraps=deps.storage.put) as put):  # a spy: what was written
@@ -125,7 +125,7 @@ def test_unexpected_error_fails_with_internal(deps, sessions, storage, tenant):
     job_id = new_upload_job(sessions, storage, tenant)
 
     class Broken:
-        def segment(self, image, prompts, threshold):
+        def run(self, request):
             raise RuntimeError("CUDA error: device-side assert")
 
     with mock.patch.object(deps, "segmenter", lambda: Broken()):
@@ -153,3 +153,49 @@ def test_duplicate_message_while_leased_elsewhere_is_skipped(deps, sessions, sto
     assert run_job(job_id, deps=deps) == "succeeded"
     job = load(sessions, job_id)
     assert job.attempts == 2 and job.lease_expires_at is None
+
+
+def started_deliveries(sessions, job_id) -> list:
+    from sqlalchemy import select
+
+    from shared.models import WebhookDelivery
+
+    with sessions() as session:
+        return list(session.execute(select(WebhookDelivery.event_type).where(
+            WebhookDelivery.job_id == job_id, WebhookDelivery.event_type == "job.started")).scalars())
+
+
+def with_webhook(sessions, job_id, events) -> None:
+    with session_scope(sessions) as session:
+        job = session.get(Job, job_id)
+        job.webhook_url, job.webhook_events = "https://hooks.example.com/x", events
+
+
+def test_job_started_is_sent_once_even_when_the_job_runs_again(deps, sessions, storage, tenant):
+    job_id = new_upload_job(sessions, storage, tenant)
+    with_webhook(sessions, job_id, ["job.started", "job.succeeded"])
+    with session_scope(sessions) as session:  # a first worker took it, then died mid-job
+        taken = jobstate.mark_running(session, job_id, model_id="m", lease_s=300)
+        assert jobstate.started_event(session, taken, storage) != ()
+    with session_scope(sessions) as session:
+        session.get(Job, job_id).lease_expires_at = utcnow() - dt.timedelta(seconds=1)
+    assert run_job(job_id, deps=deps) == "succeeded"  # the retry: attempt 2
+    assert started_deliveries(sessions, job_id) == ["job.started"]
+    assert load(sessions, job_id).attempts == 2
+
+
+def test_job_started_only_when_asked_for(deps, sessions, storage, tenant):
+    asked, default = new_upload_job(sessions, storage, tenant), new_upload_job(sessions, storage, tenant)
+    with_webhook(sessions, asked, ["job.started"])
+    with_webhook(sessions, default, None)  # the default set: the three final events
+    assert run_job(asked, deps=deps) == run_job(default, deps=deps) == "succeeded"
+    assert started_deliveries(sessions, asked) == ["job.started"]
+    assert started_deliveries(sessions, default) == []
+
+
+def test_the_job_records_the_model_that_ran_it(deps, sessions, storage, tenant):
+    job_id = new_upload_job(sessions, storage, tenant)
+    run_job(job_id, deps=deps)
+    job = load(sessions, job_id)
+    assert job.model_id == deps.model_id
+    assert job.model_revision == deps.segmenter().model_revision and job.model_revision.startswith("sha256:")

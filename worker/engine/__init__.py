@@ -12,18 +12,18 @@ from PIL import Image
 from worker.engine.batcher import DynamicBatcher
 from worker.engine.fast import FastEngine, SegmentRequest
 from worker.engine.loading import LoadedModel, load_clipseg
-from worker.engine.postprocess import PromptMask, SegmentResult
+from worker.engine.postprocess import PromptMask, SegmentResult, Wanted
 from worker.engine.stock import StockEngine
 
 __all__ = [
     "FastEngine", "LoadedModel", "PromptMask", "SegmentRequest", "SegmentResult", "Segmenter", "StockEngine",
-    "load_clipseg", "open_segmenter",
+    "Wanted", "load_clipseg", "open_segmenter",
 ]
 
 
 @dataclass
 class Segmenter:
-    """What the job runner calls: thread-safe `segment(image, prompts, threshold)`."""
+    """What the job runner calls: thread-safe `run(SegmentRequest)` (or `segment(image, prompts, threshold)`)."""
 
     loaded: LoadedModel
     kind: str
@@ -31,12 +31,19 @@ class Segmenter:
     stock: StockEngine | None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def segment(self, image: Image.Image, prompts: list[str], threshold: float) -> SegmentResult:
+    @property
+    def model_revision(self) -> str | None:
+        return self.loaded.revision
+
+    def run(self, request: SegmentRequest) -> SegmentResult:
         if self.batcher is not None:
-            return self.batcher(SegmentRequest(image, prompts, threshold))
+            return self.batcher(request)
         assert self.stock is not None
         with self._lock:  # one forward at a time on the device, like the fast path's single thread
-            return self.stock.segment(image, prompts, threshold)
+            return self.stock.run(request)
+
+    def segment(self, image: Image.Image, prompts: list[str], threshold: float) -> SegmentResult:
+        return self.run(SegmentRequest(image, prompts, threshold))
 
     def close(self) -> None:
         if self.batcher is not None:

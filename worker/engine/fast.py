@@ -4,7 +4,8 @@ Compared with the stock call (image repeated per prompt, all vision layers), per
 - runs the vision encoder once per image, and only up to the deepest layer in
   `config.extract_layers` (the decoder reads nothing later; the pooled output is unused);
 - expands those activations per prompt (an index_select) for the light decoder;
-- takes text embeddings from a bounded LRU cache keyed by prompt string;
+- takes text embeddings from a bounded LRU cache keyed by label (its tuple of phrasings; a label
+  with several phrasings gets their ensemble, computed once);
 - stacks images from many jobs into one forward pass;
 - resizes and normalises on the device (antialiased bilinear, like the processor's PIL resize),
   and upsamples/thresholds on the device (postprocess.py).
@@ -25,14 +26,36 @@ import torch.nn.functional as F
 from PIL import Image
 
 from worker.engine.loading import LoadedModel
-from worker.engine.postprocess import SegmentResult, logits_to_masks
+from worker.engine.postprocess import SegmentResult, Wanted, upsample
+
+Phrasings = tuple[str, ...]
 
 
 @dataclass
 class SegmentRequest:
     image: Image.Image | np.ndarray  # RGB; an (H, W, 3) uint8 array is used as is
-    prompts: list[str]
+    prompts: list[str]  # one name per label (a text prompt is its own name)
     threshold: float
+    phrasings: list[Phrasings] | None = None  # per label; None: each prompt is its label's one phrasing
+    wanted: Wanted = Wanted()
+
+    def label_keys(self) -> list[Phrasings]:
+        if self.phrasings is None:
+            return [(p,) for p in self.prompts]
+        if len(self.phrasings) != len(self.prompts) or not all(self.phrasings):
+            raise ValueError("each label needs one or more phrasings")
+        return [tuple(p) for p in self.phrasings]
+
+
+def ensemble(embeddings: torch.Tensor) -> torch.Tensor:
+    """Prompt ensembling as CLIP's zero-shot classifiers do it: the mean of the unit-length
+    phrasing embeddings, renormalised, then given the phrasings' mean length, since CLIPSeg's
+    decoder is conditioned on unnormalised embeddings (FiLM)."""
+    if embeddings.shape[0] == 1:
+        return embeddings[0]
+    norms = embeddings.norm(dim=-1, keepdim=True)
+    direction = (embeddings / norms).mean(dim=0)
+    return direction / direction.norm() * norms.mean()
 
 
 def as_uint8_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -43,19 +66,20 @@ def as_uint8_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 class TextEmbeddingCache:
-    """prompt string -> conditional embedding, least recently used evicted beyond `capacity`."""
+    """label (tuple of phrasings) -> conditional embedding, least recently used evicted beyond `capacity`."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[Phrasings, torch.Tensor] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get_many(self, prompts: Sequence[str], compute: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+    def get_many(self, prompts: Sequence[Phrasings],
+                 compute: Callable[[list[Phrasings]], torch.Tensor]) -> torch.Tensor:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._items))
         self.misses += len(missing)
         self.hits += len(prompts) - len(missing)
-        fresh: dict[str, torch.Tensor] = {}
+        fresh: dict[Phrasings, torch.Tensor] = {}
         if missing:
             embeddings = compute(missing)
             fresh = dict(zip(missing, embeddings, strict=True))
@@ -146,23 +170,33 @@ class FastEngine:
             attention_mask=tokens["attention_mask"].to(lm.device),
         )
 
+    def _label_embeddings(self, labels: list[Phrasings]) -> torch.Tensor:
+        """One text-model pass for every distinct phrasing, then one embedding per label."""
+        phrases = list(dict.fromkeys(p for label in labels for p in label))
+        embeddings = self._text_embeddings(phrases)
+        row = {phrase: index for index, phrase in enumerate(phrases)}
+        return torch.stack([ensemble(embeddings[[row[p] for p in label]]) for label in labels])
+
     # ---- public -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def batch_logits(self, images: Sequence[np.ndarray], prompts: Sequence[list[str]]) -> list[torch.Tensor]:
+    def batch_logits(self, images: Sequence[np.ndarray],
+                     labels: Sequence[list[str]] | Sequence[list[Phrasings]]) -> list[torch.Tensor]:
         """Per image, (P_i, h, w) float32 logits on the device; one vision pass for the batch."""
-        return self.logits_from_pixels(self.preprocess(images), prompts)
+        return self.logits_from_pixels(self.preprocess(images), labels)
 
     @torch.inference_mode()
-    def logits_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[list[str]]) -> list[torch.Tensor]:
-        """The model part alone, from normalised (B, 3, S, S) pixel values."""
+    def logits_from_pixels(self, pixels: torch.Tensor,
+                           labels: Sequence[list[str]] | Sequence[list[Phrasings]]) -> list[torch.Tensor]:
+        """The model part alone, from normalised (B, 3, S, S) pixel values. Per image, its labels:
+        prompt strings, or tuples of phrasings (ensembled)."""
         pixels = pixels.to(self.loaded.device, self.dtype)
         activations = self._vision_fn(pixels)
-        counts = [len(p) for p in prompts]
+        counts = [len(p) for p in labels]
         index = torch.repeat_interleave(torch.arange(len(counts), device=pixels.device),
                                         torch.tensor(counts, device=pixels.device))
-        flat = [p for group in prompts for p in group]
+        flat = [label if isinstance(label, tuple) else (label,) for group in labels for label in group]
         with self._lock:
-            conditional = self.text_cache.get_many(flat, self._text_embeddings)
+            conditional = self.text_cache.get_many(flat, self._label_embeddings)
         expanded = [a.index_select(0, index) for a in activations]
         logits = self._decoder_fn(expanded, conditional.to(self.dtype)).float()
         if logits.dim() == 2:
@@ -172,12 +206,12 @@ class FastEngine:
     @torch.inference_mode()
     def segment_batch(self, requests: Sequence[SegmentRequest]) -> list[SegmentResult]:
         arrays = [as_uint8_array(r.image) for r in requests]
-        per_image = self.batch_logits(arrays, [r.prompts for r in requests])
+        per_image = self.batch_logits(arrays, [r.label_keys() for r in requests])
         results = []
         for req, arr, logits in zip(requests, arrays, per_image, strict=True):
-            masks = logits_to_masks(logits, prompts=req.prompts, height=arr.shape[0], width=arr.shape[1],
-                                    threshold=req.threshold)
-            results.append(SegmentResult(masks, logits.cpu()))
+            masks, label_map = upsample(logits, prompts=req.prompts, height=arr.shape[0], width=arr.shape[1],
+                                        threshold=req.threshold, wanted=req.wanted)
+            results.append(SegmentResult(masks, logits.cpu(), label_map))
         return results
 
     def segment(self, image: Image.Image | np.ndarray, prompts: list[str], threshold: float) -> SegmentResult:

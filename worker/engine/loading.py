@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,25 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: str
+    revision: str | None = None  # the hub commit, or sha256 of a local folder's weights
+
+
+def checkpoint_revision(source: str, model: Any) -> str | None:
+    """What exactly ran: for a local folder, "sha256:" + the digest of its weight files (in name
+    order); for a hub id, the commit transformers resolved (config._commit_hash)."""
+    folder = Path(source)
+    if folder.is_dir():
+        files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        if not files:
+            return None
+        digest = hashlib.sha256()
+        for path in files:
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        return "sha256:" + digest.hexdigest()
+    commit = getattr(model.config, "_commit_hash", None)
+    return str(commit) if commit else None
 
 
 def read_preprocessing(image_processor: Any) -> Preprocessing:
@@ -95,4 +115,4 @@ def load_clipseg(source: str, *, device: str = "auto", dtype: str = "bf16") -> L
     where = "directory" if Path(source).is_dir() else "hub"
     log.info("loaded CLIPSeg from %s %s on %s (%s)", where, source, dev, torch_dtype)
     return LoadedModel(model, processor, processor.tokenizer, read_preprocessing(processor.image_processor),
-                       dev, torch_dtype, source)
+                       dev, torch_dtype, source, checkpoint_revision(source, model))

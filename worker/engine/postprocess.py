@@ -1,4 +1,9 @@
-"""Low-resolution logits -> per-prompt masks at the image's size, on the model's device."""
+"""Low-resolution logits -> everything a job returns at the image's size, on the model's device.
+
+One upsampling per label gives the probability map p; from it come the binary mask (p >= t),
+the soft map (round(255 * p)), the label map (1 + the most probable label where it reaches t,
+else 0), the score, the box and the area. Only what the job asked for leaves the device.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +25,22 @@ class PromptMask:
     score: float  # highest probability anywhere in the image
     bbox: list[int] | None  # [x0, y0, x1, y1], exclusive end
     area_fraction: float
+    soft: np.ndarray | None = None  # (H, W) uint8 round(255 * p), when asked for
 
 
 @dataclass
 class SegmentResult:
     masks: list[PromptMask]
     logits: torch.Tensor  # (P, h, w) float32 on CPU at the model's output resolution
+    label_map: np.ndarray | None = None  # (H, W) uint8: 0 none, else 1 + index of the most probable label
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What to bring back from the device besides the binary masks."""
+
+    soft: bool = False
+    label_map: bool = False
 
 
 def _bboxes(mask: torch.Tensor) -> list[list[int] | None]:
@@ -44,23 +59,50 @@ def _bboxes(mask: torch.Tensor) -> list[list[int] | None]:
     return [box if ok else None for box, ok in zip(boxes, nonempty, strict=True)]
 
 
-def logits_to_masks(
-    logits: torch.Tensor, *, prompts: list[str], height: int, width: int, threshold: float
-) -> list[PromptMask]:
-    """Bilinear upsampling of (P, h, w) logits to (H, W), sigmoid, threshold; stats on the device."""
+def upsample(
+    logits: torch.Tensor, *, prompts: list[str], height: int, width: int, threshold: float,
+    wanted: Wanted = Wanted(),
+) -> tuple[list[PromptMask], np.ndarray | None]:
+    """Bilinear upsampling of (P, h, w) logits to (H, W), sigmoid, then masks (and soft maps, and the
+    label map, if wanted) with their stats, in chunks that bound device memory."""
+    if len(prompts) > 254:
+        raise ValueError("a label map holds at most 254 labels")
     out: list[PromptMask] = []
     step = max(1, MAX_UPSAMPLE_ELEMENTS // (height * width))
     logits = logits.float()
+    best = best_index = None
+    if wanted.label_map:
+        best = torch.full((height, width), -1.0, device=logits.device)
+        best_index = torch.zeros((height, width), dtype=torch.uint8, device=logits.device)
     for start in range(0, logits.shape[0], step):
         chunk = logits[start : start + step].unsqueeze(1)
         up = F.interpolate(chunk, size=(height, width), mode="bilinear", align_corners=False).squeeze(1)
         prob = torch.sigmoid(up)
+        del up
         scores = prob.amax(dim=(1, 2)).tolist()
         mask = prob >= threshold
-        del up, prob
+        soft = (prob * 255).round_().to(torch.uint8).cpu().numpy() if wanted.soft else None
+        if best is not None and best_index is not None:
+            top, arg = prob.max(dim=0)
+            better = top > best  # ties keep the earlier label
+            best = torch.where(better, top, best)
+            best_index = torch.where(better, (arg + start + 1).to(torch.uint8), best_index)
+            del top, arg, better
+        del prob
         areas = (mask.sum(dim=(1, 2)).double() / (height * width)).tolist()
         boxes = _bboxes(mask)
         pixels = (mask.to(torch.uint8) * 255).cpu().numpy()
         for i in range(mask.shape[0]):
-            out.append(PromptMask(prompts[start + i], pixels[i], float(scores[i]), boxes[i], float(areas[i])))
-    return out
+            out.append(PromptMask(prompts[start + i], pixels[i], float(scores[i]), boxes[i], float(areas[i]),
+                                  None if soft is None else soft[i]))
+    label_map = None
+    if best is not None and best_index is not None:
+        label_map = torch.where(best >= threshold, best_index, 0).cpu().numpy()
+    return out, label_map
+
+
+def logits_to_masks(
+    logits: torch.Tensor, *, prompts: list[str], height: int, width: int, threshold: float
+) -> list[PromptMask]:
+    """Binary masks (and stats) alone."""
+    return upsample(logits, prompts=prompts, height=height, width=width, threshold=threshold)[0]

@@ -1,0 +1,203 @@
+"""The output kinds from one model pass (tiny model, CPU): soft vs mask, label map vs masks,
+COCO RLE vs pycocotools, cutouts, palettes, and prompt ensembles against stock transformers."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from worker.engine import FastEngine, SegmentRequest, StockEngine, Wanted, load_clipseg
+from worker.engine.fast import ensemble
+from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, palette
+from worker.runner import encode_outputs
+
+pytestmark = pytest.mark.unit
+
+PROMPTS = ["shirt", "pants", "a long red dress", "shoes"]
+
+
+def picture(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = np.full((height, width, 3), 128.0)
+    for _ in range(5):
+        x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+        base[y0 : y0 + height // 3, x0 : x0 + width // 3] = rng.integers(0, 255, 3)
+    base += rng.normal(0, 10, base.shape)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_clipseg(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fast(loaded):
+    return FastEngine(loaded)
+
+
+@pytest.fixture(scope="module")
+def everything(fast):
+    """One pass asking for soft maps and the label map, on a non-square image."""
+    image = picture(150, 110, seed=4)
+    request = SegmentRequest(image, PROMPTS, 0.5, wanted=Wanted(soft=True, label_map=True))
+    return image, fast.segment_batch([request])[0]
+
+
+def probabilities(result, height, width):
+    up = torch.nn.functional.interpolate(result.logits.unsqueeze(1), size=(height, width), mode="bilinear",
+                                         align_corners=False).squeeze(1)
+    return torch.sigmoid(up).numpy()
+
+
+def test_soft_is_the_rounded_probability_and_the_mask_its_threshold(everything):
+    image, result = everything
+    p = probabilities(result, image.height, image.width)
+    for index, item in enumerate(result.masks):
+        assert item.soft.shape == item.mask.shape == (image.height, image.width) and item.soft.dtype == np.uint8
+        assert np.abs(item.soft.astype(np.float64) - 255 * p[index]).max() <= 0.5 + 1e-3
+        assert np.array_equal(item.mask == 255, p[index] >= 0.5)
+        # what a compositor sees: masked pixels are the ones whose soft value reaches the threshold
+        on, off = item.soft[item.mask == 255], item.soft[item.mask == 0]
+        assert (on.size == 0 or on.min() >= 127) and (off.size == 0 or off.max() <= 128)
+    assert any(0 < (m.mask == 255).mean() < 1 for m in result.masks)  # the case is not degenerate
+
+
+def test_label_map_is_the_most_probable_label_that_reaches_the_threshold(everything):
+    image, result = everything
+    p = probabilities(result, image.height, image.width)
+    label_map = result.label_map
+    assert label_map.shape == (image.height, image.width) and label_map.dtype == np.uint8
+    none = ~np.any([m.mask == 255 for m in result.masks], axis=0)
+    assert np.array_equal(label_map == 0, none)
+    best = p.argmax(axis=0) + 1
+    assert np.array_equal(label_map[~none], best[~none])
+    for index, item in enumerate(result.masks):
+        assert np.all(item.mask[label_map == index + 1] == 255)
+    assert len(np.unique(label_map)) > 2
+
+
+def test_a_pass_without_extras_brings_back_only_masks(fast):
+    result = fast.segment(picture(40, 30, seed=1), PROMPTS[:2], 0.5)
+    assert result.label_map is None and all(m.soft is None for m in result.masks)
+
+
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**32 - 1), st.floats(0, 1))
+def test_rle_is_exactly_what_pycocotools_gives(height, width, seed, density):
+    mask = (np.random.default_rng(seed).random((height, width)) < density).astype(np.uint8) * 255
+    rle = coco_rle(mask)
+    want = coco_mask.encode(np.asfortranarray((mask > 0).astype(np.uint8)))
+    assert rle == {"size": [height, width], "counts": want["counts"].decode("ascii")}
+    back = coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+    assert np.array_equal(back, mask > 0)
+
+
+def test_cutout_is_the_bbox_crop_with_the_soft_map_as_alpha(everything):
+    image, result = everything
+    pixels = np.asarray(image)
+    item = next(m for m in result.masks if m.bbox is not None)
+    x0, y0, x1, y1 = item.bbox
+    cut = Image.open(io.BytesIO(cutout_png(pixels, item.soft, item.bbox)))
+    assert cut.format == "PNG" and cut.mode == "RGBA" and cut.size == (x1 - x0, y1 - y0)
+    rgba = np.asarray(cut)
+    assert np.array_equal(rgba[..., :3], pixels[y0:y1, x0:x1])
+    assert np.array_equal(rgba[..., 3], item.soft[y0:y1, x0:x1])
+    assert cutout_png(pixels, item.soft, None) is None
+
+
+def test_label_map_png_is_data_and_a_picture(everything):
+    image, result = everything
+    png = Image.open(io.BytesIO(label_map_png(result.label_map, len(PROMPTS))))
+    assert png.format == "PNG" and png.mode == "P" and png.size == image.size
+    assert np.array_equal(np.asarray(png), result.label_map)
+    colours = np.asarray(png.getpalette()[: 3 * (len(PROMPTS) + 1)]).reshape(-1, 3)
+    assert tuple(colours[0]) == (0, 0, 0)
+    assert len({tuple(c) for c in colours}) == len(PROMPTS) + 1  # every label its own colour
+    rgb = np.asarray(png.convert("RGB"))
+    assert np.array_equal(rgb[result.label_map == 1][0], colours[1])
+
+
+def test_palette_colours_stay_distinct_for_32_labels():
+    colours = palette(32)[1:33].astype(int)
+    distances = np.abs(colours[:, None, :] - colours[None, :, :]).sum(axis=2) + np.eye(32, dtype=int) * 999
+    assert distances.min() >= 20
+
+
+def test_overlay_tints_labelled_pixels_and_leaves_the_rest():
+    """On a smooth picture with block-shaped labels (JPEG's 4:2:0 chroma blurs a speckled map)."""
+    yy, xx = np.mgrid[0:96, 0:128]
+    pixels = np.stack([xx * 2, yy * 2, np.full_like(xx, 120)], axis=-1).astype(np.uint8)
+    label_map = np.zeros((96, 128), dtype=np.uint8)
+    label_map[8:40, 8:56] = 1
+    label_map[48:88, 64:120] = 3
+    jpeg = Image.open(io.BytesIO(overlay_jpeg(pixels, label_map, 3)))
+    assert jpeg.format == "JPEG" and jpeg.mode == "RGB" and jpeg.size == (128, 96)
+    got = np.asarray(jpeg).astype(float)
+    colours = palette(3).astype(float)
+    expected = pixels.astype(float)
+    tinted = label_map > 0
+    expected[tinted] = (expected[tinted] + colours[label_map[tinted]]) / 2
+    inner = np.zeros_like(tinted)
+    inner[2:-2, 2:-2] = True  # away from the picture's edge
+    assert np.abs(got - expected)[inner].mean() < 3
+    assert np.abs(got - pixels)[tinted].mean() > 20  # visibly tinted
+    assert np.abs(got - pixels)[~tinted & inner].mean() < 3  # and the rest left alone
+
+
+def test_ensemble_of_one_phrasing_is_that_phrasing():
+    e = torch.randn(1, 16)
+    assert torch.equal(ensemble(e), e[0])
+
+
+def test_ensemble_points_along_the_mean_direction_with_the_mean_length():
+    e = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    out = ensemble(e)
+    assert out.norm().item() == pytest.approx(2.0)
+    assert (out / out.norm()).tolist() == pytest.approx([2 ** -0.5, 2 ** -0.5])
+
+
+def test_preset_labels_match_stock_transformers_with_the_same_ensemble(loaded, fast):
+    """The engine's ensembled labels against CLIPSegForImageSegmentation called with the ensembled
+    conditional embeddings (stock.ensemble_logits), same pixels in."""
+    image = picture(120, 90, seed=7)
+    phrasings = [("a shirt", "a t-shirt", "a blouse"), ("pants",), ("a dress", "a gown")]
+    names = ["upper", "lower", "full"]
+    ours = fast.segment_batch([SegmentRequest(image, names, 0.4, phrasings=phrasings)])[0]
+    theirs = StockEngine(loaded).run(SegmentRequest(image, names, 0.4, phrasings=phrasings))
+    assert [m.prompt for m in ours.masks] == names
+    diff = (torch.sigmoid(ours.logits) - torch.sigmoid(theirs.logits)).abs()
+    assert diff.max().item() < 0.08 and diff.mean().item() < 0.01
+    # a one-phrasing label is the plain prompt
+    plain = fast.segment(image, ["pants"], 0.4)
+    assert torch.allclose(ours.logits[1], plain.logits[0], atol=1e-4)
+    # and ensembling changes what a several-phrasing label segments
+    single = fast.segment(image, ["a shirt"], 0.4)
+    assert not torch.allclose(ours.logits[0], single.logits[0], atol=1e-3)
+
+
+def test_encode_outputs_keys_are_deterministic_and_complete(everything):
+    image, result = everything
+
+    class Row:
+        tenant_id, id = "ten_1", "job-1"
+
+    labels = [{"name": p, "prompts": [p], "source": "text"} for p in PROMPTS]
+    outputs = ["mask", "soft", "rle", "cutout", "label_map", "overlay"]
+    first = encode_outputs(Row(), labels, outputs, image, result)  # type: ignore[arg-type]
+    again = encode_outputs(Row(), labels, outputs, image, result)  # type: ignore[arg-type]
+    assert [k for k, _, _ in first.uploads] == [k for k, _, _ in again.uploads]
+    assert first.output_keys == {"label_map": "masks/ten_1/job-1/label_map.png",
+                                 "overlay": "masks/ten_1/job-1/overlay.jpg"}
+    entry = first.results[0]
+    assert entry["mask_key"] == "masks/ten_1/job-1/0.png" and entry["soft_key"] == "masks/ten_1/job-1/0.soft.png"
+    assert entry["rle"]["size"] == [image.height, image.width]
+    only_rle = encode_outputs(Row(), labels, ["rle"], image, result)  # type: ignore[arg-type]
+    assert only_rle.uploads == [] and only_rle.output_keys == {}
+    assert set(only_rle.results[0]) == {"prompt", "source", "bbox", "area_fraction", "score", "rle"}

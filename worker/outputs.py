@@ -1,0 +1,83 @@
+"""Encoding what a job asked for, from the engine's masks, soft maps and label map.
+
+The formats are the contract's (../API.md "What to segment and what to return"):
+- mask: 8-bit grayscale PNG, 0 or 255, image size;
+- soft: 8-bit grayscale PNG of round(255 * p), image size;
+- rle: COCO run-length encoding of the binary mask, as pycocotools.mask.encode gives it;
+- cutout: RGBA PNG of the image cropped to the mask's box, alpha = round(255 * p) (None if empty);
+- label_map: palette ("P") PNG, 0 where no label reaches the threshold, else 1 + the label's index;
+  the palette colours each label, so the file is also a picture;
+- overlay: JPEG of the image with each label's pixels tinted in its palette colour.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+OUTPUT_KINDS = ("mask", "soft", "rle", "cutout", "label_map", "overlay")
+OVERLAY_ALPHA = 0.5
+OVERLAY_QUALITY = 85
+
+
+def png_gray(pixels: np.ndarray) -> bytes:
+    """8-bit grayscale PNG. Fast compression: masks are flat and compress well anyway."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def coco_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO RLE of a (H, W) mask (nonzero = in), exactly pycocotools.mask.encode's, counts as text."""
+    from pycocotools import mask as coco_mask
+
+    encoded = coco_mask.encode(np.asfortranarray((mask > 0).astype(np.uint8)))
+    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+
+
+def cutout_png(image: np.ndarray, soft: np.ndarray, bbox: list[int] | None) -> bytes | None:
+    """RGBA crop of the (H, W, 3) image to bbox with the soft map as alpha; None for an empty mask."""
+    if bbox is None:
+        return None
+    x0, y0, x1, y1 = bbox
+    rgba = np.empty((y1 - y0, x1 - x0, 4), dtype=np.uint8)
+    rgba[..., :3] = image[y0:y1, x0:x1]
+    rgba[..., 3] = soft[y0:y1, x0:x1]
+    buf = io.BytesIO()
+    Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def palette(labels: int) -> np.ndarray:
+    """(256, 3) uint8: index 0 black, labels 1..n in distinct, saturated hues (golden-angle steps)."""
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    for index in range(1, min(labels, 255) + 1):
+        hue = ((index - 1) * 0.618033988749895) % 1.0
+        value = 0.95 if (index - 1) % 2 == 0 else 0.75
+        r, g, b = colorsys.hsv_to_rgb(hue, 0.85, value)
+        colours[index] = (round(r * 255), round(g * 255), round(b * 255))
+    return colours
+
+
+def label_map_png(label_map: np.ndarray, labels: int) -> bytes:
+    image = Image.fromarray(label_map, mode="P")
+    image.putpalette(palette(labels).reshape(-1).tolist())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def overlay_jpeg(image: np.ndarray, label_map: np.ndarray, labels: int) -> bytes:
+    """The image with each labelled pixel blended half-way towards its label's colour."""
+    colours = palette(labels)
+    out = image.astype(np.float32)
+    tinted = label_map > 0
+    out[tinted] = out[tinted] * (1 - OVERLAY_ALPHA) + colours[label_map[tinted]].astype(np.float32) * OVERLAY_ALPHA
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), mode="RGB").save(
+        buf, format="JPEG", quality=OVERLAY_QUALITY)
+    return buf.getvalue()
