@@ -32,7 +32,6 @@ def test_job_fields_are_cleaned_and_defaulted():
 
 
 @pytest.mark.parametrize(("fields", "code", "field"), [
-    ({"prompts": []}, "invalid_prompts", "prompts"),
     ({"prompts": ["   "]}, "invalid_prompts", "prompts"),
     ({"prompts": ["x" * 201]}, "invalid_prompts", "prompts"),
     ({"prompts": ["a"] * 17}, "invalid_prompts", "prompts"),
@@ -45,6 +44,7 @@ def test_job_fields_are_cleaned_and_defaulted():
     ({"prompts": ["a"], "colour": "red"}, "unknown_field", "colour"),
 ])
 def test_each_bad_job_field_gets_its_code(fields, code, field):
+    # (no prompts and no preset is refused once the preset is resolved: tests/api/test_presets.py)
     problem = _problem(fields)
     assert (problem.status, problem.code) == (422, code)
     assert problem.errors[0]["field"] == field
