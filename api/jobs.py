@@ -12,11 +12,12 @@ from sqlalchemy import select
 from api.auth import current_tenant, require_tenant
 from api.idempotency import ACCEPTED_HEADERS, fingerprint, idempotency, respond
 from api.metrics import JOBS_CREATED
-from api.openapi import Answers, spec
+from api.openapi import PREFER_APPLIED, Answers, spec
 from api.pagination import page
 from api.parsing import (
     LabelResolver,
     check_image_bytes,
+    check_s3_input,
     decode_base64_image,
     form_fields,
     is_json_request,
@@ -30,16 +31,18 @@ from api.parsing import (
 from api.problems import ApiProblem
 from api.schemas import (
     FIELD_CODES,
-    IdempotencyHeader,
+    CreateJobHeaders,
     JobCreateJson,
     JobCreateMultipart,
     JobList,
     JobListQuery,
     JobObject,
     JobParams,
+    PreferHeader,
     validation_problem,
 )
-from api.services import db, services
+from api.services import close_db, db, services
+from api.waiting import preferred_wait, wait_until
 from shared import jobs as jobstate
 from shared.enums import FINISHED_JOB, JobStatus
 from shared.followups import Effects, after_commit
@@ -48,6 +51,8 @@ from shared.present import job_object
 from shared.submit import JobSpec
 
 log = logging.getLogger(__name__)
+
+IMAGE_SOURCES = ("image_url", "image_base64", "image_s3_uri")
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(require_tenant)
@@ -61,15 +66,18 @@ def _parse_json() -> tuple[JobSpec, str, str]:
         parsed = JobCreateJson.model_validate(body)
     except ValidationError as exc:
         raise validation_problem(exc) from exc
-    sources = [name for name in ("image_url", "image_base64") if getattr(parsed, name) is not None]
+    sources = [name for name in IMAGE_SOURCES if getattr(parsed, name) is not None]
     if not sources:
-        raise ApiProblem(422, "missing_image", "Give the image as image_url, image_base64 or a multipart upload.",
-                         errors=[{"field": "image_url", "message": "required"}])
+        raise ApiProblem(422, "missing_image", "Give the image as image_url, image_base64, image_s3_uri or a "
+                         "multipart upload.", errors=[{"field": "image_url", "message": "required"}])
     if len(sources) > 1:
-        raise ApiProblem(422, "multiple_images", "Give exactly one of image_url and image_base64.",
+        raise ApiProblem(422, "multiple_images", "Give exactly one of image_url, image_base64 and image_s3_uri.",
                          errors=[{"field": name, "message": "only one image source"} for name in sources])
-    params = JobParams.model_validate(parsed.model_dump(exclude={"image_url", "image_base64"}))
+    params = JobParams.model_validate(parsed.model_dump(exclude=set(IMAGE_SOURCES)))
     labels = LabelResolver()(params.preset, params.prompts)
+    if parsed.image_s3_uri is not None:
+        check_s3_input(parsed.image_s3_uri, "image_s3_uri")
+        return job_spec(params, labels=labels, input={"image_s3_uri": parsed.image_s3_uri}), fingerprint(body), "s3"
     if parsed.image_base64 is not None:
         data = decode_base64_image(parsed.image_base64)
         check_image_bytes(data, "image_base64")
@@ -103,14 +111,18 @@ def _parse_multipart() -> tuple[JobSpec, str, str]:
 
 
 @bp.post("")
-@spec.validate(json=JobCreateJson, form=JobCreateMultipart, headers=IdempotencyHeader,
+@spec.validate(json=JobCreateJson, form=JobCreateMultipart, headers=CreateJobHeaders,
                resp=Answers(202, JobObject, "Accepted; the job is queued (or the replay of a key's first answer).",
-                            400, 409, 413, 415, 422, headers=ACCEPTED_HEADERS),
+                            400, 409, 413, 415, 422, headers={**ACCEPTED_HEADERS, **PREFER_APPLIED},
+                            also={201: (JobObject, "With Prefer: wait, the job was created and finished within the "
+                                        "wait: the final job.")}),
                operation_id="createJob", tags=["jobs"], skip_validation=True)
 def create_job() -> Response:
     """Create a segmentation job
 
     The image comes as JSON image_url or image_base64, or as the multipart file part `image`.
+    `Prefer: wait=N` (1 to 60 s) answers 201 with the final job if it finishes within N seconds,
+    else 202 with the job as it stands.
     """
     if is_json_request():
         job, request_hash, source = _parse_json()
@@ -119,12 +131,22 @@ def create_job() -> Response:
     else:
         raise ApiProblem(415, "unsupported_media_type",
                          "Send application/json or multipart/form-data (file part 'image').")
+    wait = preferred_wait(request.headers)
     accepted = services().submitter.submit_job(db(), tenant=current_tenant(), spec=job,
                                                idempotency=idempotency("jobs.create", request_hash))
-    if not accepted.replayed:
-        JOBS_CREATED.labels(source).inc()
-        log.info("job accepted", extra={"job_id": accepted.id, "tenant_id": current_tenant().id})
-    return respond(accepted)
+    if accepted.replayed:  # the first answer as it was given; a replay does not wait
+        return respond(accepted)
+    JOBS_CREATED.labels(source).inc()
+    log.info("job accepted", extra={"job_id": accepted.id, "tenant_id": current_tenant().id})
+    if wait is None:
+        return respond(accepted)
+    final, job_row = _wait_for(accepted.id, wait)
+    resp = respond(accepted)
+    if job_row is not None:
+        resp = _job_response(job_row)
+        resp.status_code = 201 if final else 202
+        resp.headers.update(accepted.headers)
+    return _applied(resp, wait)
 
 
 def _job_or_404(job_id: str) -> Job:
@@ -138,12 +160,49 @@ def _job_response(job: Job) -> Response:
     return jsonify(job_object(job, services().storage))
 
 
+def _wait_for(job_id: str, seconds: int) -> tuple[bool, Job | None]:
+    """Hold the request until the job is final or `seconds` pass, holding no database connection
+    meanwhile; (final?, the job as it stands)."""
+    close_db()  # the request's session goes back to the pool while it waits
+    svc, tenant_id = services(), current_tenant().id
+    seen: list[Job | None] = [None]
+
+    def read() -> bool:
+        with svc.sessions() as session:
+            job = jobstate.get_job(session, job_id, tenant_id=tenant_id)
+            if job is not None:
+                session.expunge(job)
+        seen[0] = job
+        return job is None or job.status in FINISHED_JOB
+
+    final = wait_until(svc.finished, job_id, seconds, read)
+    return final and seen[0] is not None, seen[0]
+
+
+def _applied(resp: Response, wait: int) -> Response:
+    resp.headers["Preference-Applied"] = f"wait={wait}"
+    resp.vary.add("Prefer")
+    return resp
+
+
 @bp.get("/<job_id>")
-@spec.validate(resp=Answers(200, JobObject, "The job.", 404), operation_id="getJob", tags=["jobs"],
-               skip_validation=True)
+@spec.validate(headers=PreferHeader, resp=Answers(200, JobObject, "The job (with Prefer: wait, once final or when "
+                                                  "the wait is over).", 404, headers=PREFER_APPLIED),
+               operation_id="getJob", tags=["jobs"], skip_validation=True)
 def get_job(job_id: str) -> Response:
-    """Get a job"""
-    return _job_response(_job_or_404(job_id))
+    """Get a job
+
+    `Prefer: wait=N` (1 to 60 s; plain `wait` is 60) holds the answer until the job is final or N
+    seconds pass, and the answer carries `Preference-Applied`.
+    """
+    job = _job_or_404(job_id)
+    wait = preferred_wait(request.headers)
+    if wait is None:
+        return _job_response(job)
+    if job.status not in FINISHED_JOB:
+        _, waited = _wait_for(job_id, wait)
+        job = waited or job
+    return _applied(_job_response(job), wait)
 
 
 @bp.get("")

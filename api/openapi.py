@@ -54,6 +54,8 @@ ERROR_CODES = {
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.",
                                "schema": {"type": "integer"}}}
 LOCATION = {"Location": {"description": "The created resource's path.", "schema": {"type": "string"}}}
+PREFER_APPLIED = {"Preference-Applied": {"description": "wait=N when a Prefer: wait was applied.",
+                                         "schema": {"type": "string"}}}
 REPLAYED = {"Idempotent-Replayed": {"description": "true when this answer replays an Idempotency-Key's first one.",
                                     "schema": {"type": "string", "enum": ["true"]}}}
 
@@ -66,14 +68,16 @@ class Answers(SpecResponse):
     """
 
     def __init__(self, status: int, model: Any, description: str, *errors: int, public: bool = False,
-                 headers: dict[str, Any] | None = None) -> None:
+                 headers: dict[str, Any] | None = None, also: dict[int, tuple[Any, str]] | None = None) -> None:
         statuses = sorted(set(errors) | {414} | (set() if public else {401, 429, 503}))
         codes: dict[str, Any] = {f"HTTP_{status}": (model, description)}
+        codes.update({f"HTTP_{code}": answer for code, answer in (also or {}).items()})
         codes.update({f"HTTP_{code}": (Problem, f"Problem document; code: {ERROR_CODES[code]}")
                       for code in statuses})
         super().__init__(**codes)
-        self.declared = {str(status), *map(str, statuses)}
-        self.headers = {str(status): headers or {}, "429": RETRY_AFTER, "503": RETRY_AFTER}
+        self.declared = {str(status), *map(str, also or ()), *map(str, statuses)}
+        self.headers = {str(status): headers or {}, **{str(code): headers or {} for code in also or ()},
+                        "429": RETRY_AFTER, "503": RETRY_AFTER}
 
     def generate_spec(self, naming_strategy: Any = None) -> dict[str, Any]:
         out = super().generate_spec(naming_strategy) if naming_strategy else super().generate_spec()

@@ -11,6 +11,7 @@ from api.problems import ApiProblem
 from shared.enums import BatchEvent, BatchStatus, DeliveryStatus, JobEvent, JobStatus
 from shared.fetch import check_url_syntax
 from shared.presets import MAX_LABEL_NAME, MAX_PHRASINGS, MAX_PRESET_LABELS, PRESET_ID
+from shared.s3uri import parse_s3_uri
 
 OutputKind = Literal["mask", "soft", "rle", "cutout", "label_map", "overlay"]
 OUTPUT_KINDS: tuple[str, ...] = ("mask", "soft", "rle", "cutout", "label_map", "overlay")
@@ -33,6 +34,7 @@ FIELD_CODES = {
     "metadata": "invalid_metadata",
     "image_url": "invalid_image_url",
     "image_base64": "invalid_image_base64",
+    "image_s3_uri": "invalid_image_s3_uri",
     "preset": "unknown_preset",
     "outputs": "invalid_outputs",
 }
@@ -146,18 +148,29 @@ class JobParams(BaseModel):
 
 
 class JobCreateJson(JobParams):
-    """`POST /v1/jobs` with a JSON body: exactly one of image_url or image_base64 (neither: 422
-    missing_image; both: 422 multiple_images)."""
+    """`POST /v1/jobs` with a JSON body: exactly one of image_url, image_base64 or image_s3_uri
+    (none: 422 missing_image; more: 422 multiple_images)."""
 
     image_url: str | None = Field(default=None, description="http(s) URL the worker downloads.",
                                   json_schema_extra=HTTP_URL)
     image_base64: str | None = Field(default=None, description="Base64 image bytes or a data: URI.",
                                      json_schema_extra={"contentEncoding": "base64"})
+    image_s3_uri: str | None = Field(default=None, description="s3://bucket/key in the deployment's object storage; "
+                                     "only buckets an operator allowed for your tenant (none by default).",
+                                     json_schema_extra={"pattern": r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+"})
 
     @field_validator("image_url")
     @classmethod
     def _image_url(cls, value: str | None) -> str | None:
         return None if value is None else check_http_url(value)
+
+    @field_validator("image_s3_uri")
+    @classmethod
+    def _image_s3_uri(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_s3_uri(value.strip())
+            return value.strip()
+        return value
 
 
 class JobCreateMultipart(BaseModel):
@@ -305,7 +318,9 @@ class BatchItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image_url: str = Field(description="http(s) URL the worker downloads.", json_schema_extra=HTTP_URL)
+    image_url: str | None = Field(default=None, description="http(s) URL the worker downloads (or image_s3_uri).",
+                                  json_schema_extra=HTTP_URL)
+    image_s3_uri: str | None = Field(default=None, description="s3://bucket/key from an allowed bucket.")
     prompts: list[str] | None = Field(default=None, description="Default: the batch's prompts.",
                                       json_schema_extra=PROMPT_ITEMS)
     threshold: float | None = Field(default=None, description="Default: the batch's threshold.")
@@ -426,6 +441,17 @@ class IdempotencyHeader(BaseModel):
         default=None, alias="Idempotency-Key", min_length=1, max_length=255,
         description="The same key and body within 24 h replays the first response (with Idempotent-Replayed: "
                     "true); the same key with another body is 409 idempotency_key_reused.")
+
+
+class PreferHeader(BaseModel):
+    prefer: str | None = Field(
+        default=None, alias="Prefer",
+        description="`wait` or `wait=N` (1 to 60 seconds; larger counts as 60): hold the answer until the job is "
+                    "final or N seconds pass. A malformed preference is ignored (RFC 7240).")
+
+
+class CreateJobHeaders(IdempotencyHeader, PreferHeader):
+    pass
 
 
 class PageQuery(BaseModel):

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.limits import RateLimiter
+from api.waiting import FinishedJobs
 from shared.db import make_engine, make_session_factory
 from shared.queue import make_celery
 from shared.settings import Settings
@@ -26,13 +27,15 @@ class Services:
     celery: Celery
     limiter: RateLimiter
     submitter: Submitter
+    finished: FinishedJobs  # for Prefer: wait (its listener starts on first use)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         engine = make_engine(settings.database_url)
         storage, celery = ObjectStorage(settings), make_celery(settings)
         submitter = Submitter(policy=SubmitPolicy.from_settings(settings), storage=storage, celery=celery)
-        return cls(settings, engine, make_session_factory(engine), storage, celery, RateLimiter(settings), submitter)
+        return cls(settings, engine, make_session_factory(engine), storage, celery, RateLimiter(settings), submitter,
+                   FinishedJobs(settings.database_url))
 
 
 def services() -> Services:

@@ -12,4 +12,4 @@ RUN pip install .
 RUN useradd --create-home clipmask
 USER clipmask
 EXPOSE 8000 5555
-CMD ["gunicorn", "--workers", "4", "--bind", "0.0.0.0:8000", "api.wsgi:app"]
+CMD ["gunicorn", "-c", "python:api.gunicorn_conf", "--workers", "4", "--bind", "0.0.0.0:8000", "api.wsgi:app"]

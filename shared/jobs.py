@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
@@ -65,8 +65,22 @@ def _transition(session: Session, job_id: str, target: JobStatus, *, source: Col
     return job
 
 
-def _finished(session: Session, job: Job, storage: ObjectStorage) -> Finished:
-    """The job reached a final state in this transaction: add its webhook event to it too."""
+# Postgres NOTIFY channel: the ids of jobs that reached a final state, delivered when their
+# transaction commits (api/waiting.py listens, for `Prefer: wait`).
+JOB_FINISHED_CHANNEL = "clipmask_job_finished"
+
+
+def notify_finished(session: Session, job_ids: Sequence[str]) -> None:
+    """Announce final jobs to LISTENers, in the caller's transaction (nothing is sent on rollback)."""
+    if job_ids:
+        session.execute(text("SELECT pg_notify(:channel, id) FROM unnest(CAST(:ids AS text[])) AS id"),
+                        {"channel": JOB_FINISHED_CHANNEL, "ids": list(job_ids)})
+
+
+def _finished(session: Session, job: Job, storage: ObjectStorage, *, notify: bool = True) -> Finished:
+    """The job reached a final state in this transaction: add its webhook event and notification to it."""
+    if notify:
+        notify_finished(session, [job.id])
     if not job.webhook_url:  # (the body presigns URLs: only build it when needed)
         return Finished(job)
     delivery_id = job_event(session, job, job_object(job, storage, long_urls=True))
@@ -156,7 +170,8 @@ def cancel_batch_jobs(session: Session, *, batch_id: str, tenant_id: str,
         .values(status=JobStatus.CANCELED, finished_at=func.now(), lease_expires_at=None)
         .returning(Job).execution_options(synchronize_session=False)
     ).scalars().all()
-    return [_finished(session, job, storage) for job in jobs]
+    notify_finished(session, [job.id for job in jobs])  # one statement for the whole batch
+    return [_finished(session, job, storage, notify=False) for job in jobs]
 
 
 def status_of(session: Session, job_id: str) -> str | None:

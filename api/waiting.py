@@ -1,0 +1,133 @@
+"""`Prefer: wait` (RFC 7240): hold a job's answer until it is final, without polling the database.
+
+Every transition into a final state sends `NOTIFY clipmask_job_finished, '<job id>'` in its own
+transaction (shared/jobs.py), so Postgres delivers it exactly when the change is visible. Each
+API process keeps one LISTEN connection in a background thread and wakes the requests waiting
+for that id. A waiting request holds no database connection and no CPU: it sleeps on a
+threading.Event in one of gunicorn's gthread threads (api/gunicorn_conf.py), and reads the job
+again only when woken: by its notification, by the listener (re)connecting (anything sent while
+it was not listening), or by its deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.engine import make_url
+from werkzeug.datastructures import Headers
+
+from shared.jobs import JOB_FINISHED_CHANNEL
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 60
+_WAIT = re.compile(r'^wait(?:=(?:(\d{1,9})|"(\d{1,9})"))?$', re.IGNORECASE)
+
+
+def preferred_wait(headers: Headers) -> int | None:
+    """Seconds asked for by `Prefer: wait[=N]` (plain `wait`: 60; more than 60: 60), or None when
+    absent or malformed (a preference we can't read is ignored, RFC 7240 section 2)."""
+    for header in headers.getlist("Prefer"):
+        for preference in header.split(","):
+            token = preference.split(";", 1)[0].strip().replace(" ", "")
+            match = _WAIT.match(token)
+            if match is None:
+                continue
+            digits = match.group(1) or match.group(2)
+            seconds = MAX_WAIT_S if digits is None else int(digits)
+            if seconds < 1:
+                return None
+            return min(seconds, MAX_WAIT_S)
+    return None
+
+
+class FinishedJobs:
+    """The process's one LISTEN connection and the requests waiting on it, by job id."""
+
+    def __init__(self, database_url: str) -> None:
+        self._dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self._lock = threading.Lock()
+        self._waiters: dict[str, set[threading.Event]] = {}
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self.listening = threading.Event()
+
+    def _ensure_listener(self) -> None:
+        with self._lock:  # started on first use, in the process that serves (gunicorn forks workers)
+            if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._listen, name="clipmask-job-finished", daemon=True)
+            self._thread.start()
+
+    @contextmanager
+    def watching(self, job_id: str) -> Iterator[threading.Event]:
+        """An event set when `job_id` may have finished; register before reading the job, so that a
+        finish between the read and the wait is not missed."""
+        self._ensure_listener()
+        event = threading.Event()
+        with self._lock:
+            self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(job_id)
+                if waiting is not None:
+                    waiting.discard(event)
+                    if not waiting:
+                        del self._waiters[job_id]
+
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(len(events) for events in self._waiters.values())
+
+    def _wake(self, job_id: str | None) -> None:
+        with self._lock:
+            events = [e for events in self._waiters.values() for e in events] if job_id is None else list(
+                self._waiters.get(job_id, ()))
+        for event in events:
+            event.set()
+
+    def _listen(self) -> None:
+        import psycopg
+
+        backoff, failures = 0.5, 0
+        while True:
+            try:
+                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=3, keepalives=1,
+                                     keepalives_idle=30, keepalives_interval=10, keepalives_count=3) as conn:
+                    conn.execute(f"LISTEN {JOB_FINISHED_CHANNEL}")
+                    self.listening.set()
+                    backoff, failures = 0.5, 0
+                    self._wake(None)  # whatever finished while nobody listened: waiters read again
+                    for note in conn.notifies():
+                        self._wake(note.payload)
+            except Exception as exc:  # noqa: BLE001 - keep listening whatever happens; waits time out meanwhile
+                self.listening.clear()
+                failures += 1
+                (log.warning if failures == 1 else log.debug)(
+                    "job-finished listener has no connection (%s); retrying every %.1f s at most", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+
+def wait_until(finished: FinishedJobs, job_id: str, seconds: float, read: Callable[[], bool]) -> bool:
+    """Wait up to `seconds` for `read()` (which looks at the job, in a session it closes) to say the
+    job is final; True if it became final within the time."""
+    deadline = time.monotonic() + seconds
+    with finished.watching(job_id) as event:
+        while True:
+            if read():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            event.wait(remaining)
+            event.clear()
