@@ -25,6 +25,7 @@ from api.openapi import Answers, spec
 from api.pagination import page
 from api.parsing import (
     LabelResolver,
+    check_s3_input,
     form_fields,
     is_json_request,
     is_multipart_request,
@@ -63,7 +64,7 @@ bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 bp.before_request(require_tenant)
 bp.before_request(refuse_unstorable_ids)
 
-ITEM_FIELDS = ("image_url", "prompts", "threshold", "metadata", "preset", "outputs")
+ITEM_FIELDS = ("image_url", "image_s3_uri", "prompts", "threshold", "metadata", "preset", "outputs")
 BATCH_CODES = {**FIELD_CODES, "items": "invalid_batch_item"}
 
 
@@ -88,15 +89,16 @@ def _parse_jsonl(text: str) -> list[Any]:
 def _parse_csv(text: str) -> list[dict[str, Any]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))  # newline="": quoted fields may hold line breaks
     try:
-        if not reader.fieldnames or "image_url" not in [f.strip() for f in reader.fieldnames]:
-            raise ApiProblem(422, "invalid_items", "The CSV needs a header row with an image_url column.",
-                             errors=[{"field": "items", "message": "no image_url column"}])
+        names = [f.strip() for f in reader.fieldnames or []]
+        if "image_url" not in names and "image_s3_uri" not in names:
+            raise ApiProblem(422, "invalid_items", "The CSV needs a header row with an image_url (or image_s3_uri) "
+                             "column.", errors=[{"field": "items", "message": "no image_url column"}])
         items: list[dict[str, Any]] = []
         for row in reader:
             if None in row:  # more cells than header names
                 raise _item_problem(len(items), "", "the row has more cells than the header")
             clean = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            item: dict[str, Any] = {"image_url": clean.pop("image_url")}
+            item: dict[str, Any] = {name: clean.pop(name) for name in ("image_url", "image_s3_uri") if name in clean}
             for name in ("prompts", "outputs"):  # list columns, values separated by |
                 value = clean.pop(name, "")
                 if value:
@@ -181,13 +183,22 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
         unknown = [k for k in item if k not in ITEM_FIELDS]
         if unknown:
             raise _item_problem(index, unknown[0], "unknown field")
-        url = item.get("image_url")
-        if not isinstance(url, str):
-            raise _item_problem(index, "image_url", "required string")
+        given = [name for name in ("image_url", "image_s3_uri") if item.get(name) not in (None, "")]
+        if len(given) != 1:
+            raise _item_problem(index, "image_url", "give exactly one of image_url and image_s3_uri")
+        source = item[given[0]]
+        if not isinstance(source, str):
+            raise _item_problem(index, given[0], "must be a string")
         try:
-            url = check_http_url(url)
+            if given[0] == "image_url":
+                image_input = {"image_url": check_http_url(source)}
+            else:
+                image_input = {"image_s3_uri": source.strip()}
+                check_s3_input(source.strip(), f"items[{index}].image_s3_uri")
         except ValueError as exc:
-            raise _item_problem(index, "image_url", str(exc)) from exc
+            raise _item_problem(index, given[0], str(exc)) from exc
+        except ApiProblem as exc:
+            raise _item_problem(index, given[0], exc.detail) from exc
         metadata = item.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise _item_problem(index, "metadata", "must be an object of strings")
@@ -212,7 +223,7 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
             raise _item_problem(index, "preset" if exc.code == "unknown_preset" else "prompts", exc.message) from exc
         except ApiProblem as exc:
             raise _item_problem(index, "prompts", exc.detail) from exc
-        items.append(job_spec(params, labels=labels, input={"image_url": url}))
+        items.append(job_spec(params, labels=labels, input=image_input))
     # The batch's own webhook gets batch.completed unless only job events were asked for.
     wants_completed = events is None or BatchEvent.COMPLETED in events
     return BatchSpec(items=items, metadata=fields.metadata,

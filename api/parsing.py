@@ -18,6 +18,7 @@ from api.schemas import JobParams
 from api.services import db
 from shared import presets
 from shared.images import sniff
+from shared.s3uri import bucket_allowed, parse_s3_uri
 from shared.submit import JobSpec
 
 DATA_URI = re.compile(r"^data:(?P<type>[\w/+.-]*)(;[\w=-]+)*;base64,", re.IGNORECASE)
@@ -166,6 +167,15 @@ class LabelResolver:
                     raise presets.UnknownPreset(preset_id)
                 self._presets[preset_id] = found
         return presets.expand(found, prompts)
+
+
+def check_s3_input(uri: str, field: str) -> None:
+    """422 invalid_image_s3_uri unless the operator allowed the URI's bucket for this tenant."""
+    bucket, _ = parse_s3_uri(uri)
+    if not bucket_allowed(bucket, current_tenant().input_buckets):
+        raise ApiProblem(422, "invalid_image_s3_uri", f"Bucket {bucket!r} is not open to your jobs; an operator "
+                         "allows buckets per tenant (clipmask tenant limits --input-bucket).",
+                         errors=[{"field": field, "message": "bucket not allowed"}])
 
 
 def job_spec(params: JobParams, *, labels: list[dict[str, Any]], input: dict[str, Any], image: bytes | None = None,

@@ -132,8 +132,13 @@ def tenant_limits(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         for field, value in values.items():
             setattr(tenant, field, value)
+        if args.no_input_buckets:
+            tenant.input_buckets = None
+        if args.input_buckets:
+            tenant.input_buckets = sorted(set(tenant.input_buckets or []) | set(args.input_buckets))
         _emit({"tenant_id": tenant.id, "rate_limit_per_s": tenant.rate_limit_per_s,
                "rate_limit_burst": tenant.rate_limit_burst, "max_queued_jobs": tenant.max_queued_jobs,
+               "input_buckets": tenant.input_buckets or [],
                "defaults": {"rate_limit_per_s": settings.rate_limit_per_s,
                             "rate_limit_burst": settings.rate_limit_burst,
                             "max_queued_jobs": settings.max_queued_jobs}})
@@ -211,6 +216,9 @@ def add_commands(sub: argparse._SubParsersAction, tenant_sub: argparse._SubParse
     limits.add_argument("--rate-limit", dest="rate_limit_per_s", type=float, help="requests per second, 0: none")
     limits.add_argument("--burst", dest="rate_limit_burst", type=int)
     limits.add_argument("--max-queued", dest="max_queued_jobs", type=int)
+    limits.add_argument("--input-bucket", dest="input_buckets", action="append", metavar="BUCKET",
+                        help="allow image_s3_uri from this bucket (repeat for more); none are allowed by default")
+    limits.add_argument("--no-input-buckets", action="store_true", help="allow no bucket again (applied first)")
     limits.set_defaults(func=tenant_limits)
 
     keys = sub.add_parser("key", help="API keys").add_subparsers(dest="key_command", required=True)

@@ -2,8 +2,10 @@
 
 Both read the API address and key from --base-url/--api-key or CLIPMASK_API_URL/CLIPMASK_API_KEY.
 
-Mask files have a stable layout: `{out}/{name}/{NN}_{prompt}.png`, where name is the image's file
-stem (submit) or the catalog row number, zero-padded (batch). `clipmask batch` keeps its state
+Output files have a stable layout under `{out}/{name}/`, where name is the image's file stem
+(submit) or the catalog row number, zero-padded (batch): per label `{NN}_{label}.png` (mask),
+`{NN}_{label}.soft.png`, `{NN}_{label}.cutout.png`, `{NN}_{label}.rle.json`, and per image
+`label_map.png` and `overlay.jpg`, for the outputs the job asked for. `clipmask batch` keeps its state
 in `{out}/.clipmask-batch.json`; run it again after an interruption and it resumes the same batch
 (never resubmits), skipping masks already on disk. The submit request carries an Idempotency-Key
 derived from the catalog, so even a crash between the POST and the state file cannot submit twice
@@ -29,14 +31,42 @@ from client import Batch, Clipmask, ClipmaskError, Job
 from shared.enums import UNFINISHED_JOB, BatchStatus, JobStatus
 
 STATE = ".clipmask-batch.json"
+OUTPUT_CHOICES = ["mask", "soft", "rle", "cutout", "label_map", "overlay"]
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "prompt"
+    return re.sub(r"[^A-Za-z0-9_]+", "-", text).strip("-").lower()[:40] or "prompt"
 
 
-def mask_paths(out: Path, name: str, job: Job) -> list[tuple[str, Path]]:
-    return [(r.mask_url, out / name / f"{i:02d}_{_slug(r.prompt)}.png") for i, r in enumerate(job.results)]
+def output_files(out: Path, name: str, job: Job) -> list[tuple[str, Path]]:
+    """(presigned URL, file) for every file output of a succeeded job."""
+    files: list[tuple[str, Path]] = []
+    for i, r in enumerate(job.results):
+        stem = out / name / f"{i:02d}_{_slug(r.prompt)}"
+        for url, suffix in ((r.mask_url, ".png"), (r.soft_url, ".soft.png"), (r.cutout_url, ".cutout.png")):
+            if url:
+                files.append((url, stem.with_name(stem.name + suffix)))
+    for key, filename in (("label_map_url", "label_map.png"), ("overlay_url", "overlay.jpg")):
+        url = (job.outputs or {}).get(key)
+        if url:
+            files.append((url, out / name / filename))
+    return files
+
+
+def save_outputs(cm: Clipmask, out: Path, name: str, job: Job, *, skip_existing: bool = False) -> list[Path]:
+    """Download a job's files and write its RLEs as JSON next to them."""
+    saved = []
+    for url, path in output_files(out, name, job):
+        if not (skip_existing and path.exists()):
+            cm.download(url, path)
+        saved.append(path)
+    for i, r in enumerate(job.results):
+        if r.rle is not None:
+            path = out / name / f"{i:02d}_{_slug(r.prompt)}.rle.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(r.rle))
+            saved.append(path)
+    return saved
 
 
 def _client(args: argparse.Namespace) -> Clipmask:
@@ -50,7 +80,8 @@ def _client(args: argparse.Namespace) -> Clipmask:
 def cmd_submit(args: argparse.Namespace, _settings: Any) -> int:
     with _client(args) as cm:
         try:
-            job = cm.create_job(args.image, args.prompt, threshold=args.threshold)
+            job = cm.create_job(args.image, args.prompt or None, preset=args.preset, outputs=args.output or None,
+                                threshold=args.threshold, wait=60 if (args.wait or args.out) else None)
             print(f"job {job.id} {job.status}", file=sys.stderr)
             if args.wait or args.out:
                 job = cm.wait(job.id, timeout=args.timeout)
@@ -59,8 +90,7 @@ def cmd_submit(args: argparse.Namespace, _settings: Any) -> int:
             return 1
         if args.out and job.status == JobStatus.SUCCEEDED:
             name = Path(args.image.split("?")[0]).stem or job.id
-            for url, path in mask_paths(Path(args.out), name, job):
-                cm.download(url, path)
+            for path in save_outputs(cm, Path(args.out), name, job):
                 print(path, file=sys.stderr)
     print(json.dumps(job.raw))
     return 0 if job.status in (*UNFINISHED_JOB, JobStatus.SUCCEEDED) else 1
@@ -90,7 +120,8 @@ def cmd_batch(args: argparse.Namespace, _settings: Any) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE
-    digest = hashlib.sha256(catalog.read_bytes() + json.dumps([args.prompt, args.threshold]).encode()).hexdigest()
+    options = [args.prompt, args.threshold, args.preset, args.output]
+    digest = hashlib.sha256(catalog.read_bytes() + json.dumps(options).encode()).hexdigest()
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     with _client(args) as cm:
         try:
@@ -98,7 +129,8 @@ def cmd_batch(args: argparse.Namespace, _settings: Any) -> int:
                 print(f"resuming batch {state['batch_id']}", file=sys.stderr)
             else:
                 total = _catalog_items(catalog)
-                batch = cm.create_batch(file=catalog, prompts=args.prompt or None, threshold=args.threshold,
+                batch = cm.create_batch(file=catalog, prompts=args.prompt or None, preset=args.preset,
+                                        outputs=args.output or None, threshold=args.threshold,
                                         idempotency_key=f"clipmask-cli-{digest[:48]}")
                 state = {"catalog_sha256": digest, "batch_id": batch.id, "total": total, "order": None}
                 _save(state_path, state)
@@ -123,9 +155,7 @@ def _follow(cm: Clipmask, state: dict[str, Any], out: Path, poll_s: float) -> Ba
     def fetch(job: Job) -> None:
         if job.id in done or job.status != JobStatus.SUCCEEDED:
             return
-        for url, path in mask_paths(out, f"{index[job.id]:0{width}d}", job):
-            if not path.exists():
-                cm.download(url, path)
+        save_outputs(cm, out, f"{index[job.id]:0{width}d}", job, skip_existing=True)
         done.add(job.id)
 
     bar = tqdm(total=len(index), unit="job", desc="batch", file=sys.stderr)
@@ -171,13 +201,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         parser.add_argument("--base-url", help="default $CLIPMASK_API_URL or http://127.0.0.1:8000")
         parser.add_argument("--api-key", help="default $CLIPMASK_API_KEY")
         parser.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
+        parser.add_argument("--preset", help="clothing, human_parsing or one of your presets (GET /v1/presets)")
+        parser.add_argument("--output", action="append", default=[], choices=OUTPUT_CHOICES,
+                            help="repeat for several; default mask")
         parser.add_argument("--threshold", type=float)
 
-    submit = sub.add_parser("submit", help="segment one image (path or URL); --wait/--out to get the masks")
+    submit = sub.add_parser("submit", help="segment one image (path, URL or s3:// URI); --wait/--out to get the "
+                            "outputs")
     submit.add_argument("image")
     common(submit)
     submit.add_argument("--wait", action="store_true")
-    submit.add_argument("--out", help="download the masks here (implies --wait)")
+    submit.add_argument("--out", help="download the outputs here (implies --wait)")
     submit.add_argument("--timeout", type=float, default=600)
     submit.set_defaults(func=cmd_submit)
 

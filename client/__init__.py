@@ -4,6 +4,7 @@
     cm = Clipmask("http://127.0.0.1:8000", api_key="cm_...")
     job = cm.wait(cm.create_job("photo.jpg", prompts=["shirt", "pants"]).id)
     cm.download(job.results[0].mask_url, "shirt.png")
+    job = cm.create_job("photo.jpg", preset="clothing", outputs=["cutout", "label_map"], wait=30)
 
 Creates send an Idempotency-Key (generated unless given), so the client retries them safely:
 429 and 503 are retried after Retry-After, connection errors with backoff (`max_retries`).
@@ -39,11 +40,21 @@ class ClipmaskError(Exception):
 
 @dataclass(frozen=True)
 class MaskResult:
+    """One label's result; the URL and `rle` fields are None unless the job asked for that output."""
+
     prompt: str
-    mask_url: str
     bbox: list[int] | None
     area_fraction: float
     score: float
+    source: str = "text"  # preset, text or image
+    mask_url: str | None = None
+    soft_url: str | None = None
+    cutout_url: str | None = None
+    rle: dict[str, Any] | None = None
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> MaskResult:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,10 @@ class Job:
     batch_id: str | None
     webhook_url: str | None
     attempts: int | None  # times a worker took the job
+    preset: str | None
+    outputs_requested: list[str] | None
+    outputs: dict[str, str] | None  # label_map_url, overlay_url
+    model: dict[str, str | None] | None
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -72,7 +87,7 @@ class Job:
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Job:
         fields: dict[str, Any] = {k: data.get(k) for k in cls.__dataclass_fields__ if k not in ("results", "raw")}
-        return cls(**fields, results=[MaskResult(**r) for r in data.get("results") or []], raw=data)
+        return cls(**fields, results=[MaskResult.from_api(r) for r in data.get("results") or []], raw=data)
 
 
 @dataclass(frozen=True)
@@ -164,29 +179,30 @@ class Clipmask:
         raise AssertionError("unreachable")
 
     # ---- jobs --------------------------------------------------------------------------------
-    def create_job(self, image: str | Path | bytes, prompts: list[str], *, threshold: float | None = None,
-                   webhook_url: str | None = None, webhook_events: list[str] | None = None,
-                   metadata: dict[str, str] | None = None, idempotency_key: str | None = None) -> Job:
-        """`image`: an http(s) URL (the worker fetches it), a file path, or the image bytes."""
-        fields: dict[str, Any] = {"prompts": prompts}
-        for name, value in (("threshold", threshold), ("webhook_url", webhook_url),
+    def create_job(self, image: str | Path | bytes, prompts: list[str] | None = None, *, preset: str | None = None,
+                   outputs: list[str] | None = None, threshold: float | None = None, webhook_url: str | None = None,
+                   webhook_events: list[str] | None = None, metadata: dict[str, str] | None = None,
+                   idempotency_key: str | None = None, wait: int | None = None) -> Job:
+        """`image`: an http(s) URL (the worker fetches it), an s3:// URI from a bucket your tenant may
+        read, a file path, or the image bytes. `wait` (1 to 60 s) asks the API to answer once the job
+        is final, if it gets there within that time (Prefer: wait)."""
+        fields: dict[str, Any] = {}
+        for name, value in (("prompts", prompts), ("preset", preset), ("outputs", outputs),
+                            ("threshold", threshold), ("webhook_url", webhook_url),
                             ("webhook_events", webhook_events), ("metadata", metadata)):
             if value is not None:
                 fields[name] = value
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
-        if isinstance(image, str) and image.startswith(("http://", "https://")):
-            return Job.from_api(self._request("POST", "/v1/jobs", json={"image_url": image, **fields},
-                                              headers=headers))
+        if wait is not None:
+            headers["Prefer"] = f"wait={wait}"
+        if isinstance(image, str) and image.startswith(("http://", "https://", "s3://")):
+            source = "image_s3_uri" if image.startswith("s3://") else "image_url"
+            return Job.from_api(self._request("POST", "/v1/jobs", json={source: image, **fields}, headers=headers))
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         name = "image" if isinstance(image, bytes) else Path(image).name
-        form: dict[str, Any] = {"prompts": prompts}
-        for key in ("threshold", "webhook_url"):
-            if key in fields:
-                form[key] = str(fields[key])
-        if webhook_events is not None:
-            form["webhook_events"] = webhook_events
-        if metadata is not None:
-                form["metadata"] = json.dumps(metadata)
+        form: dict[str, Any] = {}
+        for key, value in fields.items():  # list fields repeat; metadata is a JSON string
+            form[key] = json.dumps(value) if key == "metadata" else value if isinstance(value, list) else str(value)
         return Job.from_api(self._request("POST", "/v1/jobs", data=form, files={"image": (name, data)},
                                           headers=headers))
 
@@ -203,16 +219,17 @@ class Clipmask:
     def cancel_job(self, job_id: str) -> Job:
         return Job.from_api(self._request("POST", f"/v1/jobs/{job_id}/cancel"))
 
-    def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.5) -> Job:
-        """Poll until the job finished (raise TimeoutError after `timeout` seconds)."""
+    def wait(self, job_id: str, *, timeout: float | None = None) -> Job:
+        """Until the job finished (TimeoutError after `timeout` seconds). The API holds each GET until
+        the job is final or up to 60 s pass (Prefer: wait), so this does not poll."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job = self.get_job(job_id)
+            hold = 60 if deadline is None else max(1, min(60, int(deadline - time.monotonic())))
+            job = Job.from_api(self._request("GET", f"/v1/jobs/{job_id}", headers={"Prefer": f"wait={hold}"}))
             if job.finished:
                 return job
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout} s")
-            time.sleep(poll_s)
 
     def download(self, url: str, path: str | Path) -> Path:
         """Save a presigned URL (a mask, a manifest) to `path`, atomically."""
@@ -228,12 +245,15 @@ class Clipmask:
 
     # ---- batches -----------------------------------------------------------------------------
     def create_batch(self, *, items: list[dict[str, Any]] | None = None, file: str | Path | None = None,
-                     prompts: list[str] | None = None, threshold: float | None = None,
-                     webhook_url: str | None = None, webhook_events: list[str] | None = None,
-                     metadata: dict[str, str] | None = None, idempotency_key: str | None = None) -> Batch:
-        """Items as a list of dicts, or `file`: a JSONL or CSV catalog uploaded as is."""
+                     prompts: list[str] | None = None, preset: str | None = None, outputs: list[str] | None = None,
+                     threshold: float | None = None, webhook_url: str | None = None,
+                     webhook_events: list[str] | None = None, metadata: dict[str, str] | None = None,
+                     idempotency_key: str | None = None) -> Batch:
+        """Items as a list of dicts, or `file`: a JSONL or CSV catalog uploaded as is. `prompts`,
+        `preset`, `outputs` and the rest are the defaults for items that set none."""
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
-        fields: dict[str, Any] = {k: v for k, v in (("prompts", prompts), ("threshold", threshold),
+        fields: dict[str, Any] = {k: v for k, v in (("prompts", prompts), ("preset", preset), ("outputs", outputs),
+                                                    ("threshold", threshold),
                                                     ("webhook_url", webhook_url), ("webhook_events", webhook_events),
                                                     ("metadata", metadata)) if v is not None}
         if file is None:
@@ -245,6 +265,20 @@ class Clipmask:
         kind = "text/csv" if path.suffix.lower() == ".csv" else "application/x-ndjson"
         return Batch.from_api(self._request("POST", "/v1/batches", data=form, headers=headers,
                                             files={"items": (path.name, path.read_bytes(), kind)}))
+
+    # ---- presets -----------------------------------------------------------------------------
+    def list_presets(self) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self._request("GET", "/v1/presets")["data"]
+        return data
+
+    def create_preset(self, preset_id: str, labels: list[dict[str, Any]]) -> dict[str, Any]:
+        """labels: [{"name": "blouse", "prompts": ["a blouse", "a women's top"]}, ...]"""
+        return self._request("POST", "/v1/presets", json={"id": preset_id, "labels": labels})
+
+    def delete_preset(self, preset_id: str) -> None:
+        resp = self._http.delete(f"/v1/presets/{preset_id}")
+        if resp.status_code != 204:
+            raise _problem(resp)
 
     def get_batch(self, batch_id: str) -> Batch:
         return Batch.from_api(self._request("GET", f"/v1/batches/{batch_id}"))

@@ -9,7 +9,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from shared.errors import StorageFailed
+from shared.errors import ImageFetchFailed, StorageFailed
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,24 @@ class ObjectStorage:
             raise StorageFailed(f"could not read {key}: {exc}") from exc
         if len(data) > self.max_get_bytes:
             raise StorageFailed(f"object {key} is larger than {self.max_get_bytes} bytes")
+        return data
+
+    def read_input(self, bucket: str, key: str, *, max_bytes: int) -> bytes:
+        """An input image from any bucket this deployment's credentials reach (image_s3_uri). A missing
+        object, a refused read or one over `max_bytes` is ImageFetchFailed (the job fails); storage
+        that does not answer is StorageFailed (the job is retried)."""
+        try:
+            obj = self._client.get_object(Bucket=bucket, Key=key)
+            body = obj["Body"]
+            data: bytes = body.read(max_bytes + 1)
+            body.close()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            raise ImageFetchFailed(f"could not read s3://{bucket}/{key}: {code or exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageFailed(f"could not read s3://{bucket}/{key}: {exc}") from exc
+        if len(data) > max_bytes:
+            raise ImageFetchFailed(f"s3://{bucket}/{key} is larger than {max_bytes} bytes")
         return data
 
     def copy(self, source: str, target: str) -> None:

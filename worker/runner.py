@@ -25,12 +25,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import jobs as jobstate
 from shared.db import session_scope
 from shared.enums import JobStatus
-from shared.errors import JobFailure, StorageFailed
+from shared.errors import ImageFetchFailed, JobFailure, StorageFailed
 from shared.fetch import FetchPolicy, fetch_image_bytes
 from shared.followups import Effects
 from shared.images import decode_image
-from shared.models import Job
+from shared.models import Job, Tenant
 from shared.presets import labels_of
+from shared.s3uri import bucket_allowed, parse_s3_uri
 from shared.storage import ObjectStorage, job_object_keys, mask_key, output_key
 from worker.engine.fast import SegmentRequest
 from worker.engine.postprocess import SegmentResult, Wanted
@@ -180,10 +181,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
     stages = _Stages(deps.on_stage)
     try:
         with stages.time("fetch"):
-            if job.upload_key:
-                data = deps.storage.get(job.upload_key)
-            else:
-                data = fetch_image_bytes(job.input["image_url"], deps.fetch_policy).data
+            data = _fetch(job, deps)
         if not _still_running(deps, job.id):
             log.info("job canceled during the fetch; stopped before decoding", extra=ctx)
             return _finish(deps, started, JobStatus.CANCELED)
@@ -247,6 +245,22 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         log.exception("job failed with an unexpected error", extra=ctx)
         return _fail(job, deps=deps, ctx=ctx, code="internal", message=f"{type(exc).__name__}: {exc}",
                      started=started)
+
+
+def _fetch(job: Job, deps: RunnerDeps) -> bytes:
+    """The job's image bytes: its upload, an allowed bucket's object, or its URL."""
+    if job.upload_key:
+        return deps.storage.get(job.upload_key)
+    uri = job.input.get("image_s3_uri")
+    if uri is not None:
+        bucket, key = parse_s3_uri(uri)
+        with deps.sessions() as session:  # checked again: an operator may have closed the bucket since
+            tenant = session.get(Tenant, job.tenant_id)
+            allowed = bucket_allowed(bucket, tenant.input_buckets if tenant is not None else None)
+        if not allowed:
+            raise ImageFetchFailed(f"bucket {bucket!r} is no longer open to this tenant's jobs")
+        return deps.storage.read_input(bucket, key, max_bytes=deps.fetch_policy.max_bytes)
+    return fetch_image_bytes(job.input["image_url"], deps.fetch_policy).data
 
 
 def _still_running(deps: RunnerDeps, job_id: str) -> bool:

@@ -128,3 +128,41 @@ def test_cli_batch_is_resumable_without_resubmitting(api_url, tenant, sessions, 
     with sessions() as session:
         assert session.execute(select(func.count()).select_from(Batch).where(
             Batch.tenant_id == tenant.tenant_id)).scalar_one() == 1
+
+
+def test_cli_submit_with_a_preset_writes_every_output_next_to_the_masks(api_url, tenant, tmp_path):
+    image = tmp_path / "look-7.jpg"
+    image.write_bytes(make_image(60, 80))
+    out = tmp_path / "out"
+    done = cli(["submit", str(image), "--preset", "clothing", "--output", "mask", "--output", "cutout",
+                "--output", "rle", "--output", "label_map", "--output", "overlay", "--out", str(out)],
+               api_url, tenant.api_key)
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["status"] == "succeeded" and job["preset"] == "clothing"
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    labels = ["upper_body", "lower_body", "full_body"]
+    for i, label in enumerate(labels):
+        assert f"look-7/{i:02d}_{label}.png" in files and f"look-7/{i:02d}_{label}.rle.json" in files
+        cut = f"look-7/{i:02d}_{label}.cutout.png"
+        assert (cut in files) == (job["results"][i]["bbox"] is not None)
+        rle = json.loads((out / f"look-7/{i:02d}_{label}.rle.json").read_text())
+        assert rle == job["results"][i]["rle"]
+    assert {"look-7/label_map.png", "look-7/overlay.jpg"} <= files
+    assert Image.open(out / "look-7/label_map.png").mode == "P"
+    assert Image.open(out / "look-7/overlay.jpg").size == (60, 80)
+
+
+def test_client_presets_and_waiting_create(api_url, tenant, tmp_path):
+    with Clipmask(api_url, tenant.api_key) as cm:
+        assert [p["id"] for p in cm.list_presets()][:2] == ["clothing", "human_parsing"]
+        cm.create_preset("tops", [{"name": "blouse", "prompts": ["a blouse", "a women's top"]}])
+        job = cm.create_job(make_image(40, 40), preset="tops", prompts=["belt"], outputs=["soft", "rle"], wait=30)
+        assert job.status == "succeeded"  # answered once final, no polling
+        assert [(r.prompt, r.source) for r in job.results] == [("blouse", "preset"), ("belt", "text")]
+        assert job.results[0].soft_url and job.results[0].rle and job.results[0].mask_url is None
+        assert job.model and job.model["revision"]
+        cm.delete_preset("tops")
+        with pytest.raises(ClipmaskError) as info:
+            cm.delete_preset("clothing")
+        assert info.value.code == "preset_read_only"

@@ -1,0 +1,26 @@
+"""`image_s3_uri` inputs: s3://bucket/key, from buckets an operator allowed for the tenant."""
+
+from __future__ import annotations
+
+import re
+
+BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+MAX_KEY_BYTES = 1024
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """(bucket, key) of `s3://bucket/key`; ValueError with a sentence for anything else."""
+    if not uri.startswith("s3://"):
+        raise ValueError("must look like s3://bucket/key")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not BUCKET.match(bucket) or ".." in bucket:
+        raise ValueError(f"{bucket!r} is not a valid bucket name")
+    if not key or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise ValueError(f"the key must be 1 to {MAX_KEY_BYTES} bytes")
+    return bucket, key
+
+
+def bucket_allowed(bucket: str, allowed: list[str] | None) -> bool:
+    """Only buckets the operator named for the tenant (clipmask tenant limits --input-bucket);
+    none by default, the deployment's own bucket included."""
+    return bucket in (allowed or [])
