@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export VENV
 
-.PHONY: install up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api gpu-check clean
+.PHONY: install up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,14 @@ typecheck: install
 
 bench: install
 	$(PY) bench/engine.py --model tiny --images 8 --prompts 4
+
+# 200 clients holding Prefer: wait while plain GETs are timed (private stack, tiny model)
+bench-wait: install
+	scripts/bench_stack.sh bench/waiting.py $(BENCH_ARGS)
+
+# what each output kind costs per image at 1024x1536 (engine + encoding, no stack)
+bench-outputs: install
+	$(PY) bench/outputs.py $(BENCH_ARGS)
 
 # on a CUDA host with torch and transformers installed: engine tests on CUDA + GPU benchmarks
 gpu-check:
