@@ -76,11 +76,28 @@ def main() -> int:
 
     costs = {
         "mask": timed(lambda: [png_gray(m.mask) for m in masks], args.repeat)[0],
-        "soft": timed(lambda: [png_gray(m.soft) for m in masks], args.repeat)[0],
+        "soft": timed(lambda: [png_gray(m.soft, sub_filter=True) for m in masks], args.repeat)[0],
         "rle": timed(lambda: [coco_rle(m.mask) for m in masks], args.repeat)[0],
         "cutout": timed(lambda: [cutout_png(pixels, m.soft, m.bbox) for m in masks], args.repeat)[0],
         "label_map": timed(lambda: label_map_png(label_map, len(prompts)), args.repeat)[0],
         "overlay": timed(lambda: overlay_jpeg(pixels, label_map, len(prompts)), args.repeat)[0],
+    }
+    # before: Pillow's PNG encoder at compress_level 1 (what the worker used until 2026-11-22)
+    def pillow_png(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+
+    def pillow_cutout(m) -> bytes | None:  # type: ignore[no-untyped-def]
+        if m.bbox is None:
+            return None
+        x0, y0, x1, y1 = m.bbox
+        return pillow_png(np.dstack([pixels[y0:y1, x0:x1], m.soft[y0:y1, x0:x1]]))
+
+    pillow = {
+        "mask": timed(lambda: [pillow_png(m.mask) for m in masks], args.repeat)[0],
+        "soft": timed(lambda: [pillow_png(m.soft) for m in masks], args.repeat)[0],
+        "cutout": timed(lambda: [pillow_cutout(m) for m in masks], args.repeat)[0],
     }
     stock = StockEngine(loaded)
     stock_s, _ = timed(lambda: [png(m.mask) for m in stock.segment(
@@ -92,7 +109,8 @@ def main() -> int:
     print(f"engine pass, + soft maps + label map {full_s * ms:8.1f} ms  (+{(full_s - plain_s) * ms:.1f} ms)")
     for kind, seconds in costs.items():
         unit = "per image" if kind in ("label_map", "overlay") else f"for {len(prompts)} labels"
-        print(f"encode {kind:<10}                  {seconds * ms:8.1f} ms  {unit}")
+        before = f"  (Pillow's encoder: {pillow[kind] * ms:.1f} ms)" if kind in pillow else ""
+        print(f"encode {kind:<10}                  {seconds * ms:8.1f} ms  {unit}{before}")
     mask_alone = decode_s + plain_s + costs["mask"]
     everything = decode_s + full_s + sum(costs.values())
     print(f"mask alone, JPEG in -> PNGs          {mask_alone * ms:8.1f} ms/image")
@@ -102,6 +120,7 @@ def main() -> int:
         print(json.dumps({"model": args.model, "device": args.device, "size": f"{width}x{height}",
                           "labels": len(prompts), "decode_ms": decode_s * ms, "engine_masks_ms": plain_s * ms,
                           "engine_all_ms": full_s * ms, **{f"encode_{k}_ms": v * ms for k, v in costs.items()},
+                          **{f"pillow_{k}_ms": v * ms for k, v in pillow.items()},
                           "mask_alone_ms": mask_alone * ms, "all_outputs_ms": everything * ms,
                           "stock_masks_ms": stock_s * ms}))
     return 0

@@ -49,11 +49,34 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# EXIF orientations that turn the picture by 90 degrees (width and height swap)
+TRANSPOSING = frozenset({5, 6, 7, 8})
+
+
+class Decoded:
+    """A decoded image and the size of the full-resolution picture it stands for (after EXIF)."""
+
+    def __init__(self, image: Image.Image, size: tuple[int, int]) -> None:
+        self.image, self.size = image, size
+
+    @property
+    def reduced(self) -> bool:
+        return self.image.size != self.size
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode to an RGB image upright per EXIF; first frame of animations; transparency on white.
 
     Raises ImageInvalid for empty, truncated or unknown data and ImageTooLarge past `max_pixels`
     (checked on the header, before any pixel is decoded).
+    """
+    return decode(data, max_pixels=max_pixels).image
+
+
+def decode(data: bytes, *, max_pixels: int, at_least: tuple[int, int] | None = None) -> Decoded:
+    """decode_image, and with `at_least` (width, height) a JPEG may be decoded at a reduced DCT
+    scale (1/2, 1/4, 1/8: Pillow's draft mode), never below that size: what the model needs when no
+    output needs the full-resolution pixels. `Decoded.size` is always the full picture's size.
     """
     if not data:
         raise ImageInvalid("the image is empty (0 bytes)")
@@ -70,10 +93,15 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
                 raise ImageInvalid("the image has no pixels")
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
+            orientation = img.getexif().get(0x0112, 1)
+            full = (height, width) if orientation in TRANSPOSING else (width, height)
+            if at_least is not None and img.format == "JPEG":
+                want = (at_least[1], at_least[0]) if orientation in TRANSPOSING else at_least
+                img.draft(img.mode, want)  # the smallest DCT scale still at least `want`; same mode
             img.load()
             rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
             rgb.load()
-            return rgb
+            return Decoded(rgb, full)
     except (ImageTooLarge, ImageInvalid):
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own guard, past our cap when it is raised

@@ -28,7 +28,7 @@ from shared.enums import JobStatus
 from shared.errors import ImageFetchFailed, JobFailure, StorageFailed
 from shared.fetch import FetchPolicy, fetch_image_bytes
 from shared.followups import Effects
-from shared.images import decode_image
+from shared.images import decode
 from shared.models import Job, Tenant
 from shared.presets import labels_of
 from shared.s3uri import bucket_allowed, parse_s3_uri
@@ -39,6 +39,11 @@ from worker.leases import LeaseKeeper
 from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, png_gray
 
 log = logging.getLogger(__name__)
+
+# The smallest decode that still feeds the model at full quality, when the segmenter doesn't say
+# (`input_size`): CLIPSeg's input is 352x352, and a DCT-scaled JPEG at least that large is then
+# resized on the device like any other image.
+MODEL_INPUT = (352, 352)
 
 
 class Segments(Protocol):
@@ -77,6 +82,8 @@ class RunnerDeps:
     leases: LeaseKeeper | None = None  # the process's heartbeat; None: leases are not renewed
     # after the commit that finished a job: send its deliveries, finalize its batch (followups.after_commit)
     follow_up: Callable[[Effects], None] = _no_follow_up
+    # decode JPEGs at a reduced DCT scale (never below MODEL_INPUT) when no output needs full pixels
+    reduced_decode: bool = True
 
 
 @dataclass
@@ -109,7 +116,7 @@ def encode_outputs(job: Job, labels: list[dict[str, Any]], outputs: list[str], i
             encoded.uploads.append((key, png_gray(item.mask), "image/png"))
             entry["mask_key"] = key
         if "soft" in outputs and item.soft is not None:
-            entry["soft_key"] = stage(f"{index}.soft.png", png_gray(item.soft), "image/png")
+            entry["soft_key"] = stage(f"{index}.soft.png", png_gray(item.soft, sub_filter=True), "image/png")
         if "rle" in outputs:
             entry["rle"] = coco_rle(item.mask)
         if "cutout" in outputs and pixels is not None and item.soft is not None:
@@ -185,23 +192,28 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         if not _still_running(deps, job.id):
             log.info("job canceled during the fetch; stopped before decoding", extra=ctx)
             return _finish(deps, started, JobStatus.CANCELED)
-        with stages.time("decode"):
-            image = decode_image(data, max_pixels=deps.max_pixels)
-        del data
+        outputs = list(job.outputs_requested or ["mask"])
         segmenter = deps.segmenter()  # loads the model on the process's first job
+        with stages.time("decode"):
+            # masks come from logits and need only the picture's size; cutouts and overlays need its pixels
+            full_pixels = bool({"cutout", "overlay"} & set(outputs)) or not deps.reduced_decode
+            model_input = getattr(segmenter, "input_size", MODEL_INPUT)
+            decoded = decode(data, max_pixels=deps.max_pixels, at_least=None if full_pixels else model_input)
+        del data
+        image, (width, height) = decoded.image, decoded.size
         with session_scope(deps.sessions) as session:
-            status = jobstate.record_image_size(session, job.id, width=image.width, height=image.height)
+            status = jobstate.record_image_size(session, job.id, width=width, height=height)
             jobstate.record_model(session, job.id, model_id=deps.model_id,
                                   revision=getattr(segmenter, "model_revision", None))
         if status != JobStatus.RUNNING:
             log.info("job canceled before inference; it takes no batcher slot", extra=ctx)
             return _finish(deps, started, JobStatus.CANCELED)
         labels = labels_of(job.labels, list(job.prompts))
-        outputs = list(job.outputs_requested or ["mask"])
         wanted = Wanted(soft=bool({"soft", "cutout"} & set(outputs)),
                         label_map=bool({"label_map", "overlay"} & set(outputs)))
         request = SegmentRequest(image, [label["name"] for label in labels], job.threshold,
-                                 phrasings=[tuple(label["prompts"]) for label in labels], wanted=wanted)
+                                 phrasings=[tuple(label["prompts"]) for label in labels], wanted=wanted,
+                                 size=(width, height))
         with stages.time("infer"):
             result = segmenter.run(request)
         with stages.time("encode"):

@@ -35,6 +35,11 @@ class Segmenter:
     def model_revision(self) -> str | None:
         return self.loaded.revision
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(width, height) the model sees; an image decoded at least this large loses nothing."""
+        return self.loaded.preprocessing.width, self.loaded.preprocessing.height
+
     def run(self, request: SegmentRequest) -> SegmentResult:
         if self.batcher is not None:
             return self.batcher(request)

@@ -38,6 +38,12 @@ class SegmentRequest:
     threshold: float
     phrasings: list[Phrasings] | None = None  # per label; None: each prompt is its label's one phrasing
     wanted: Wanted = Wanted()
+    # (width, height) of the outputs; None: the image's own. A JPEG decoded at a reduced scale for
+    # the model (shared.images.decode) still gets masks at the full picture's size.
+    size: tuple[int, int] | None = None
+
+    def output_size(self, arr: np.ndarray) -> tuple[int, int]:
+        return self.size if self.size is not None else (arr.shape[1], arr.shape[0])
 
     def label_keys(self) -> list[Phrasings]:
         if self.phrasings is None:
@@ -209,7 +215,8 @@ class FastEngine:
         per_image = self.batch_logits(arrays, [r.label_keys() for r in requests])
         results = []
         for req, arr, logits in zip(requests, arrays, per_image, strict=True):
-            masks, label_map = upsample(logits, prompts=req.prompts, height=arr.shape[0], width=arr.shape[1],
+            width, height = req.output_size(arr)
+            masks, label_map = upsample(logits, prompts=req.prompts, height=height, width=width,
                                         threshold=req.threshold, wanted=req.wanted)
             results.append(SegmentResult(masks, logits.cpu(), label_map))
         return results

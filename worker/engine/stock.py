@@ -54,7 +54,8 @@ class StockEngine:
             logits = self.stock_logits(image, [label[0] for label in labels])
         else:
             logits = self.ensemble_logits(image, labels)
-        masks, label_map = upsample(logits, prompts=request.prompts, height=image.height, width=image.width,
+        width, height = request.size or image.size
+        masks, label_map = upsample(logits, prompts=request.prompts, height=height, width=width,
                                     threshold=request.threshold, wanted=request.wanted)
         return SegmentResult(masks, logits.cpu(), label_map)
 

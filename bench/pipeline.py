@@ -1,0 +1,183 @@
+"""The worker pipeline's ceiling on the host side: everything but the model.
+
+The job runner (worker/runner.py) runs jobs end to end - mark running, fetch the image from a
+local HTTP server, decode, "segment", encode every requested output, upload to an S3-protocol
+server, record in Postgres - in --threads threads as Celery's thread pool does, with the model
+replaced by an instant stand-in that returns precomputed results of the right shape. What it
+measures is the most a GPU worker process can deliver, whatever the GPU: images/s, CPU seconds
+per image (so images/s per core), and where the time goes per stage.
+
+It starts what it needs: a private Postgres database (dropped at the end), moto's S3 server and
+an image server, each in its own process (so they don't share this process's GIL or its CPU
+clock).
+
+  python bench/pipeline.py                       # 1024x1536 JPEGs, 4 labels, mask alone, then all outputs
+  python bench/pipeline.py --jobs 400 --threads 16 --outputs mask
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.engine import CLOTHES, catalog_jpegs
+from shared.db import make_engine, make_session_factory, session_scope
+from shared.fetch import FetchPolicy
+from shared.models import Job
+from shared.settings import Settings
+from shared.storage import ObjectStorage
+from shared.tenants import create_tenant
+from tests.support.services import migrated_database
+from worker.engine.fast import SegmentRequest
+from worker.engine.postprocess import SegmentResult, upsample
+from worker.runner import RunnerDeps, run_job
+
+OUTPUT_SETS = {"mask": ["mask"], "all": ["mask", "soft", "rle", "cutout", "label_map", "overlay"]}
+
+
+class InstantSegmenter:
+    """The model's stand-in: per (size, labels, wanted), one result computed once and returned at
+    once afterwards (the logits are a smooth blob per label, so masks look like garments)."""
+
+    model_revision = "stand-in"
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[object, ...], SegmentResult] = {}
+        self._lock = threading.Lock()
+
+    def run(self, request: SegmentRequest) -> SegmentResult:
+        width, height = request.image.size if hasattr(request.image, "size") else request.image.shape[1::-1]
+        key = (width, height, tuple(request.prompts), request.wanted)
+        with self._lock:
+            if key not in self._cache:
+                yy, xx = torch.meshgrid(torch.linspace(-1, 1, 88), torch.linspace(-1, 1, 88), indexing="ij")
+                logits = torch.stack([4 - 12 * ((xx - 0.3 * (i % 3 - 1)) ** 2 + (yy - 0.25 * (i - 1.5)) ** 2)
+                                      for i in range(len(request.prompts))])
+                masks, label_map = upsample(logits, prompts=request.prompts, height=height, width=width,
+                                            threshold=request.threshold, wanted=request.wanted)
+                self._cache[key] = SegmentResult(masks, logits, label_map)
+            return self._cache[key]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def run_round(deps: RunnerDeps, sessions, tenant_id: str, urls: list[str], labels: list[str], outputs: list[str],
+              threads: int) -> dict[str, object]:
+    stage_totals: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def on_stage(stage: str, seconds: float) -> None:
+        with lock:
+            stage_totals[stage] = stage_totals.get(stage, 0.0) + seconds
+
+    deps.on_stage = on_stage
+    job_ids = [str(uuid.uuid4()) for _ in urls]
+    with session_scope(sessions) as session:
+        for job_id, url in zip(job_ids, urls, strict=True):
+            session.add(Job(id=job_id, tenant_id=tenant_id, status="queued", input={"image_url": url},
+                            prompts=labels, threshold=0.4, results=[], metadata_={}, outputs_requested=outputs,
+                            labels=[{"name": p, "prompts": [p], "source": "text"} for p in labels]))
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        statuses = list(pool.map(partial(run_job, deps=deps), job_ids))
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    done = statuses.count("succeeded")
+    if done != len(job_ids):
+        raise RuntimeError(f"only {done} of {len(job_ids)} jobs succeeded: {set(statuses)}")
+    return {"images": done, "wall_s": wall, "cpu_s": cpu, "images_per_s": done / wall,
+            "images_per_cpu_s": done / cpu, "cpu_ms_per_image": cpu / done * 1000,
+            "stage_ms_per_image": {k: v / done * 1000 for k, v in sorted(stage_totals.items())}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=120)
+    parser.add_argument("--threads", type=int, default=8, help="like the worker's --concurrency (threads pool)")
+    parser.add_argument("--size", default="1024x1536")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--outputs", choices=[*OUTPUT_SETS, "both"], default="both")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.split("x"))
+    labels = CLOTHES[: args.prompts]
+
+    work = Path(tempfile.mkdtemp(prefix="clipmask-pipeline-"))
+    for i, data in enumerate(catalog_jpegs(8, width, height)):
+        (work / f"{i}.jpg").write_bytes(data)
+    image_port, s3_port = free_port(), free_port()
+    bin_dir = Path(sys.executable).parent
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "http.server", str(image_port), "--bind", "127.0.0.1",
+                          "--directory", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    report: dict[str, object] = {"size": f"{width}x{height}", "labels": len(labels), "threads": args.threads,
+                                 "jobs": args.jobs, "cpus": os.cpu_count()}
+    try:
+        wait_port(image_port)
+        wait_port(s3_port)
+        with migrated_database(f"clipmask_pipeline_{uuid.uuid4().hex[:8]}") as url:
+            settings = Settings(database_url=url, s3_endpoint_url=f"http://127.0.0.1:{s3_port}",
+                                s3_bucket=f"pipeline-{uuid.uuid4().hex[:8]}", s3_access_key_id="x",
+                                s3_secret_access_key="x")
+            sessions = make_session_factory(make_engine(url, pool_size=args.threads + 2))
+            storage = ObjectStorage(settings)
+            storage.ensure_bucket()
+            with session_scope(sessions) as session:
+                tenant_id = create_tenant(session, name="pipeline").tenant_id
+            deps = RunnerDeps(sessions, storage, InstantSegmenter, FetchPolicy(allow_private=True),
+                              settings.max_image_pixels, "stand-in")
+            urls = [f"http://127.0.0.1:{image_port}/{i % 8}.jpg" for i in range(args.jobs)]
+            run_round(deps, sessions, tenant_id, urls[: args.threads * 2], labels, ["mask"], args.threads)  # warm
+            print(f"size={width}x{height} labels={len(labels)} threads={args.threads} jobs={args.jobs} "
+                  f"cpus={os.cpu_count()} (the model is an instant stand-in)", flush=True)
+            for name in (["mask", "all"] if args.outputs == "both" else [args.outputs]):
+                figures = run_round(deps, sessions, tenant_id, urls, labels, OUTPUT_SETS[name], args.threads)
+                report[name] = figures
+                stages = "  ".join(f"{k} {v:.1f}" for k, v in figures["stage_ms_per_image"].items())  # type: ignore[union-attr]
+                print(f"outputs={name:<4}: {figures['images_per_s']:6.1f} images/s  "
+                      f"{figures['images_per_cpu_s']:6.1f} images per CPU-second (per core)  "
+                      f"{figures['cpu_ms_per_image']:6.1f} CPU ms/image", flush=True)
+                print(f"  stage ms per image (wall, summed over threads): {stages}", flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
