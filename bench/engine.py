@@ -3,8 +3,10 @@
 Both sides take JPEG bytes in and give PNG masks (one per prompt, image-sized) out.
 - stock: what a user writes. CLIPSegProcessor + CLIPSegForImageSegmentation in fp32, the image
   repeated once per prompt, one job at a time, upsample + threshold + PNG in the same thread.
-- engine: the worker's path. I/O threads decode and encode PNGs; one inference thread runs the
-  dynamic batcher (one vision pass per image, truncated encoder, cached text, bf16 on CUDA).
+- engine: the worker's path. I/O threads decode (JPEGs at the smallest DCT scale still at least
+  the model's input, as the worker does for mask outputs) and encode PNGs (worker.outputs'
+  writer); one inference thread runs the dynamic batcher (one vision pass per image, truncated
+  encoder, cached text, bf16 on CUDA).
 
   python bench/engine.py --model full --device cpu --prompts 4 --images 8
   python bench/engine.py --model full --device cuda --prompts 4 --images 512 --batch 64 --json
@@ -34,9 +36,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from shared.images import decode as decode_for_model
 from worker.engine import FastEngine, SegmentRequest, load_clipseg
 from worker.engine.batcher import DynamicBatcher
 from worker.engine.devmodel import write_dev_model
+from worker.outputs import png_gray
 
 CLOTHES = ["shirt", "pants", "dress", "shoes", "jacket", "skirt", "hat", "bag", "belt", "scarf",
            "sweater", "shorts", "coat", "socks", "gloves", "tie"]
@@ -144,12 +148,14 @@ def run_engine(path: str, device: torch.device, dtype: str, images: list[bytes],
     engine = FastEngine(loaded, compile=compile_)
     batcher = DynamicBatcher(engine.segment_batch, max_batch=batch, max_wait_ms=5)
 
+    at_least = (loaded.preprocessing.width, loaded.preprocessing.height)
+
     def one(data: bytes) -> float:
         t0 = time.perf_counter()
-        image = decode(data)
-        result = batcher(SegmentRequest(image, prompts, threshold))
+        decoded = decode_for_model(data, max_pixels=10**9, at_least=at_least)
+        result = batcher(SegmentRequest(decoded.image, prompts, threshold, size=decoded.size))
         for m in result.masks:
-            png(m.mask)
+            png_gray(m.mask)
         return time.perf_counter() - t0
 
     with ThreadPoolExecutor(io_threads) as pool:
