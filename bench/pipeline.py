@@ -11,6 +11,9 @@ It starts what it needs: a private Postgres database (dropped at the end), moto'
 an image server, each in its own process (so they don't share this process's GIL or its CPU
 clock).
 
+Each round runs twice in the same process: "before" (full-resolution JPEG decodes and Pillow's
+PNG encoder, as the worker did until 2026-11-22) and "now".
+
   python bench/pipeline.py                       # 1024x1536 JPEGs, 4 labels, mask alone, then all outputs
   python bench/pipeline.py --jobs 400 --threads 16 --outputs mask
 """
@@ -18,6 +21,7 @@ clock).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -48,6 +52,32 @@ from worker.engine.postprocess import SegmentResult, upsample
 from worker.runner import RunnerDeps, run_job
 
 OUTPUT_SETS = {"mask": ["mask"], "all": ["mask", "soft", "rle", "cutout", "label_map", "overlay"]}
+
+
+def pillow_png(pixels, *, sub_filter: bool = False, level: int = 1) -> bytes:  # type: ignore[no-untyped-def]
+    """The PNG writer before 2026-11-22 (Pillow, compress_level 1), for the baseline rounds."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=level)
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def baseline(deps: RunnerDeps):  # type: ignore[no-untyped-def]
+    """Full-resolution decodes and Pillow's PNG encoder: the pipeline as it was before."""
+    import worker.outputs
+
+    saved = worker.outputs.encode_png
+    deps.reduced_decode = False
+    worker.outputs.encode_png = pillow_png
+    try:
+        yield
+    finally:
+        worker.outputs.encode_png = saved
+        deps.reduced_decode = True
 
 
 class InstantSegmenter:
@@ -163,13 +193,16 @@ def main() -> int:
             print(f"size={width}x{height} labels={len(labels)} threads={args.threads} jobs={args.jobs} "
                   f"cpus={os.cpu_count()} (the model is an instant stand-in)", flush=True)
             for name in (["mask", "all"] if args.outputs == "both" else [args.outputs]):
-                figures = run_round(deps, sessions, tenant_id, urls, labels, OUTPUT_SETS[name], args.threads)
-                report[name] = figures
-                stages = "  ".join(f"{k} {v:.1f}" for k, v in figures["stage_ms_per_image"].items())  # type: ignore[union-attr]
-                print(f"outputs={name:<4}: {figures['images_per_s']:6.1f} images/s  "
-                      f"{figures['images_per_cpu_s']:6.1f} images per CPU-second (per core)  "
-                      f"{figures['cpu_ms_per_image']:6.1f} CPU ms/image", flush=True)
-                print(f"  stage ms per image (wall, summed over threads): {stages}", flush=True)
+                for variant in ("before", "now"):
+                    with baseline(deps) if variant == "before" else contextlib.nullcontext():
+                        figures = run_round(deps, sessions, tenant_id, urls, labels, OUTPUT_SETS[name],
+                                            args.threads)
+                    report[f"{name}_{variant}"] = figures
+                    stages = "  ".join(f"{k} {v:.1f}" for k, v in figures["stage_ms_per_image"].items())  # type: ignore[union-attr]
+                    print(f"outputs={name:<4} {variant:<6}: {figures['images_per_s']:6.1f} images/s  "
+                          f"{figures['images_per_cpu_s']:6.1f} images per CPU-second (per core)  "
+                          f"{figures['cpu_ms_per_image']:6.1f} CPU ms/image", flush=True)
+                    print(f"  stage ms per image (wall, summed over threads): {stages}", flush=True)
     finally:
         for proc in procs:
             proc.terminate()
