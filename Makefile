@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export VENV
 
-.PHONY: install up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs gpu-check clean
+.PHONY: install up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs bench-pipeline gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,10 @@ bench: install
 # 200 clients holding Prefer: wait while plain GETs are timed (private stack, tiny model)
 bench-wait: install
 	scripts/bench_stack.sh bench/waiting.py $(BENCH_ARGS)
+
+# the worker's host side with an instant model stand-in: the ceiling a GPU worker can't pass
+bench-pipeline: install
+	$(PY) bench/pipeline.py $(BENCH_ARGS)
 
 # what each output kind costs per image at 1024x1536 (engine + encoding, no stack)
 bench-outputs: install
