@@ -19,7 +19,7 @@ import logging
 import random
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,11 +159,13 @@ class Dispatcher:
         def attempt(row: WebhookDelivery) -> tuple[WebhookDelivery, Outcome]:
             return row, send(row.id, row.url, row.payload, secrets[row.tenant_id], self.policy, self.timeout_s)
 
+        # each outcome is recorded as soon as it is known: a slow endpoint (up to timeout_s) must not
+        # hold back the record of the others, which would stay claimed, then be sent again
         with ThreadPoolExecutor(min(self.max_parallel, len(rows))) as pool:
-            outcomes = list(pool.map(attempt, rows))
-        with session_scope(self.sessions) as session:
-            for row, outcome in outcomes:
-                self._record(session, row, outcome)
+            for future in as_completed([pool.submit(attempt, row) for row in rows]):
+                row, outcome = future.result()
+                with session_scope(self.sessions) as session:
+                    self._record(session, row, outcome)
         return len(rows)
 
     def _record(self, session: Session, row: WebhookDelivery, outcome: Outcome) -> None:
