@@ -141,11 +141,11 @@ def create_job() -> Response:
     if wait is None:
         return respond(accepted)
     final, job_row = _wait_for(accepted.id, wait)
-    resp = respond(accepted)
-    if job_row is not None:
-        resp = _job_response(job_row)
-        resp.status_code = 201 if final else 202
-        resp.headers.update(accepted.headers)
+    if job_row is None:  # deleted meanwhile: the answer given at creation
+        return _applied(respond(accepted), wait)
+    resp = _job_response(job_row)
+    resp.status_code = 201 if final else 202
+    resp.headers.update(accepted.headers)
     return _applied(resp, wait)
 
 
