@@ -21,4 +21,5 @@ mkdir -p "$CLIPMASK_RUN_DIR"
 export CLIPMASK_MODEL="$(realpath -m -- "$CLIPMASK_RUN_DIR")/tiny-model"
 trap 'scripts/stack.sh down' EXIT
 scripts/stack.sh up
+[ -n "${CLIPMASK_DATABASE_URL:-}" ] || . "$CLIPMASK_RUN_DIR/env"
 "$BIN/python" "$script" --base-url "http://$CLIPMASK_API_BIND" "$@"

@@ -19,4 +19,5 @@ if [ -f "$RUN/model" ] && scripts/stack.sh status | grep -q "^worker running" \
   echo "note: the running worker uses $(cat "$RUN/model"); run 'make down' first to switch models"
 fi
 scripts/stack.sh up
+[ -n "${CLIPMASK_DATABASE_URL:-}" ] || . "$RUN/env"
 exec "$BIN/clipmask" demo --base-url "http://${CLIPMASK_API_BIND:-127.0.0.1:8000}" "${random[@]}"

@@ -14,7 +14,8 @@ export CLIPMASK_S3_BUCKET="clipmask-fuzz-$$" CLIPMASK_REDIS_KEY_PREFIX="clipmask
 export CLIPMASK_RATE_LIMIT_PER_S=0 CLIPMASK_LOG_LEVEL=WARNING
 # a database of its own, dropped at the end (the fuzzer writes thousands of rows)
 DB="clipmask_fuzz_$$"
-export CLIPMASK_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/$DB"
+PG_PORT=$(scripts/pgvector.sh ensure)
+export CLIPMASK_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:$PG_PORT/$DB"
 EXAMPLES=${FUZZ_EXAMPLES:-1000}
 MAX_TIME=${FUZZ_MAX_TIME:-900}
 RUN=$(realpath -m -- "$CLIPMASK_RUN_DIR")
@@ -23,7 +24,7 @@ mkdir -p "$RUN"
 export CLIPMASK_MODEL="$RUN/tiny-model"
 cleanup() {  # the stack, its database and its Redis keys
   scripts/stack.sh down >/dev/null
-  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
+  psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
   redis-cli --scan --pattern "$CLIPMASK_REDIS_KEY_PREFIX*" | xargs -r -n 500 redis-cli del >/dev/null || true
 }
 trap cleanup EXIT

@@ -12,7 +12,7 @@ BIN=${VENV:-.venv}/bin
 mkdir -p "$RUN/logs" "$RUN/pids"
 
 # Defaults for the native stack; any CLIPMASK_* already set in the environment wins.
-export CLIPMASK_DATABASE_URL=${CLIPMASK_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/clipmask}
+# CLIPMASK_DATABASE_URL unset: the `clipmask` database on a local Postgres with pgvector (below).
 export CLIPMASK_REDIS_URL=${CLIPMASK_REDIS_URL:-redis://127.0.0.1:6379/0}
 export CLIPMASK_S3_ACCESS_KEY_ID=${CLIPMASK_S3_ACCESS_KEY_ID:-clipmask}
 export CLIPMASK_S3_SECRET_ACCESS_KEY=${CLIPMASK_S3_SECRET_ACCESS_KEY:-clipmask-secret}
@@ -51,16 +51,13 @@ wait_for() {  # description seconds command...
   say "$what did not come up in ${secs}s"; return 1
 }
 
-ensure_postgres() {
-  if pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then return; fi
-  say "Postgres not answering; starting it"
-  if command -v pg_ctlcluster >/dev/null; then
-    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
-    touch "$RUN/pids/postgres.started"
-  else
-    say "no pg_ctlcluster here: start PostgreSQL yourself or set CLIPMASK_DATABASE_URL"; exit 1
-  fi
-  wait_for Postgres 30 pg_isready -h 127.0.0.1 -p 5432 -q
+ensure_postgres() {  # a Postgres with pgvector: the system one if it has it, else scripts/pgvector.sh's
+  if [ -n "${CLIPMASK_DATABASE_URL:-}" ]; then return; fi
+  local port
+  port=$(scripts/pgvector.sh ensure) || { say "no Postgres with pgvector: set CLIPMASK_DATABASE_URL"; exit 1; }
+  export CLIPMASK_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:$port/clipmask"
+  # for the CLI beside the stack (`. .run/env`), demo.sh and the bench and fuzz scripts
+  echo "export CLIPMASK_DATABASE_URL=$CLIPMASK_DATABASE_URL" >"$RUN/env"
 }
 
 ensure_redis() {
@@ -73,10 +70,10 @@ ensure_redis() {
 
 ensure_database() {  # the local database the URL names, created if missing
   case "$CLIPMASK_DATABASE_URL" in
-    *@127.0.0.1:5432/*|*@localhost:5432/*)
-      local name=${CLIPMASK_DATABASE_URL##*/}; name=${name%%\?*}
-      psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$name'" | grep -q 1 \
-        || psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE \"$name\"" ;;
+    *@127.0.0.1:*/*|*@localhost:*/*)
+      local name=${CLIPMASK_DATABASE_URL##*/} port=${CLIPMASK_DATABASE_URL##*:}; name=${name%%\?*}; port=${port%%/*}
+      psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$name'" | grep -q 1 \
+        || psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -qc "CREATE DATABASE \"$name\"" ;;
   esac
 }
 
@@ -121,10 +118,7 @@ down() {
     kill "$(cat "$RUN/pids/redis-server.pid")" 2>/dev/null || true; rm -f "$RUN/pids/redis-server.pid"
     say "redis stopped"
   fi
-  if [ -f "$RUN/pids/postgres.started" ]; then
-    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main stop || true
-    rm -f "$RUN/pids/postgres.started"; say "postgres stopped"
-  fi
+  # The Postgres with pgvector stays up: tests and other stacks share it (`make clean` stops it).
 }
 
 status() {

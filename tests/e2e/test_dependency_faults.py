@@ -16,7 +16,7 @@ from shared.storage import ObjectStorage
 from tests.support.api import wait_for_job
 from tests.support.faults import kill, start_postgres_proxy, start_s3_server
 from tests.support.images import make_image
-from tests.support.services import free_port, start_worker, stop_process
+from tests.support.services import free_port, pg_address, start_worker, stop_process
 
 
 def attempts(sessions, job_id: str) -> int:
@@ -77,7 +77,7 @@ def test_storage_down_jobs_retry_then_fail_and_recover_when_it_is_back(
 def test_postgres_unreachable_api_answers_503_and_workers_resume(
         settings, database_url, sessions, make_tenant, image_server, tmp_path):
     port = free_port()
-    via_proxy = database_url.replace("127.0.0.1:5432", f"127.0.0.1:{port}")
+    via_proxy = database_url.replace(pg_address(), f"127.0.0.1:{port}")
     own = settings.model_copy(update={
         "database_url": via_proxy, "interactive_queue": f"{settings.interactive_queue}-pgdown",
         "worker_metrics_port": 0, "job_max_retries": 8, "job_retry_backoff_s": 0.5,

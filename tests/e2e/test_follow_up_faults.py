@@ -22,7 +22,7 @@ from shared.models import Batch, Job, WebhookDelivery
 from shared.storage import ObjectStorage
 from tests.support.faults import kill, start_postgres_proxy
 from tests.support.images import make_image
-from tests.support.services import free_port, private_queues, start_worker, stop_process
+from tests.support.services import free_port, pg_address, private_queues, start_worker, stop_process
 from tests.support.webhook_receiver import Receiver
 
 
@@ -77,7 +77,7 @@ def test_postgres_unreachable_between_the_manifest_and_the_completion(settings, 
     batch_id = finished_batch(sessions, tenant, receiver)
     port = free_port()
     proxy = start_postgres_proxy(port)
-    via_proxy = make_session_factory(make_engine(settings.database_url.replace("127.0.0.1:5432", f"127.0.0.1:{port}"),
+    via_proxy = make_session_factory(make_engine(settings.database_url.replace(pg_address(), f"127.0.0.1:{port}"),
                                                  pool_size=1))
 
     class PostgresDiesAfterThePut:  # the fault: the database goes away right after the manifest is stored
@@ -95,7 +95,7 @@ def test_postgres_unreachable_between_the_manifest_and_the_completion(settings, 
 
         proxy = start_postgres_proxy(port)  # back
         via_proxy = make_session_factory(make_engine(
-            settings.database_url.replace("127.0.0.1:5432", f"127.0.0.1:{port}"), pool_size=1))
+            settings.database_url.replace(pg_address(), f"127.0.0.1:{port}"), pool_size=1))
         assert finalize(via_proxy, storage, batch_id) is not None
         assert state(sessions, batch_id)[::2] == ("completed", 1)
         assert finalize(via_proxy, storage, batch_id) is None

@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from tests.support.services import ROOT
+from tests.support.services import ROOT, pg_port
 
 
 def start_s3_server(port: int) -> subprocess.Popen:
@@ -29,8 +29,8 @@ def start_s3_server(port: int) -> subprocess.Popen:
 
 def start_postgres_proxy(port: int) -> subprocess.Popen:
     """A TCP forwarder process to Postgres; killing it makes the database unreachable."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.support.tcp_proxy", str(port), "127.0.0.1", "5432"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.tcp_proxy", str(port), "127.0.0.1", str(pg_port())],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"listening"
     return proc
 

