@@ -18,20 +18,12 @@ import threading
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tests.support.engine import BF16_MAX_TOL, BF16_MEAN_TOL, DEVICES, IMAGE_MAX_TOL, IMAGE_MEAN_TOL, PIXEL_TOL, picture
 from worker.engine import FastEngine, SegmentRequest, StockEngine, load_clipseg
 from worker.engine.batcher import DynamicBatcher
 
 pytestmark = pytest.mark.unit  # no Postgres, Redis, S3 or worker process
-
-PIXEL_TOL = 1e-4
-IMAGE_MAX_TOL = 0.08
-IMAGE_MEAN_TOL = 0.01
-BF16_MAX_TOL = 0.1
-BF16_MEAN_TOL = 0.01
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 PROMPT_SETS = {
     1: ["shirt"],
@@ -39,16 +31,6 @@ PROMPT_SETS = {
     8: ["shirt", "pants", "dress", "shoes", "hat", "jacket", "skirt", "a bag with a strap"],
 }
 SIZES = [(96, 96), (120, 80), (200, 300), (1536, 1024), (37, 500)]  # (width, height)
-
-
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    """Smooth gradients plus blocks plus mild noise: photo-like statistics at any size."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([xx / max(width, 1), yy / max(height, 1), (xx + yy) / (width + height)], axis=-1) * 200
-    base[height // 4 : height // 2, width // 3 : 2 * width // 3] = rng.integers(0, 255, 3)
-    base += rng.normal(0, 8, base.shape)
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module", params=DEVICES)

@@ -6,28 +6,32 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from worker.engine.batcher import DynamicBatcher
-from worker.engine.fast import FastEngine, SegmentRequest
+from worker.engine.embed import VisualPrompt
+from worker.engine.fast import EmbedQuery, FastEngine, SegmentRequest
 from worker.engine.loading import LoadedModel, load_clipseg
 from worker.engine.postprocess import PromptMask, SegmentResult, Wanted
 from worker.engine.stock import StockEngine
 
 __all__ = [
-    "FastEngine", "LoadedModel", "PromptMask", "SegmentRequest", "SegmentResult", "Segmenter", "StockEngine",
-    "Wanted", "load_clipseg", "open_segmenter",
+    "EmbedQuery", "FastEngine", "LoadedModel", "PromptMask", "SegmentRequest", "SegmentResult", "Segmenter",
+    "StockEngine", "VisualPrompt", "Wanted", "load_clipseg", "open_segmenter",
 ]
 
 
 @dataclass
 class Segmenter:
-    """What the job runner calls: thread-safe `run(SegmentRequest)` (or `segment(image, prompts, threshold)`)."""
+    """What the job runner calls: thread-safe `run(SegmentRequest)` (or `segment(image, prompts,
+    threshold)`), and `embed(EmbedQuery)` for search queries."""
 
     loaded: LoadedModel
     kind: str
-    batcher: DynamicBatcher[SegmentRequest, SegmentResult] | None
+    batcher: DynamicBatcher[Any, Any] | None
     stock: StockEngine | None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -47,6 +51,20 @@ class Segmenter:
         with self._lock:  # one forward at a time on the device, like the fast path's single thread
             return self.stock.run(request)
 
+    def embed(self, query: EmbedQuery) -> np.ndarray:
+        """The L2-normalised CLIP embedding of a search query (text or image), on the inference
+        thread like every other use of the device."""
+        if self.batcher is not None:
+            vector: np.ndarray = self.batcher(query)
+            return vector
+        assert self.stock is not None
+        with self._lock:
+            return self.stock.embed_query(query)
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.source
+
     def segment(self, image: Image.Image, prompts: list[str], threshold: float) -> SegmentResult:
         return self.run(SegmentRequest(image, prompts, threshold))
 
@@ -65,6 +83,6 @@ def open_segmenter(
     if kind == "stock":
         return Segmenter(loaded, kind, None, StockEngine(loaded))
     engine = FastEngine(loaded, text_cache_size=text_cache_size, compile=torch_compile)
-    batcher: DynamicBatcher[SegmentRequest, SegmentResult] = DynamicBatcher(
-        engine.segment_batch, max_batch=max_batch_images, max_wait_ms=max_batch_wait_ms, on_batch=on_batch)
+    batcher: DynamicBatcher[SegmentRequest | EmbedQuery, SegmentResult | np.ndarray] = DynamicBatcher(
+        engine.run_batch, max_batch=max_batch_images, max_wait_ms=max_batch_wait_ms, on_batch=on_batch)
     return Segmenter(loaded, kind, batcher, None)

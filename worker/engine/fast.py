@@ -25,10 +25,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from worker.engine.embed import VisualPrompt, masked_crop, neutral_grey, unit
 from worker.engine.loading import LoadedModel
 from worker.engine.postprocess import SegmentResult, Wanted, upsample
 
 Phrasings = tuple[str, ...]
+# What a label is conditioned on: its text phrasings (ensembled), or an example image.
+LabelKey = Phrasings | VisualPrompt
 
 
 @dataclass
@@ -36,21 +39,33 @@ class SegmentRequest:
     image: Image.Image | np.ndarray  # RGB; an (H, W, 3) uint8 array is used as is
     prompts: list[str]  # one name per label (a text prompt is its own name)
     threshold: float
-    phrasings: list[Phrasings] | None = None  # per label; None: each prompt is its label's one phrasing
+    # per label its phrasings, or a VisualPrompt; None: each prompt is its label's one phrasing
+    phrasings: list[LabelKey] | None = None
     wanted: Wanted = Wanted()
     # (width, height) of the outputs; None: the image's own. A JPEG decoded at a reduced scale for
     # the model (shared.images.decode) still gets masks at the full picture's size.
     size: tuple[int, int] | None = None
+    embed_image: bool = False  # the whole image's CLIP embedding
+    embed_masks: bool = False  # each label's masked crop's CLIP embedding
 
     def output_size(self, arr: np.ndarray) -> tuple[int, int]:
         return self.size if self.size is not None else (arr.shape[1], arr.shape[0])
 
-    def label_keys(self) -> list[Phrasings]:
+    def label_keys(self) -> list[LabelKey]:
         if self.phrasings is None:
             return [(p,) for p in self.prompts]
-        if len(self.phrasings) != len(self.prompts) or not all(self.phrasings):
+        if len(self.phrasings) != len(self.prompts) or not all(
+                isinstance(p, VisualPrompt) or len(p) for p in self.phrasings):
             raise ValueError("each label needs one or more phrasings")
-        return [tuple(p) for p in self.phrasings]
+        return [p if isinstance(p, VisualPrompt) else tuple(p) for p in self.phrasings]
+
+
+@dataclass
+class EmbedQuery:
+    """A search query to embed: a text (CLIP text features) or an image (CLIP image features)."""
+
+    text: str | None = None
+    image: np.ndarray | None = None
 
 
 def ensemble(embeddings: torch.Tensor) -> torch.Tensor:
@@ -72,20 +87,21 @@ def as_uint8_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 class TextEmbeddingCache:
-    """label (tuple of phrasings) -> conditional embedding, least recently used evicted beyond `capacity`."""
+    """label (tuple of phrasings, or a visual prompt by content hash) -> conditional embedding, least
+    recently used evicted beyond `capacity`."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[Phrasings, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[LabelKey, torch.Tensor] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get_many(self, prompts: Sequence[Phrasings],
-                 compute: Callable[[list[Phrasings]], torch.Tensor]) -> torch.Tensor:
+    def get_many(self, prompts: Sequence[LabelKey],
+                 compute: Callable[[list[LabelKey]], torch.Tensor]) -> torch.Tensor:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._items))
         self.misses += len(missing)
         self.hits += len(prompts) - len(missing)
-        fresh: dict[Phrasings, torch.Tensor] = {}
+        fresh: dict[LabelKey, torch.Tensor] = {}
         if missing:
             embeddings = compute(missing)
             fresh = dict(zip(missing, embeddings, strict=True))
@@ -121,6 +137,7 @@ class FastEngine:
         self._layer_extra: tuple[None, ...] = (None, None) if "causal_attention_mask" in params else (None,)
         pre = loaded.preprocessing
         dev, dtype = loaded.device, loaded.dtype
+        self._grey = neutral_grey(pre.mean)
         self._mean = torch.tensor(pre.mean, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(pre.std, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
         self.text_cache = TextEmbeddingCache(text_cache_size)
@@ -164,6 +181,21 @@ class FastEngine:
                 activations.append(hidden)
         return activations
 
+    def _finish_vision(self, hidden: torch.Tensor) -> torch.Tensor:
+        """From the hidden state after the last layer the decoder reads to CLIP's image features:
+        the remaining layers, post layer norm on the class token, visual projection."""
+        clip = self.loaded.model.clip
+        vision = clip.vision_model
+        for layer in vision.encoder.layers[self.depth:]:
+            hidden = layer(hidden, *self._layer_extra)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        return clip.visual_projection(vision.post_layernorm(hidden[:, 0, :]))
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP image features of normalised pixels, as `clip.get_image_features` gives them."""
+        return self._finish_vision(self._vision_fn(pixels.to(self.loaded.device, self.dtype))[-1])
+
     def _decode(self, activations: list[torch.Tensor], conditional: torch.Tensor) -> torch.Tensor:
         return self.loaded.model.decoder(activations, conditional).logits
 
@@ -176,31 +208,48 @@ class FastEngine:
             attention_mask=tokens["attention_mask"].to(lm.device),
         )
 
-    def _label_embeddings(self, labels: list[Phrasings]) -> torch.Tensor:
-        """One text-model pass for every distinct phrasing, then one embedding per label."""
-        phrases = list(dict.fromkeys(p for label in labels for p in label))
-        embeddings = self._text_embeddings(phrases)
-        row = {phrase: index for index, phrase in enumerate(phrases)}
-        return torch.stack([ensemble(embeddings[[row[p] for p in label]]) for label in labels])
+    def _label_embeddings(self, labels: list[LabelKey]) -> torch.Tensor:
+        """One text-model pass for every distinct phrasing (one embedding per label, ensembled), and
+        one vision pass for the example images, as `get_conditional_embeddings` computes them."""
+        out: list[torch.Tensor | None] = [None] * len(labels)
+        texts = [(i, label) for i, label in enumerate(labels) if not isinstance(label, VisualPrompt)]
+        visuals = [(i, label) for i, label in enumerate(labels) if isinstance(label, VisualPrompt)]
+        if texts:
+            phrases = list(dict.fromkeys(p for _, label in texts for p in label))
+            embeddings = self._text_embeddings(phrases)
+            row = {phrase: index for index, phrase in enumerate(phrases)}
+            for i, label in texts:
+                out[i] = ensemble(embeddings[[row[p] for p in label]])
+        if visuals:
+            pixels = self.preprocess([label.pixels for _, label in visuals])
+            embeddings = self.loaded.model.get_conditional_embeddings(
+                batch_size=len(visuals), conditional_pixel_values=pixels)
+            for (i, _), emb in zip(visuals, embeddings, strict=True):
+                out[i] = emb.to(self.dtype)
+        return torch.stack([e for e in out if e is not None])
 
     # ---- public -----------------------------------------------------------------------------
     @torch.inference_mode()
     def batch_logits(self, images: Sequence[np.ndarray],
-                     labels: Sequence[list[str]] | Sequence[list[Phrasings]]) -> list[torch.Tensor]:
+                     labels: Sequence[list[str]] | Sequence[list[LabelKey]]) -> list[torch.Tensor]:
         """Per image, (P_i, h, w) float32 logits on the device; one vision pass for the batch."""
         return self.logits_from_pixels(self.preprocess(images), labels)
 
     @torch.inference_mode()
-    def logits_from_pixels(self, pixels: torch.Tensor,
-                           labels: Sequence[list[str]] | Sequence[list[Phrasings]]) -> list[torch.Tensor]:
+    def logits_from_pixels(self, pixels: torch.Tensor, labels: Sequence[list[str]] | Sequence[list[LabelKey]],
+                           activations: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The model part alone, from normalised (B, 3, S, S) pixel values. Per image, its labels:
-        prompt strings, or tuples of phrasings (ensembled)."""
+        prompt strings, tuples of phrasings (ensembled) or visual prompts."""
         pixels = pixels.to(self.loaded.device, self.dtype)
-        activations = self._vision_fn(pixels)
+        if activations is None:
+            activations = self._vision_fn(pixels)
         counts = [len(p) for p in labels]
+        if sum(counts) == 0:  # embedding-only requests: no decoder pass
+            size = self.loaded.model.config.vision_config.image_size
+            return [torch.zeros((0, size, size), device=pixels.device) for _ in counts]
         index = torch.repeat_interleave(torch.arange(len(counts), device=pixels.device),
                                         torch.tensor(counts, device=pixels.device))
-        flat = [label if isinstance(label, tuple) else (label,) for group in labels for label in group]
+        flat = [label if isinstance(label, tuple | VisualPrompt) else (label,) for group in labels for label in group]
         with self._lock:
             conditional = self.text_cache.get_many(flat, self._label_embeddings)
         expanded = [a.index_select(0, index) for a in activations]
@@ -212,14 +261,77 @@ class FastEngine:
     @torch.inference_mode()
     def segment_batch(self, requests: Sequence[SegmentRequest]) -> list[SegmentResult]:
         arrays = [as_uint8_array(r.image) for r in requests]
-        per_image = self.batch_logits(arrays, [r.label_keys() for r in requests])
+        pixels = self.preprocess(arrays)
+        activations = self._vision_fn(pixels)
+        per_image = self.logits_from_pixels(pixels, [r.label_keys() for r in requests], activations)
+        # embed: image continues the vision tower past the decoder's last layer, only for those asking
+        wants_image = [i for i, r in enumerate(requests) if r.embed_image]
+        image_vectors: dict[int, np.ndarray] = {}
+        if wants_image:
+            index = torch.tensor(wants_image, device=pixels.device)
+            vectors = unit(self._finish_vision(activations[-1].index_select(0, index)))
+            image_vectors = dict(zip(wants_image, vectors, strict=True))
         results = []
-        for req, arr, logits in zip(requests, arrays, per_image, strict=True):
+        for i, (req, arr, logits) in enumerate(zip(requests, arrays, per_image, strict=True)):
             width, height = req.output_size(arr)
             masks, label_map = upsample(logits, prompts=req.prompts, height=height, width=width,
                                         threshold=req.threshold, wanted=req.wanted)
-            results.append(SegmentResult(masks, logits.cpu(), label_map))
+            results.append(SegmentResult(masks, logits.cpu(), label_map, image_vectors.get(i)))
+        self._embed_masks(requests, arrays, results)
         return results
+
+    def _embed_masks(self, requests: Sequence[SegmentRequest], arrays: list[np.ndarray],
+                     results: list[SegmentResult]) -> None:
+        """embed: masks - every label's masked crop across the batch in one full-depth vision pass."""
+        crops: list[np.ndarray] = []
+        owners: list[tuple[int, int]] = []
+        for i, (req, arr, result) in enumerate(zip(requests, arrays, results, strict=True)):
+            if not req.embed_masks:
+                continue
+            result.mask_embeddings = [None] * len(result.masks)
+            for j, mask in enumerate(result.masks):
+                crop = masked_crop(arr, mask.mask, mask.bbox, self._grey)
+                if crop is not None:
+                    crops.append(crop)
+                    owners.append((i, j))
+        if not crops:
+            return
+        vectors = unit(self.image_features(self.preprocess(crops)))
+        for (i, j), vector in zip(owners, vectors, strict=True):
+            embeddings = results[i].mask_embeddings
+            assert embeddings is not None
+            embeddings[j] = vector
+
+    @torch.inference_mode()
+    def embed_queries(self, queries: Sequence[EmbedQuery]) -> list[np.ndarray]:
+        """L2-normalised CLIP features of search queries: texts and images, each in one pass."""
+        out: list[np.ndarray | None] = [None] * len(queries)
+        texts = [(i, q.text) for i, q in enumerate(queries) if q.text is not None]
+        images = [(i, q.image) for i, q in enumerate(queries) if q.image is not None]
+        if texts:
+            vectors = unit(self._text_embeddings([t for _, t in texts]))
+            for (i, _), v in zip(texts, vectors, strict=True):
+                out[i] = v
+        if images:
+            vectors = unit(self.image_features(self.preprocess([as_uint8_array(img) for _, img in images])))
+            for (i, _), v in zip(images, vectors, strict=True):
+                out[i] = v
+        if any(v is None for v in out):
+            raise ValueError("a query needs a text or an image")
+        return [v for v in out if v is not None]
+
+    def run_batch(self, items: Sequence[SegmentRequest | EmbedQuery]) -> list[SegmentResult | np.ndarray]:
+        """What the batcher's thread calls: segmentations and search queries, in one batch."""
+        out: list[SegmentResult | np.ndarray | None] = [None] * len(items)
+        segs = [(i, r) for i, r in enumerate(items) if isinstance(r, SegmentRequest)]
+        queries = [(i, q) for i, q in enumerate(items) if isinstance(q, EmbedQuery)]
+        if segs:
+            for (i, _), res in zip(segs, self.segment_batch([r for _, r in segs]), strict=True):
+                out[i] = res
+        if queries:
+            for (i, _), vec in zip(queries, self.embed_queries([q for _, q in queries]), strict=True):
+                out[i] = vec
+        return [o for o in out if o is not None]
 
     def segment(self, image: Image.Image | np.ndarray, prompts: list[str], threshold: float) -> SegmentResult:
         return self.segment_batch([SegmentRequest(image, prompts, threshold)])[0]

@@ -33,6 +33,10 @@ class SegmentResult:
     masks: list[PromptMask]
     logits: torch.Tensor  # (P, h, w) float32 on CPU at the model's output resolution
     label_map: np.ndarray | None = None  # (H, W) uint8: 0 none, else 1 + index of the most probable label
+    # L2-normalised CLIP image embeddings (float32), when asked for: the whole image, and per label
+    # its masked crop (None for an empty mask)
+    image_embedding: np.ndarray | None = None
+    mask_embeddings: list[np.ndarray | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,9 @@ def upsample(
     if len(prompts) > 254:
         raise ValueError("a label map holds at most 254 labels")
     out: list[PromptMask] = []
+    if not prompts:  # an embedding-only job
+        empty = np.zeros((height, width), dtype=np.uint8) if wanted.label_map else None
+        return out, empty
     step = max(1, MAX_UPSAMPLE_ELEMENTS // (height * width))
     logits = logits.float()
     best = best_index = None
