@@ -24,11 +24,13 @@ from api.idempotency import ACCEPTED_HEADERS, fingerprint, idempotency, respond
 from api.openapi import Answers, spec
 from api.pagination import page
 from api.parsing import (
+    ImagePrompts,
     LabelResolver,
     check_s3_input,
     form_fields,
     is_json_request,
     is_multipart_request,
+    job_labels,
     job_spec,
     json_body,
     loads,
@@ -64,7 +66,8 @@ bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 bp.before_request(require_tenant)
 bp.before_request(refuse_unstorable_ids)
 
-ITEM_FIELDS = ("image_url", "image_s3_uri", "prompts", "threshold", "metadata", "preset", "outputs")
+ITEM_FIELDS = ("image_url", "image_s3_uri", "prompts", "threshold", "metadata", "preset", "outputs", "image_prompts",
+               "embed")
 BATCH_CODES = {**FIELD_CODES, "items": "invalid_batch_item"}
 
 
@@ -99,7 +102,7 @@ def _parse_csv(text: str) -> list[dict[str, Any]]:
                 raise _item_problem(len(items), "", "the row has more cells than the header")
             clean = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
             item: dict[str, Any] = {name: clean.pop(name) for name in ("image_url", "image_s3_uri") if name in clean}
-            for name in ("prompts", "outputs"):  # list columns, values separated by |
+            for name in ("prompts", "outputs", "embed"):  # list columns, values separated by |
                 value = clean.pop(name, "")
                 if value:
                     item[name] = value.split("|")
@@ -175,7 +178,9 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
                          errors=[{"field": "items", "message": f"more than {limit}"}])
     events = fields.webhook_events
     job_events = None if events is None else [e for e in events if isinstance(e, JobEvent)]
-    resolve = LabelResolver()
+    resolve, examples = LabelResolver(), ImagePrompts()
+    batch_image_prompts = (None if fields.image_prompts is None
+                           else [p.model_dump(exclude_none=True) for p in fields.image_prompts])
     items: list[JobSpec] = []
     for index, item in enumerate(raw):
         if not isinstance(item, dict):
@@ -210,6 +215,9 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
             "webhook_events": job_events,
             "preset": item["preset"] if item.get("preset") is not None else fields.preset,
             "outputs": item["outputs"] if item.get("outputs") is not None else fields.outputs,
+            "image_prompts": (item["image_prompts"] if item.get("image_prompts") is not None
+                              else batch_image_prompts or []),
+            "embed": item["embed"] if item.get("embed") is not None else (fields.embed or []),
         }
         try:
             params = JobParams.model_validate(merged)
@@ -218,12 +226,16 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
             field = str(first["loc"][0]) if first["loc"] else ""
             raise _item_problem(index, field, first["msg"].removeprefix("Value error, ")) from exc
         try:
-            labels = resolve(params.preset, params.prompts)
+            shown, stored = examples(params)
+        except ApiProblem as exc:
+            raise _item_problem(index, "image_prompts", exc.detail) from exc
+        try:
+            labels = job_labels(resolve, params, shown)
         except presets.PresetError as exc:
             raise _item_problem(index, "preset" if exc.code == "unknown_preset" else "prompts", exc.message) from exc
         except ApiProblem as exc:
             raise _item_problem(index, "prompts", exc.detail) from exc
-        items.append(job_spec(params, labels=labels, input=image_input))
+        items.append(job_spec(params, labels=labels, input=image_input, image_prompts=shown, examples=stored))
     # The batch's own webhook gets batch.completed unless only job events were asked for.
     wants_completed = events is None or BatchEvent.COMPLETED in events
     return BatchSpec(items=items, metadata=fields.metadata,

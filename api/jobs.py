@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
@@ -15,6 +16,7 @@ from api.metrics import JOBS_CREATED
 from api.openapi import PREFER_APPLIED, Answers, spec
 from api.pagination import page
 from api.parsing import (
+    ImagePrompts,
     LabelResolver,
     check_image_bytes,
     check_s3_input,
@@ -22,6 +24,7 @@ from api.parsing import (
     form_fields,
     is_json_request,
     is_multipart_request,
+    job_labels,
     job_spec,
     json_body,
     parse_status,
@@ -74,15 +77,17 @@ def _parse_json() -> tuple[JobSpec, str, str]:
         raise ApiProblem(422, "multiple_images", "Give exactly one of image_url, image_base64 and image_s3_uri.",
                          errors=[{"field": name, "message": "only one image source"} for name in sources])
     params = JobParams.model_validate(parsed.model_dump(exclude=set(IMAGE_SOURCES)))
-    labels = LabelResolver()(params.preset, params.prompts)
+    shown, examples = ImagePrompts()(params)
+    labels = job_labels(LabelResolver(), params, shown)
+    extra: dict[str, Any] = {"labels": labels, "image_prompts": shown, "examples": examples}
     if parsed.image_s3_uri is not None:
         check_s3_input(parsed.image_s3_uri, "image_s3_uri")
-        return job_spec(params, labels=labels, input={"image_s3_uri": parsed.image_s3_uri}), fingerprint(body), "s3"
+        return job_spec(params, input={"image_s3_uri": parsed.image_s3_uri}, **extra), fingerprint(body), "s3"
     if parsed.image_base64 is not None:
         data = decode_base64_image(parsed.image_base64)
         check_image_bytes(data, "image_base64")
-        return job_spec(params, labels=labels, input={}, image=data), fingerprint(body), "base64"
-    return job_spec(params, labels=labels, input={"image_url": parsed.image_url}), fingerprint(body), "url"
+        return job_spec(params, input={}, image=data, **extra), fingerprint(body), "base64"
+    return job_spec(params, input={"image_url": parsed.image_url}, **extra), fingerprint(body), "url"
 
 
 def _parse_multipart() -> tuple[JobSpec, str, str]:
@@ -102,11 +107,13 @@ def _parse_multipart() -> tuple[JobSpec, str, str]:
         params = JobParams.model_validate(fields)
     except ValidationError as exc:
         raise validation_problem(exc) from exc
-    labels = LabelResolver()(params.preset, params.prompts)
+    shown, examples = ImagePrompts()(params)
+    labels = job_labels(LabelResolver(), params, shown)
     data = upload.read()
     check_image_bytes(data, "image")
     digest = hashlib.sha256(data).hexdigest()
-    job = job_spec(params, labels=labels, input={}, image=data, filename=upload.filename or None)
+    job = job_spec(params, labels=labels, input={}, image=data, filename=upload.filename or None,
+                   image_prompts=shown, examples=examples)
     return job, fingerprint({**fields, "image": digest}), "upload"
 
 

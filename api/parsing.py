@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -19,14 +20,16 @@ from api.services import db
 from shared import presets
 from shared.images import sniff
 from shared.s3uri import bucket_allowed, parse_s3_uri
+from shared.storage import example_key
 from shared.submit import JobSpec
 
 DATA_URI = re.compile(r"^data:(?P<type>[\w/+.-]*)(;[\w=-]+)*;base64,", re.IGNORECASE)
 # Postgres stores neither NUL in text/jsonb nor lone UTF-16 surrogates (they don't encode as UTF-8).
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 MAX_INT_DIGITS = 4000  # below Python's 4,300-digit limit on int(str); longer integers parse as float (inf)
-LIST_FIELDS = frozenset({"prompts", "webhook_events", "outputs"})
-JSON_FIELDS = {"metadata": "invalid_metadata"}  # form fields that hold a JSON string -> their error code
+LIST_FIELDS = frozenset({"prompts", "webhook_events", "outputs", "embed"})
+JSON_FIELDS = {"metadata": "invalid_metadata",
+               "image_prompts": "invalid_image_prompts"}  # form fields that hold a JSON string -> their error code
 
 
 def is_json_request() -> bool:
@@ -154,10 +157,12 @@ class LabelResolver:
     def __init__(self) -> None:
         self._presets: dict[str, presets.PresetDef] = {}
 
-    def __call__(self, preset_id: str | None, prompts: list[str], *, field: str = "prompts") -> list[dict[str, Any]]:
-        if not prompts and preset_id is None:
-            raise ApiProblem(422, "invalid_prompts", "Give prompts, a preset, or both.",
-                             errors=[{"field": field, "message": "give prompts or a preset"}])
+    def __call__(self, preset_id: str | None, prompts: list[str], *, field: str = "prompts",
+                 image_prompts: list[dict[str, Any]] | None = None, embed: list[str] | None = None,
+                 ) -> list[dict[str, Any]]:
+        if not prompts and preset_id is None and not image_prompts and not embed:
+            raise ApiProblem(422, "invalid_prompts", "Give prompts, a preset, image_prompts or embed.",
+                             errors=[{"field": field, "message": "give prompts, a preset, image_prompts or embed"}])
         found = None
         if preset_id is not None:
             found = self._presets.get(preset_id)
@@ -166,7 +171,7 @@ class LabelResolver:
                 if found is None:
                     raise presets.UnknownPreset(preset_id)
                 self._presets[preset_id] = found
-        return presets.expand(found, prompts)
+        return presets.expand(found, prompts, image_prompts or [])
 
 
 def check_s3_input(uri: str, field: str) -> None:
@@ -178,13 +183,57 @@ def check_s3_input(uri: str, field: str) -> None:
                          errors=[{"field": field, "message": "bucket not allowed"}])
 
 
+class ImagePrompts:
+    """A request's image prompts as a job stores them: URLs as given, base64 examples decoded,
+    checked (422 invalid_image_prompts) and keyed by content for storage. One per request, so that a
+    batch's shared example is decoded and checked once."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[dict[str, Any], bytes]] = {}
+
+    def __call__(self, params: JobParams, *,
+                 field: str = "image_prompts") -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+        shown: list[dict[str, Any]] = []
+        examples: dict[str, bytes] = {}
+        for index, prompt in enumerate(params.image_prompts):
+            if prompt.image_url is not None:
+                shown.append({"label": prompt.label, "image_url": prompt.image_url})
+                continue
+            assert prompt.image_base64 is not None
+            cached = self._seen.get(prompt.image_base64)
+            if cached is None:
+                where = f"{field}[{index}].image_base64"
+                try:
+                    data = decode_base64_image(prompt.image_base64)
+                    check_image_bytes(data, where)
+                except ApiProblem as exc:
+                    raise ApiProblem(422, "invalid_image_prompts", f"{where}: {exc.detail}",
+                                     errors=[{"field": where, "message": exc.detail}]) from exc
+                digest = hashlib.sha256(data).hexdigest()
+                key = example_key(tenant_id=current_tenant().id, digest=digest)
+                cached = ({"sha256": digest, "bytes": len(data), "key": key}, data)
+                self._seen[prompt.image_base64] = cached
+            info, data = cached
+            shown.append({"label": prompt.label, **info})
+            examples[info["key"]] = data
+        return shown, examples
+
+
+def job_labels(resolve: LabelResolver, params: JobParams, image_prompts: list[dict[str, Any]], *,
+               field: str = "prompts") -> list[dict[str, Any]]:
+    return resolve(params.preset, params.prompts, field=field, image_prompts=image_prompts,
+                   embed=[str(e) for e in params.embed])
+
+
 def job_spec(params: JobParams, *, labels: list[dict[str, Any]], input: dict[str, Any], image: bytes | None = None,
-             filename: str | None = None) -> JobSpec:
+             filename: str | None = None, image_prompts: list[dict[str, Any]] | None = None,
+             examples: dict[str, bytes] | None = None) -> JobSpec:
     """What the submission service takes, from validated fields and the image source."""
     events = None if params.webhook_events is None else [str(e) for e in params.webhook_events]
     return JobSpec(prompts=params.prompts, threshold=params.threshold, input=input, metadata=params.metadata,
                    webhook_url=params.webhook_url, webhook_events=events, image=image, filename=filename,
-                   labels=labels, preset=params.preset, outputs=[str(o) for o in params.outputs])
+                   labels=labels, preset=params.preset, outputs=[str(o) for o in params.outputs],
+                   image_prompts=image_prompts or [], examples=examples or {}, embed=[str(e) for e in params.embed])
 
 
 def parse_status(allowed: Iterable[str]) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.config import JsonDict
 
 from api.problems import ApiProblem
@@ -19,6 +19,11 @@ OUTPUT_KINDS: tuple[str, ...] = ("mask", "soft", "rle", "cutout", "label_map", "
 
 def default_outputs() -> list[OutputKind]:
     return ["mask"]
+
+
+EmbedKind = Literal["image", "masks"]
+EMBED_KINDS: tuple[str, ...] = ("image", "masks")
+MAX_IMAGE_PROMPTS = 4
 
 MAX_PROMPTS = 16
 MAX_PROMPT_CHARS = 200
@@ -37,6 +42,8 @@ FIELD_CODES = {
     "image_s3_uri": "invalid_image_s3_uri",
     "preset": "unknown_preset",
     "outputs": "invalid_outputs",
+    "image_prompts": "invalid_image_prompts",
+    "embed": "invalid_embed",
 }
 
 
@@ -57,6 +64,47 @@ def check_http_url(value: str) -> str:
     return value
 
 
+def _known_kinds(value: Any, known: tuple[str, ...], what: str) -> Any:
+    """A list field of named kinds: unknown names refused by name, repeats dropped."""
+    if isinstance(value, list):
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            raise ValueError(f"unknown {what} {unknown[0]!r}; any of {', '.join(known)}")
+        return list(dict.fromkeys(value))
+    return value
+
+
+class ImagePrompt(BaseModel):
+    """An example image whose look is segmented (CLIPSeg's visual prompt): exactly one of image_url
+    and image_base64, fetched and decoded under the same rules as the job's image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(description="The result's `prompt`.", json_schema_extra={"minLength": 1, "pattern": r"\S",
+                                                                               "maxLength": MAX_PROMPT_CHARS})
+    image_url: str | None = Field(default=None, json_schema_extra=HTTP_URL)
+    image_base64: str | None = Field(default=None, json_schema_extra={"contentEncoding": "base64"})
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, value: str) -> str:
+        text = value.strip()
+        if not text or len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(f"a label is 1 to {MAX_PROMPT_CHARS} characters")
+        return text
+
+    @field_validator("image_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImagePrompt:
+        if (self.image_url is None) == (self.image_base64 is None):
+            raise ValueError("give exactly one of image_url and image_base64")
+        return self
+
+
 class JobParams(BaseModel):
     """Everything about a job except where the image comes from."""
 
@@ -73,6 +121,13 @@ class JobParams(BaseModel):
     outputs: list[OutputKind] = Field(
         default_factory=default_outputs, min_length=1,
         description="What to return per label (mask, soft, rle, cutout) and per image (label_map, overlay).")
+    image_prompts: list[ImagePrompt] = Field(
+        default_factory=list, max_length=MAX_IMAGE_PROMPTS,
+        description=f"Up to {MAX_IMAGE_PROMPTS} example images: segment what looks like each (results after the "
+                    "text prompts').")
+    embed: list[EmbedKind] = Field(
+        default_factory=list, description="CLIP image embeddings to compute and store for search: of the whole "
+                                          "image (the job's `embedding`), of each label's masked crop (results').")
     threshold: float = Field(
         default=0.4, gt=0, lt=1, description="A pixel is in the mask where sigmoid(logit) >= threshold.",
     )
@@ -89,11 +144,18 @@ class JobParams(BaseModel):
     @field_validator("outputs", mode="before")
     @classmethod
     def _outputs_list(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            unknown = [v for v in value if v not in OUTPUT_KINDS]
-            if unknown:
-                raise ValueError(f"unknown output {unknown[0]!r}; any of {', '.join(OUTPUT_KINDS)}")
-            return list(dict.fromkeys(value))
+        return _known_kinds(value, OUTPUT_KINDS, "output")
+
+    @field_validator("embed", mode="before")
+    @classmethod
+    def _embed_list(cls, value: Any) -> Any:
+        return _known_kinds(value, EMBED_KINDS, "embed")
+
+    @field_validator("image_prompts", mode="before")
+    @classmethod
+    def _image_prompts_list(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_IMAGE_PROMPTS:
+            raise ValueError(f"at most {MAX_IMAGE_PROMPTS} image prompts are allowed, got {len(value)}")
         return value
 
     @field_validator("preset")
@@ -183,6 +245,9 @@ class JobCreateMultipart(BaseModel):
                                       description="Repeat the field once per prompt; rules as in the JSON body.")
     preset: str | None = None
     outputs: list[OutputKind] | None = Field(default=None, description="Repeat the field once per output.")
+    image_prompts: str | None = Field(default=None, description="A JSON list of image prompts, as a string.",
+                                      json_schema_extra={"contentMediaType": "application/json"})
+    embed: list[EmbedKind] | None = Field(default=None, description="Repeat the field once per kind.")
     threshold: float = Field(default=0.4, gt=0, lt=1)
     webhook_url: str | None = None
     webhook_events: list[JobEvent] | None = Field(default=None, description="Repeat the field once per event.")
@@ -245,6 +310,8 @@ class MaskResult(BaseModel):
     )
     area_fraction: float
     score: float = Field(description="Highest probability anywhere in the image for this label.")
+    embedding: list[float] | None = Field(default=None, description="(embed: masks) L2-normalised CLIP image "
+                                          "embedding of the label's masked crop; null for an empty mask.")
 
 
 class JobOutputs(BaseModel):
@@ -327,6 +394,8 @@ class BatchItem(BaseModel):
     metadata: dict[str, str] | None = Field(default=None, description="Merged over the batch's metadata.")
     preset: str | None = Field(default=None, description="Default: the batch's preset.")
     outputs: list[OutputKind] | None = Field(default=None, description="Default: the batch's outputs.")
+    image_prompts: list[ImagePrompt] | None = Field(default=None, description="Default: the batch's image prompts.")
+    embed: list[EmbedKind] | None = Field(default=None, description="Default: the batch's embed.")
 
 
 class BatchCreate(BaseModel):
@@ -343,6 +412,9 @@ class BatchCreate(BaseModel):
     preset: str | None = Field(default=None, description="Preset for items that set none.")
     outputs: list[OutputKind] = Field(default_factory=default_outputs, min_length=1,
                                       description="Outputs for items that set none.")
+    image_prompts: list[ImagePrompt] | None = Field(default=None, description="Image prompts for items that set none.",
+                                                    json_schema_extra={"maxItems": MAX_IMAGE_PROMPTS})
+    embed: list[EmbedKind] | None = Field(default=None, description="Embeddings for items that set none.")
     webhook_url: str | None = Field(default=None, description="Receives the items' job events and batch.completed.",
                                     json_schema_extra=HTTP_URL)
     webhook_events: list[JobEvent | BatchEvent] | None = Field(
@@ -358,6 +430,9 @@ class BatchCreateMultipart(BaseModel):
     prompts: list[str] | None = None
     preset: str | None = None
     outputs: list[OutputKind] | None = Field(default=None, description="Repeat the field once per output.")
+    image_prompts: str | None = Field(default=None, description="A JSON list of image prompts, as a string.",
+                                      json_schema_extra={"contentMediaType": "application/json"})
+    embed: list[EmbedKind] | None = Field(default=None, description="Repeat the field once per kind.")
     threshold: float | None = None
     webhook_url: str | None = None
     webhook_events: list[JobEvent | BatchEvent] | None = None
@@ -537,3 +612,74 @@ class PresetList(BaseModel):
 
 
 PRESET_FIELD_CODES = {"id": "invalid_preset_id", "labels": "invalid_labels"}
+
+
+# ---- similarity search -------------------------------------------------------------------------
+
+SEARCH_FIELD_CODES = {
+    "text": "invalid_search_query", "image_url": "invalid_image_url", "image_base64": "invalid_image_base64",
+    "job_id": "invalid_job_id", "result_index": "invalid_result_index", "scope": "invalid_scope",
+    "limit": "invalid_limit", "batch_id": "invalid_batch_id", "metadata": "invalid_metadata",
+}
+MAX_SEARCH_TEXT_CHARS = 1000
+
+
+class SearchRequest(BaseModel):
+    """`POST /v1/search`: exactly one query - text, an image (image_url or image_base64), or a stored
+    job (and result) - else 422 invalid_search_query."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(default=None, description="Embedded by a worker with the checkpoint's CLIP text model.",
+                             json_schema_extra={"minLength": 1, "maxLength": MAX_SEARCH_TEXT_CHARS, "pattern": r"\S"})
+    image_url: str | None = Field(default=None, json_schema_extra=HTTP_URL)
+    image_base64: str | None = Field(default=None, json_schema_extra={"contentEncoding": "base64"})
+    job_id: str | None = Field(default=None, description="A job of yours run with `embed`: its stored embedding "
+                               "is the query (no model needed).", json_schema_extra={"maxLength": 64})
+    result_index: int | None = Field(default=None, ge=0, lt=32,
+                                     description="With job_id: that result's embedding; null: the image's.")
+    scope: Literal["images", "masks"] = Field(default="images", description="Search whole images or label crops.")
+    limit: int = Field(default=10, ge=1, le=100)
+    batch_id: str | None = Field(default=None, json_schema_extra={"maxLength": 64})
+    metadata: dict[str, str] | None = Field(default=None, json_schema_extra=METADATA,
+                                            description="Exact match on every given pair.")
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = value.strip()
+            if not value or len(value) > MAX_SEARCH_TEXT_CHARS:
+                raise ValueError(f"text is 1 to {MAX_SEARCH_TEXT_CHARS} characters")
+        return value
+
+    @field_validator("image_url")
+    @classmethod
+    def _image_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and (len(value) > MAX_METADATA_PAIRS or any(
+                len(k) > MAX_METADATA_CHARS or len(v) > MAX_METADATA_CHARS for k, v in value.items())):
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} pairs of at most {MAX_METADATA_CHARS} characters")
+        return value
+
+
+class SearchHit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    result_index: int | None = Field(description="The result whose crop matched; null for a whole image.")
+    prompt: str | None = Field(description="That result's label; null for a whole image.")
+    score: float = Field(description="Cosine similarity, -1 to 1.")
+    metadata: dict[str, str]
+    mask_url: str | None = Field(description="The result's mask (when the job stored masks); null for images.")
+
+
+class SearchList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    object: Literal["list"]
+    data: list[SearchHit]

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, text, update
+from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
 from shared.enums import UNFINISHED_JOB, JobEvent, JobStatus
-from shared.models import Job
+from shared.models import Embedding, Job
 from shared.present import job_object
 from shared.storage import ObjectStorage
 from shared.webhooks import job_event, wants_event
@@ -136,11 +136,34 @@ def record_image_size(session: Session, job_id: str, *, width: int, height: int)
 
 
 def mark_succeeded(session: Session, job_id: str, *, results: list[dict[str, Any]],
-                   storage: ObjectStorage, output_keys: dict[str, str] | None = None) -> Finished | None:
-    """running -> succeeded with its results; None when the job was canceled meanwhile."""
+                   storage: ObjectStorage, output_keys: dict[str, str] | None = None,
+                   embedding: list[float] | None = None, embedding_model: str | None = None) -> Finished | None:
+    """running -> succeeded with its results; None when the job was canceled meanwhile. Its
+    embeddings (the image's and the results') become searchable in the same transaction."""
     job = _transition(session, job_id, JobStatus.SUCCEEDED, results=results, output_keys=output_keys or {},
-                      error=None, finished_at=utcnow(), lease_expires_at=None)
-    return None if job is None else _finished(session, job, storage)
+                      error=None, finished_at=utcnow(), lease_expires_at=None, embedding=embedding,
+                      embedding_model=embedding_model)
+    if job is None:
+        return None
+    if embedding_model is not None:
+        store_embeddings(session, job, embedding_model)
+    return _finished(session, job, storage)
+
+
+def store_embeddings(session: Session, job: Job, model: str) -> None:
+    """The job's embeddings as rows of `embeddings` (replacing any from an earlier run of it)."""
+    session.execute(delete(Embedding).where(Embedding.job_id == job.id))
+    rows: list[tuple[int | None, str | None, list[float]]] = []
+    if job.embedding is not None:
+        rows.append((None, None, job.embedding))
+    for index, result in enumerate(job.results or []):
+        if result.get("embedding") is not None:
+            rows.append((index, result["prompt"], result["embedding"]))
+    if rows:
+        session.execute(insert(Embedding), [
+            {"tenant_id": job.tenant_id, "job_id": job.id, "result_index": index, "batch_id": job.batch_id,
+             "prompt": prompt, "metadata_": dict(job.metadata_ or {}), "model": model, "dims": len(vector),
+             "embedding": vector} for index, prompt, vector in rows])
 
 
 def mark_failed(session: Session, job_id: str, *, code: str, message: str,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -17,6 +19,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -102,6 +105,12 @@ class Job(Base):
     webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
     model_id: Mapped[str | None] = mapped_column(Text)
     model_revision: Mapped[str | None] = mapped_column(Text)
+    # [{"label", "image_url"} | {"label", "sha256", "bytes", "key"}] as given (base64 examples are
+    # stored once per tenant by content hash); their labels are in `labels` with source "image"
+    image_prompts: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    embed: Mapped[list[str] | None] = mapped_column(JSONType)  # subset of ["image", "masks"]
+    embedding: Mapped[list[float] | None] = mapped_column(JSONType)  # the image's, with embed: image
+    embedding_model: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # A running job belongs to a worker until this time; the worker's heartbeat extends it.
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -167,6 +176,39 @@ class Preset(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     labels: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)  # [{"name", "prompts": [...]}]
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+# HNSW needs a fixed length: the production checkpoint's (CLIPSeg rd64-refined projects to 512).
+INDEXED_EMBEDDING_DIMS = 512
+
+
+class Embedding(Base):
+    """A searchable CLIP embedding: a job's image (result_index null) or one label's masked crop.
+    Written in the transaction that finishes the job; deleted with it (and with its tenant)."""
+
+    __tablename__ = "embeddings"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    result_index: Mapped[int | None] = mapped_column(Integer)
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+    prompt: Mapped[str | None] = mapped_column(Text)
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSONB, server_default=text("'{}'::jsonb"))
+    model: Mapped[str] = mapped_column(Text)
+    dims: Mapped[int] = mapped_column(Integer)
+    embedding: Mapped[Any] = mapped_column(Vector())
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (
+        Index("ix_embeddings_job", "job_id", "result_index"),
+        Index("ix_embeddings_tenant_scope", "tenant_id", "model", "dims", text("(result_index IS NULL)"), "batch_id"),
+        Index("ix_embeddings_metadata", "metadata", postgresql_using="gin",
+              postgresql_ops={"metadata": "jsonb_path_ops"}),
+        Index(f"ix_embeddings_hnsw_{INDEXED_EMBEDDING_DIMS}",
+              text(f"(embedding::vector({INDEXED_EMBEDDING_DIMS})) vector_cosine_ops"), postgresql_using="hnsw",
+              postgresql_where=text(f"dims = {INDEXED_EMBEDDING_DIMS}")),
+    )
 
 
 class WebhookDelivery(Base):

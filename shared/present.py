@@ -28,7 +28,15 @@ def result_entry(item: dict[str, Any], storage: ObjectStorage, *, long_urls: boo
     entry.update(bbox=item["bbox"], area_fraction=item["area_fraction"], score=item["score"])
     if "rle" in item:
         entry["rle"] = item["rle"]
+    if "embedding" in item:
+        entry["embedding"] = item["embedding"]
     return entry
+
+
+def image_prompts_shown(stored: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The job's image prompts as given: {"label", "image_url"} or {"label", "sha256", "bytes"}
+    for a base64 example (its object key stays inside)."""
+    return [{k: v for k, v in p.items() if k != "key"} for p in stored or []]
 
 
 def job_object(job: Job, storage: ObjectStorage, *, long_urls: bool = False) -> dict[str, Any]:
@@ -66,10 +74,10 @@ def job_object(job: Job, storage: ObjectStorage, *, long_urls: bool = False) -> 
         "outputs_requested": list(job.outputs_requested or ["mask"]),
         "outputs": outputs,
         "model": model,
-        "image_prompts": [],
-        "embed": [],
-        "embedding": None,
-        "embedding_model": None,
+        "image_prompts": image_prompts_shown(job.image_prompts),
+        "embed": list(job.embed or []),
+        "embedding": job.embedding,
+        "embedding_model": job.embedding_model,
     }
 
 

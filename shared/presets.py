@@ -146,11 +146,16 @@ def delete(session: Session, tenant_id: str, preset_id: str) -> bool:
     return True
 
 
-def expand(preset: PresetDef | None, prompts: list[str]) -> list[dict[str, Any]]:
-    """The job's labels, in result order: the preset's, then the text prompts (TooManyLabels past 32)."""
+def expand(preset: PresetDef | None, prompts: list[str],
+           image_prompts: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The job's labels, in result order: the preset's, then the text prompts, then the image
+    prompts (TooManyLabels past 32). An image label names its example: {"image_url"} or {"key"}."""
     labels = [{"name": label["name"], "prompts": list(label["prompts"]), "source": "preset"}
               for label in (preset.labels if preset else [])]
     labels += [{"name": prompt, "prompts": [prompt], "source": "text"} for prompt in prompts]
+    for example in image_prompts or []:
+        source = {"image_url": example["image_url"]} if "image_url" in example else {"key": example["key"]}
+        labels.append({"name": example["label"], "prompts": [], "source": "image", "example": source})
     if len(labels) > MAX_LABELS:
         raise TooManyLabels(len(labels))
     return labels

@@ -25,6 +25,7 @@ RECONCILE_TASK = "clipmask.reconcile"
 DELIVER_TASK = "clipmask.deliver_webhooks"  # send these delivery ids now
 DISPATCH_TASK = "clipmask.dispatch_webhooks"  # send whatever is due (retries, leftovers)
 FINALIZE_TASK = "clipmask.finalize_batch"
+EMBED_TASK = "clipmask.embed_query"  # a search query to embed; the answer goes to a Redis reply key
 
 log = logging.getLogger(__name__)
 
@@ -100,21 +101,33 @@ def enqueue_segments(app: Celery, *, job_ids: list[str], queue: str, chunk: int 
         for start in range(1, len(job_ids), chunk):
             pipe = client.pipeline(transaction=False)
             for job_id in job_ids[start : start + chunk]:
-                pipe.lpush(queue, _task_message(job_id, queue, origin=origin, reply_to=reply_to))
+                pipe.lpush(queue, _task_message(SEGMENT_TASK, [job_id], queue, origin=origin, reply_to=reply_to))
             pipe.execute()
 
 
-def _task_message(job_id: str, queue: str, *, origin: str, reply_to: str) -> str:
-    """A Celery protocol-2 message for the segment task, as kombu's Redis transport stores it."""
+def enqueue_next(app: Celery, *, task: str, args: list[Any], queue: str) -> None:
+    """Put one task where the queue's consumers take it next, ahead of what waits there.
+
+    kombu's Redis transport LPUSHes messages and its workers BRPOP them, so an RPUSH of the same
+    message is the next one served: a search query (a few milliseconds of model time, with a
+    client waiting on it) must not wait behind thousands of queued segmentation jobs."""
+    origin = f"{os.getpid()}@{socket.gethostname()}"
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        channel.client.rpush(queue, _task_message(task, args, queue, origin=origin, reply_to=app.thread_oid))
+
+
+def _task_message(task: str, args: list[Any], queue: str, *, origin: str, reply_to: str) -> str:
+    """A Celery protocol-2 message, as kombu's Redis transport stores it."""
     task_id = str(uuid.uuid4())
-    body = json.dumps([[job_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
     return json.dumps({
         "body": base64.b64encode(body.encode()).decode(),
         "content-encoding": "utf-8", "content-type": "application/json",
         "headers": {
-            "lang": "py", "task": SEGMENT_TASK, "id": task_id, "shadow": None, "eta": None, "expires": None,
+            "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None, "expires": None,
             "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
-            "parent_id": None, "argsrepr": repr([job_id]), "kwargsrepr": "{}", "origin": origin,
+            "parent_id": None, "argsrepr": repr(args), "kwargsrepr": "{}", "origin": origin,
             "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
         },
         "properties": {

@@ -19,6 +19,12 @@ def upload_key(*, tenant_id: str, job_id: str) -> str:
     return f"uploads/{tenant_id}/{job_id}"
 
 
+def example_key(*, tenant_id: str, digest: str) -> str:
+    """A base64 image prompt, stored once per tenant by content (a batch of 100,000 items sharing an
+    example stores it once); kept while the tenant exists."""
+    return f"examples/{tenant_id}/{digest}"
+
+
 def mask_key(*, tenant_id: str, job_id: str, index: int) -> str:
     """Deterministic: a re-run of the same job overwrites the same objects."""
     return f"masks/{tenant_id}/{job_id}/{index}.png"

@@ -76,6 +76,10 @@ class JobSpec:
     labels: list[dict[str, Any]] | None = None  # expanded preset labels and prompts (shared.presets.expand)
     preset: str | None = None
     outputs: list[str] = field(default_factory=lambda: ["mask"])
+    # as the job shows them: [{"label", "image_url"} | {"label", "sha256", "bytes", "key"}]
+    image_prompts: list[dict[str, Any]] = field(default_factory=list)
+    examples: dict[str, bytes] = field(default_factory=dict)  # base64 image prompts' bytes by object key
+    embed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class _Staged:
     queue: str
     batch_id: str | None = None
     upload_keys: list[str] = field(default_factory=list)
+    example_keys: set[str] = field(default_factory=set)  # image prompts stored by this submission
 
 
 class Submitter:
@@ -172,6 +177,10 @@ class Submitter:
             stored_key = upload_key(tenant_id=tenant.id, job_id=job_id)
             self.storage.copy(spec.copy_upload_from, stored_key)
             staged.upload_keys.append(stored_key)
+        for key, data in spec.examples.items():  # content-addressed: shared, never withdrawn
+            if key not in staged.example_keys:
+                self.storage.put(key, data, content_type=sniff(data) or "application/octet-stream")
+                staged.example_keys.add(key)
         return {
             "id": job_id, "tenant_id": tenant.id, "status": JobStatus.QUEUED, "created_at": created,
             "input": job_input, "upload_key": stored_key, "prompts": spec.prompts, "threshold": spec.threshold,
@@ -179,6 +188,7 @@ class Submitter:
             "webhook_events": spec.webhook_events, "enqueued_at": created, "attempts": 0,
             "labels": spec.labels if spec.labels is not None else expand(None, spec.prompts), "preset": spec.preset,
             "outputs_requested": list(spec.outputs), "output_keys": {},
+            "image_prompts": spec.image_prompts, "embed": list(spec.embed),
         }
 
     def _submit(self, session: Session, *, tenant: Tenant, idempotency: Idempotency | None, adding: int,

@@ -10,6 +10,7 @@ and the same final row, and does nothing for a finished job.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +34,8 @@ from shared.models import Job, Tenant
 from shared.presets import labels_of
 from shared.s3uri import bucket_allowed, parse_s3_uri
 from shared.storage import ObjectStorage, job_object_keys, mask_key, output_key
-from worker.engine.fast import SegmentRequest
+from worker.engine.embed import VisualPrompt
+from worker.engine.fast import LabelKey, SegmentRequest
 from worker.engine.postprocess import SegmentResult, Wanted
 from worker.leases import LeaseKeeper
 from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, png_gray
@@ -122,6 +124,9 @@ def encode_outputs(job: Job, labels: list[dict[str, Any]], outputs: list[str], i
         if "cutout" in outputs and pixels is not None and item.soft is not None:
             cut = cutout_png(pixels, item.soft, item.bbox)
             entry["cutout_key"] = None if cut is None else stage(f"{index}.cutout.png", cut, "image/png")
+        if result.mask_embeddings is not None:
+            vector = result.mask_embeddings[index]
+            entry["embedding"] = None if vector is None else vector_list(vector)
         encoded.results.append(entry)
     if result.label_map is not None:
         if "label_map" in outputs:
@@ -131,6 +136,58 @@ def encode_outputs(job: Job, labels: list[dict[str, Any]], outputs: list[str], i
             encoded.output_keys["overlay"] = stage("overlay.jpg", overlay_jpeg(pixels, result.label_map, len(labels)),
                                                    "image/jpeg")
     return encoded
+
+
+def vector_list(vector: np.ndarray) -> list[float]:
+    """An embedding as JSON numbers: float32 precision, which is what it has."""
+    return [float(f"{x:.7g}") for x in vector.tolist()]
+
+
+def label_conditions(labels: list[dict[str, Any]], job: Job, deps: RunnerDeps) -> list[LabelKey]:
+    """What each label is conditioned on: its phrasings, or its example image fetched and decoded
+    under the job image's rules (SSRF guard, byte and pixel caps, the same error codes)."""
+    keys: list[LabelKey] = []
+    examples = 0
+    for label in labels:
+        if label.get("source") != "image":
+            keys.append(tuple(label["prompts"]))
+            continue
+        where = f"image_prompts[{examples}]"
+        examples += 1
+        try:
+            example = label["example"]
+            if "key" in example:
+                data = deps.storage.get(example["key"])
+            else:
+                data = fetch_image_bytes(example["image_url"], deps.fetch_policy).data
+            keys.append(VisualPrompt.of(decode(data, max_pixels=deps.max_pixels).image))
+        except StorageFailed:
+            raise
+        except JobFailure as exc:
+            raise type(exc)(f"{where} ({label['name']!r}): {exc.message}", code=exc.code) from exc
+    return keys
+
+
+def embed_query(query: dict[str, Any], deps: RunnerDeps) -> dict[str, Any]:
+    """A search query's embedding as the API's RPC answer: {"vector", "model"}, or {"error": {code,
+    message}} for an image that can't be fetched or decoded (same rules as a job's image)."""
+    from worker.engine.fast import EmbedQuery
+
+    try:
+        if "text" in query:
+            wanted = EmbedQuery(text=str(query["text"]))
+        else:
+            if "image_base64" in query:
+                data = base64.b64decode(query["image_base64"])
+            else:
+                data = fetch_image_bytes(str(query["image_url"]), deps.fetch_policy).data
+            image = decode(data, max_pixels=deps.max_pixels, at_least=MODEL_INPUT).image
+            wanted = EmbedQuery(image=np.asarray(image))
+        segmenter = deps.segmenter()
+        vector = segmenter.embed(wanted)  # type: ignore[attr-defined]
+    except JobFailure as exc:
+        return {"error": {"code": exc.code, "message": exc.message}}
+    return {"vector": vector_list(vector), "model": deps.model_id}
 
 
 def run_job(job_id: str, *, deps: RunnerDeps, retry_storage: bool = False) -> str:
@@ -187,8 +244,10 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
     started = time.monotonic()
     stages = _Stages(deps.on_stage)
     try:
+        labels = labels_of(job.labels, list(job.prompts))
         with stages.time("fetch"):
             data = _fetch(job, deps)
+            conditions = label_conditions(labels, job, deps)
         if not _still_running(deps, job.id):
             log.info("job canceled during the fetch; stopped before decoding", extra=ctx)
             return _finish(deps, started, JobStatus.CANCELED)
@@ -208,16 +267,17 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         if status != JobStatus.RUNNING:
             log.info("job canceled before inference; it takes no batcher slot", extra=ctx)
             return _finish(deps, started, JobStatus.CANCELED)
-        labels = labels_of(job.labels, list(job.prompts))
         wanted = Wanted(soft=bool({"soft", "cutout"} & set(outputs)),
                         label_map=bool({"label_map", "overlay"} & set(outputs)))
+        embed = set(job.embed or [])
         request = SegmentRequest(image, [label["name"] for label in labels], job.threshold,
-                                 phrasings=[tuple(label["prompts"]) for label in labels], wanted=wanted,
-                                 size=(width, height))
+                                 phrasings=conditions, wanted=wanted, size=(width, height),
+                                 embed_image="image" in embed, embed_masks="masks" in embed)
         with stages.time("infer"):
             result = segmenter.run(request)
         with stages.time("encode"):
             encoded = encode_outputs(job, labels, outputs, image, result)
+        image_embedding = None if result.image_embedding is None else vector_list(result.image_embedding)
         del result
         uploaded: list[str] = []
         for index, (key, data, content_type) in enumerate(encoded.uploads):
@@ -231,7 +291,8 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             uploaded.append(key)
         with session_scope(deps.sessions) as session:
             done = jobstate.mark_succeeded(session, job.id, results=encoded.results, storage=deps.storage,
-                                           output_keys=encoded.output_keys)
+                                           output_keys=encoded.output_keys, embedding=image_embedding,
+                                           embedding_model=deps.model_id if embed else None)
         stages.flush()
         if done is None:
             log.info("job canceled during inference; its outputs are discarded", extra=ctx)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
+import redis
 from celery import Celery, Task
 
 from shared.batches import finalize
@@ -12,6 +16,7 @@ from shared.followups import Effects, after_commit
 from shared.queue import (
     DELIVER_TASK,
     DISPATCH_TASK,
+    EMBED_TASK,
     FINALIZE_TASK,
     RECONCILE_TASK,
     RETENTION_TASK,
@@ -19,9 +24,12 @@ from shared.queue import (
 )
 from shared.reconcile import reconcile_from_settings
 from shared.retention import purge_from_settings
+from shared.search import answer_embedding
 from shared.settings import Settings
 from shared.webhooks import dispatcher_from_settings
-from worker.runner import RunnerDeps, TransientError, run_job
+from worker.runner import RunnerDeps, TransientError, embed_query, run_job
+
+log = logging.getLogger(__name__)
 
 
 def register_tasks(app: Celery, get_deps: Callable[[], RunnerDeps], *, settings: Settings) -> None:
@@ -37,6 +45,20 @@ def register_tasks(app: Celery, get_deps: Callable[[], RunnerDeps], *, settings:
             # Exponential backoff. Past the last retry the message is dropped, but the row is not:
             # the reconciler re-enqueues a job left queued or leased by a dead attempt.
             raise self.retry(exc=exc, countdown=min(300.0, backoff * 2 ** self.request.retries)) from exc
+
+    replies: list[redis.Redis] = []
+
+    @app.task(name=EMBED_TASK)
+    def embed_search_query(reply_key: str, query: dict[str, Any], deadline: float) -> bool:
+        """Embed a search query for the API, which waits on `reply_key` until `deadline`."""
+        if time.time() > deadline:
+            log.info("search query arrived after its deadline; dropped", extra={"reply_key": reply_key})
+            return False
+        answer = embed_query(query, get_deps())
+        if not replies:
+            replies.append(redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5))
+        answer_embedding(replies[0], reply_key, answer)
+        return True
 
     @app.task(name=RECONCILE_TASK, acks_late=True)
     def reconcile_jobs() -> dict[str, int]:

@@ -4,8 +4,6 @@ content type, body schema and headers conform to what /openapi.json says for tha
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -16,18 +14,25 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from werkzeug.serving import make_server
 
 from api import create_app
 
 
 @pytest.fixture(scope="module")
-def served_api(settings, storage):
-    app = create_app(settings.model_copy(update={"rate_limit_per_s": 0.0}))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+def served_api(settings, storage, tmp_path_factory):
+    """The API on a real port, with a worker of its own on queues of their own: it answers
+    /v1/search's text and image queries, and never takes the jobs the other api tests count as queued."""
+    from tests.support.services import serving, start_worker, stop_process
+
+    own = settings.model_copy(update={"rate_limit_per_s": 0.0, **{
+        name: f"{getattr(settings, name)}-schemathesis"
+        for name in ("interactive_queue", "bulk_queue", "events_queue")}})
+    worker = start_worker(own, tmp_path_factory.mktemp("schemathesis") / "worker.log", name="schemathesis")
+    try:
+        with serving(create_app(own)) as url:
+            yield url
+    finally:
+        stop_process(worker)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def test_only_stale_jobs_the_broker_does_not_hold_are_enqueued_again_in_their_or
 
 
 def test_the_job_id_is_read_from_the_message_the_api_pushes():
-    message = json.loads(_task_message("job-123", "bulk", origin="test", reply_to="r"))
+    message = json.loads(_task_message(SEGMENT_TASK, ["job-123"], "bulk", origin="test", reply_to="r"))
     assert message["headers"]["task"] == SEGMENT_TASK
     assert segment_job_id(message) == "job-123"
 
