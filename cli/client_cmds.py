@@ -77,11 +77,25 @@ def _client(args: argparse.Namespace) -> Clipmask:
     return Clipmask(args.base_url or os.environ.get("CLIPMASK_API_URL", "http://127.0.0.1:8000"), key)
 
 
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    """NAME=VALUE arguments as a dict (exit 2 on one without '=')."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name:
+            print(f"{what} takes NAME=VALUE, got {value!r}", file=sys.stderr)
+            raise SystemExit(2)
+        out[name] = rest
+    return out
+
+
 def cmd_submit(args: argparse.Namespace, _settings: Any) -> int:
     with _client(args) as cm:
         try:
+            examples = _pairs(args.image_prompt, "--image-prompt")
             job = cm.create_job(args.image, args.prompt or None, preset=args.preset, outputs=args.output or None,
-                                threshold=args.threshold, wait=60 if (args.wait or args.out) else None)
+                                threshold=args.threshold, wait=60 if (args.wait or args.out) else None,
+                                image_prompts=dict(examples) if examples else None, embed=args.embed or None)
             print(f"job {job.id} {job.status}", file=sys.stderr)
             if args.wait or args.out:
                 job = cm.wait(job.id, timeout=args.timeout)
@@ -196,6 +210,27 @@ def _follow(cm: Clipmask, state: dict[str, Any], out: Path, poll_s: float) -> Ba
     return batch
 
 
+def cmd_search(args: argparse.Namespace, _settings: Any) -> int:
+    from tabulate import tabulate
+
+    with _client(args) as cm:
+        try:
+            hits = cm.search(text=args.text, image=args.image, job_id=args.like, result_index=args.result,
+                             scope=args.scope, limit=args.limit, batch_id=args.batch,
+                             metadata=_pairs(args.meta, "--meta") or None)
+        except ClipmaskError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(hits))
+        return 0
+    rows = [[rank, f"{hit['score']:.4f}", hit["job_id"], "" if hit["result_index"] is None else hit["result_index"],
+             hit["prompt"] or "", " ".join(f"{k}={v}" for k, v in sorted(hit["metadata"].items()))]
+            for rank, hit in enumerate(hits, 1)]
+    print(tabulate(rows, headers=["#", "score", "job", "result", "label", "metadata"]))
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     def common(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--base-url", help="default $CLIPMASK_API_URL or http://127.0.0.1:8000")
@@ -213,7 +248,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--wait", action="store_true")
     submit.add_argument("--out", help="download the outputs here (implies --wait)")
     submit.add_argument("--timeout", type=float, default=600)
+    submit.add_argument("--image-prompt", action="append", default=[], metavar="LABEL=IMAGE",
+                        help="segment what looks like IMAGE (path or URL) as LABEL; repeat for up to 4")
+    submit.add_argument("--embed", action="append", default=[], choices=["image", "masks"],
+                        help="store CLIP embeddings for search: of the image, of each label's crop")
     submit.set_defaults(func=cmd_submit)
+
+    find = sub.add_parser("search", help="find your most similar images or label crops (jobs run with --embed)")
+    query = find.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help='a description: "red floral dress"')
+    query.add_argument("--image", help="an image file or URL")
+    query.add_argument("--like", metavar="JOB_ID", help="a stored job's embedding (--result N for a label's)")
+    find.add_argument("--result", type=int, help="with --like: that result's crop instead of the whole image")
+    find.add_argument("--scope", choices=["images", "masks"], default="images")
+    find.add_argument("--limit", type=int, default=10)
+    find.add_argument("--batch", help="only this batch's jobs")
+    find.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="exact metadata match")
+    find.add_argument("--json", action="store_true", help="print the hits as JSON instead of a table")
+    find.add_argument("--base-url", help="default $CLIPMASK_API_URL or http://127.0.0.1:8000")
+    find.add_argument("--api-key", help="default $CLIPMASK_API_KEY")
+    find.set_defaults(func=cmd_search)
 
     batch = sub.add_parser("batch", help="submit a CSV/JSONL catalog, follow it, download masks (resumable)")
     batch.add_argument("catalog")

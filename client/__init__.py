@@ -12,6 +12,7 @@ Creates send an Idempotency-Key (generated unless given), so the client retries 
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -182,14 +183,18 @@ class Clipmask:
     def create_job(self, image: str | Path | bytes, prompts: list[str] | None = None, *, preset: str | None = None,
                    outputs: list[str] | None = None, threshold: float | None = None, webhook_url: str | None = None,
                    webhook_events: list[str] | None = None, metadata: dict[str, str] | None = None,
-                   idempotency_key: str | None = None, wait: int | None = None) -> Job:
+                   idempotency_key: str | None = None, wait: int | None = None,
+                   image_prompts: dict[str, str | Path | bytes] | None = None, embed: list[str] | None = None) -> Job:
         """`image`: an http(s) URL (the worker fetches it), an s3:// URI from a bucket your tenant may
         read, a file path, or the image bytes. `wait` (1 to 60 s) asks the API to answer once the job
-        is final, if it gets there within that time (Prefer: wait)."""
+        is final, if it gets there within that time (Prefer: wait). `image_prompts`: label -> example
+        image (URL, path or bytes), segmented by look. `embed`: "image" and/or "masks"."""
         fields: dict[str, Any] = {}
+        examples = None if image_prompts is None else [image_prompt(label, ex) for label, ex in image_prompts.items()]
         for name, value in (("prompts", prompts), ("preset", preset), ("outputs", outputs),
                             ("threshold", threshold), ("webhook_url", webhook_url),
-                            ("webhook_events", webhook_events), ("metadata", metadata)):
+                            ("webhook_events", webhook_events), ("metadata", metadata),
+                            ("image_prompts", examples), ("embed", embed)):
             if value is not None:
                 fields[name] = value
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
@@ -201,8 +206,9 @@ class Clipmask:
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         name = "image" if isinstance(image, bytes) else Path(image).name
         form: dict[str, Any] = {}
-        for key, value in fields.items():  # list fields repeat; metadata is a JSON string
-            form[key] = json.dumps(value) if key == "metadata" else value if isinstance(value, list) else str(value)
+        for key, value in fields.items():  # list fields repeat; metadata and image_prompts are JSON strings
+            form[key] = (json.dumps(value) if key in ("metadata", "image_prompts")
+                         else value if isinstance(value, list) else str(value))
         return Job.from_api(self._request("POST", "/v1/jobs", data=form, files={"image": (name, data)},
                                           headers=headers))
 
@@ -231,15 +237,19 @@ class Clipmask:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout} s")
 
+    def fetch(self, url: str) -> bytes:
+        """The bytes behind a presigned URL (a mask, a manifest)."""
+        resp = self._plain.get(url)
+        if resp.status_code != 200:
+            raise ClipmaskError(resp.status_code, "download_failed", f"GET {url[:80]}... answered {resp.status_code}")
+        return resp.content
+
     def download(self, url: str, path: str | Path) -> Path:
         """Save a presigned URL (a mask, a manifest) to `path`, atomically."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        resp = self._plain.get(url)
-        if resp.status_code != 200:
-            raise ClipmaskError(resp.status_code, "download_failed", f"GET {url[:80]}... answered {resp.status_code}")
         tmp = target.with_suffix(target.suffix + ".part")
-        tmp.write_bytes(resp.content)
+        tmp.write_bytes(self.fetch(url))
         tmp.replace(target)
         return target
 
@@ -265,6 +275,27 @@ class Clipmask:
         kind = "text/csv" if path.suffix.lower() == ".csv" else "application/x-ndjson"
         return Batch.from_api(self._request("POST", "/v1/batches", data=form, headers=headers,
                                             files={"items": (path.name, path.read_bytes(), kind)}))
+
+    # ---- search ------------------------------------------------------------------------------
+    def search(self, *, text: str | None = None, image: str | Path | bytes | None = None,
+               job_id: str | None = None, result_index: int | None = None, scope: str = "images", limit: int = 10,
+               batch_id: str | None = None, metadata: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """The most similar stored embeddings of your jobs run with `embed`, best first: by text, by an
+        image (URL, path or bytes) or by a stored job (and result)."""
+        body: dict[str, Any] = {"scope": scope, "limit": limit}
+        if text is not None:
+            body["text"] = text
+        if image is not None:
+            body.update(_image_source(image))
+        if job_id is not None:
+            body["job_id"] = job_id
+            body["result_index"] = result_index
+        if batch_id is not None:
+            body["batch_id"] = batch_id
+        if metadata:
+            body["metadata"] = metadata
+        data: list[dict[str, Any]] = self._request("POST", "/v1/search", json=body)["data"]
+        return data
 
     # ---- presets -----------------------------------------------------------------------------
     def list_presets(self) -> list[dict[str, Any]]:
@@ -323,3 +354,15 @@ def _problem(resp: httpx.Response) -> ClipmaskError:
         resp.status_code, str(body.get("code", "http_error")), str(body.get("detail", resp.text[:200])),
         errors=body.get("errors"), retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None,
     )
+
+
+def _image_source(image: str | Path | bytes) -> dict[str, str]:
+    """{"image_url"} for an http(s) URL, else {"image_base64"} of the file's or the given bytes."""
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        return {"image_url": image}
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    return {"image_base64": base64.b64encode(data).decode()}
+
+
+def image_prompt(label: str, example: str | Path | bytes) -> dict[str, str]:
+    return {"label": label, **_image_source(example)}

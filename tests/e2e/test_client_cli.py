@@ -8,28 +8,24 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
 import pytest
 from PIL import Image
 from sqlalchemy import func, select
-from werkzeug.serving import make_server
 
 from api import create_app
 from client import Clipmask, ClipmaskError
 from shared.models import Batch
 from tests.support.images import make_image
-from tests.support.services import ROOT
+from tests.support.services import ROOT, serving
 
 
 @pytest.fixture(scope="module")
 def api_url(settings, storage, worker):
-    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+    with serving(create_app(settings)) as url:
+        yield url
 
 
 def cli(args: list[str], api_url: str, key: str, **kwargs) -> subprocess.CompletedProcess:
@@ -166,3 +162,33 @@ def test_client_presets_and_waiting_create(api_url, tenant, tmp_path):
         with pytest.raises(ClipmaskError) as info:
             cm.delete_preset("clothing")
         assert info.value.code == "preset_read_only"
+
+
+def test_cli_image_prompts_embeddings_and_search_table(api_url, make_tenant, tmp_path):
+    tenant = make_tenant()
+    example = tmp_path / "gown.png"
+    example.write_bytes(make_image(32, 48, fmt="PNG"))
+    shots = []
+    for i in range(3):
+        image = tmp_path / f"item-{i}.jpg"
+        image.write_bytes(make_image(50 + 10 * i, 60))
+        done = cli(["submit", str(image), "--prompt", "dress", "--image-prompt", f"gown={example}",
+                    "--embed", "image", "--embed", "masks", "--wait"], api_url, tenant.api_key)
+        assert done.returncode == 0, done.stderr
+        shots.append(json.loads(done.stdout))
+    job = shots[0]
+    assert [(r["prompt"], r["source"]) for r in job["results"]] == [("dress", "text"), ("gown", "image")]
+    assert job["embed"] == ["image", "masks"] and job["embedding"]
+    table = cli(["search", "--like", job["id"], "--limit", "3"], api_url, tenant.api_key)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["#", "score", "job"]
+    assert lines[2].split()[2] == job["id"] and float(lines[2].split()[1]) >= 0.99  # itself, first
+    assert len(lines) == 2 + 3
+    by_text = cli(["search", "--text", "a red dress", "--json"], api_url, tenant.api_key)
+    hits = json.loads(by_text.stdout)
+    assert {h["job_id"] for h in hits} == {s["id"] for s in shots}
+    by_image = cli(["search", "--image", str(tmp_path / "item-2.jpg"), "--json"], api_url, tenant.api_key)
+    assert json.loads(by_image.stdout)[0]["job_id"] == shots[2]["id"]
+    bad = cli(["search", "--text", "x", "--limit", "0"], api_url, tenant.api_key)
+    assert bad.returncode == 1 and "invalid_limit" in bad.stderr
