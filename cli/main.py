@@ -12,6 +12,7 @@
   clipmask submit IMAGE --prompt shirt [--wait] [--out DIR]     one job through the API
   clipmask batch CATALOG.csv --out DIR [--prompt P]             a catalog, with progress, resumable
   clipmask tenant limits ID [--rate-limit R] [--burst N] [--max-queued N]
+  clipmask eval DATASET --preset human_parsing --out report/   mask quality, plots, HTML report
 """
 
 from __future__ import annotations
@@ -93,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cli.admin import add_commands
     from cli.client_cmds import add_commands as add_client_commands
+    from evaluation.run import add_command as add_eval_command
 
     add_commands(sub, tenant)
     add_client_commands(sub)
+    add_eval_command(sub)
 
     sub.add_parser("migrate", help="alembic upgrade head").set_defaults(func=cmd_migrate)
     sub.add_parser("init-storage", help="create the bucket if missing").set_defaults(func=cmd_init_storage)

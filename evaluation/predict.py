@@ -1,0 +1,111 @@
+"""Soft masks for a batch of images: from the engine in this process, or from a running deployment.
+
+Both give, per image, a (C, H, W) uint8 array of round(255 * p) in the order of the labels asked
+for, at the image's size: what the service's `soft` output holds.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    phrasings: list[str]
+
+
+class Predictor(Protocol):
+    description: str
+    seconds: float  # time spent predicting (model or API), for images/s
+
+    def predict(self, images: Sequence[Image.Image]) -> list[np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class EnginePredictor:
+    """The worker's fast engine, loaded here (no stack needed)."""
+
+    def __init__(self, model: str, labels: list[Label], *, device: str = "auto", dtype: str = "bf16",
+                 threshold: float = 0.4) -> None:
+        from worker.engine import FastEngine, SegmentRequest, Wanted, load_clipseg
+
+        self._request, self._wanted = SegmentRequest, Wanted(soft=True)
+        self.loaded = load_clipseg(model, device=device, dtype=dtype)
+        self.engine = FastEngine(self.loaded)
+        self.labels = labels
+        self.threshold = threshold
+        self.description = f"{model} in process on {self.loaded.device}"
+        self.seconds = 0.0
+
+    def predict(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        names = [label.name for label in self.labels]
+        phrasings: list[Any] = [tuple(label.phrasings) for label in self.labels]
+        requests = [self._request(image, names, self.threshold, phrasings=phrasings, wanted=self._wanted)
+                    for image in images]
+        started = time.perf_counter()
+        results = self.engine.segment_batch(requests)
+        self.seconds += time.perf_counter() - started
+        out = []
+        for image, result in zip(images, results, strict=True):
+            soft = [m.soft for m in result.masks]
+            out.append(np.stack(soft) if soft and all(s is not None for s in soft)  # type: ignore[arg-type]
+                       else np.zeros((0, image.height, image.width), dtype=np.uint8))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class ApiPredictor:
+    """A running deployment through the public API: one job per image (`outputs: ["soft"]`,
+    `Prefer: wait`), `parallel` in flight, the soft masks downloaded from their URLs."""
+
+    def __init__(self, base_url: str, api_key: str, *, preset: str | None, prompts: list[str],
+                 labels: list[Label], threshold: float = 0.4, parallel: int = 8) -> None:
+        from client import Clipmask
+
+        self.client = Clipmask(base_url, api_key)
+        self.preset, self.prompts, self.labels, self.threshold = preset, prompts, labels, threshold
+        self.pool = ThreadPoolExecutor(max_workers=parallel)
+        self.description = f"the deployment at {base_url}"
+        self.seconds = 0.0
+
+    def _one(self, image: Image.Image) -> np.ndarray:
+        from client import ClipmaskError
+
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        job = self.client.create_job(buf.getvalue(), self.prompts or None, preset=self.preset, outputs=["soft"],
+                                     threshold=self.threshold, wait=60)
+        if job.status not in ("succeeded", "failed", "canceled"):
+            job = self.client.wait(job.id, timeout=600)
+        if job.status != "succeeded":
+            raise ClipmaskError(0, "job_failed", f"job {job.id} ended {job.status}: {job.error}")
+        by_name = {r.prompt: r for r in job.results}
+        planes = []
+        for label in self.labels:
+            url = by_name[label.name].soft_url
+            assert url is not None, "the job was asked for soft masks"
+            with Image.open(io.BytesIO(self.client.fetch(url))) as soft:
+                planes.append(np.asarray(soft.convert("L"), dtype=np.uint8))
+        return np.stack(planes) if planes else np.zeros((0, image.height, image.width), dtype=np.uint8)
+
+    def predict(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        started = time.perf_counter()
+        out = list(self.pool.map(self._one, images))
+        self.seconds += time.perf_counter() - started
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()

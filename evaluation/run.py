@@ -1,0 +1,170 @@
+"""`clipmask eval DATASET --preset human_parsing --out report/`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tabulate import tabulate
+from tqdm import tqdm
+
+from evaluation.datasets import IGNORE, Dataset, DatasetError, Sample, open_dataset
+from evaluation.metrics import DatasetStats, Scores
+from evaluation.predict import ApiPredictor, EnginePredictor, Label, Predictor
+from evaluation.report import write_report
+from shared.presets import BUILTIN
+
+
+def model_labels(preset: str | None, prompts: list[str]) -> list[Label]:
+    """The labels asked of the model: a built-in preset's or a JSON file's ([{"name", "prompts"}]),
+    then each prompt as its own label, as a job would have them."""
+    labels: list[Label] = []
+    if preset is not None:
+        if preset in BUILTIN:
+            raw: Any = BUILTIN[preset]
+        elif Path(preset).is_file():
+            raw = json.loads(Path(preset).read_text())
+        else:
+            raise DatasetError(f"--preset {preset}: neither a built-in ({', '.join(BUILTIN)}) nor a JSON file")
+        labels += [Label(str(item["name"]), [str(p) for p in item["prompts"]]) for item in raw]
+    labels += [Label(p, [p]) for p in prompts]
+    if not labels:
+        raise DatasetError("give --preset or --prompt: the labels to evaluate")
+    return labels
+
+
+def evaluated(labels: list[Label], dataset: Dataset) -> tuple[list[Label], np.ndarray]:
+    """The model's labels the dataset also has (by name), and a lookup from pixel value to truth
+    index (0 background, i + 1 the i-th evaluated label, IGNORE)."""
+    by_name = {name: value for value, name in dataset.labels.items()}
+    kept = [label for label in labels if label.name in by_name]
+    if not kept:
+        raise DatasetError(f"none of the labels ({', '.join(label.name for label in labels)}) is in the "
+                           f"dataset's labels ({', '.join(dataset.labels.values())})")
+    lookup = np.zeros(256, dtype=np.uint8)  # labels the model isn't asked about count as background
+    if IGNORE not in dataset.labels:
+        lookup[IGNORE] = IGNORE
+    for i, label in enumerate(kept):
+        lookup[by_name[label.name]] = i + 1
+    return kept, lookup
+
+
+def evaluate(dataset: Dataset, predictor: Predictor, labels: list[Label], lookup: np.ndarray, *,
+             threshold: float, batch: int, limit: int | None, progress: bool) -> tuple[Scores, DatasetStats, float]:
+    scores = Scores([label.name for label in labels], threshold)
+    stats = DatasetStats(dataset.labels)
+    total = min(len(dataset), limit) if limit else len(dataset)
+    started = time.perf_counter()
+    pending: list[Sample] = []
+
+    def flush() -> None:
+        for sample, soft in zip(pending, predictor.predict([s.image for s in pending]), strict=True):
+            stats.add(sample.truth)
+            scores.add(sample.name, lookup[sample.truth], soft, sample.image)
+        bar.update(len(pending))
+        pending.clear()
+
+    with tqdm(total=total, unit="img", desc="eval", disable=not progress, file=sys.stderr) as bar:
+        for i, sample in enumerate(dataset):
+            if limit and i >= limit:
+                break
+            pending.append(sample)
+            if len(pending) == batch:
+                flush()
+        if pending:
+            flush()
+    return scores, stats, time.perf_counter() - started
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        dataset = open_dataset(args.dataset)
+        asked = model_labels(args.preset, args.prompt or [])
+        labels, lookup = evaluated(asked, dataset)
+    except DatasetError as exc:
+        print(f"clipmask eval: {exc}", file=sys.stderr)
+        return 2
+    predictor: Predictor
+    if args.api:
+        key = args.api_key or os.environ.get("CLIPMASK_API_KEY")
+        if not key:
+            print("clipmask eval: --api needs --api-key or CLIPMASK_API_KEY", file=sys.stderr)
+            return 2
+        preset = args.preset if args.preset in BUILTIN or args.preset is None else None
+        if args.preset is not None and preset is None:
+            print("clipmask eval: with --api, --preset is a built-in preset (a labels file stays on this machine);"
+                  " give its labels as --prompt instead", file=sys.stderr)
+            return 2
+        predictor = ApiPredictor(args.api, key, preset=preset, prompts=args.prompt or [], labels=labels,
+                                 threshold=args.threshold, parallel=args.batch)
+    else:
+        from shared.settings import Settings
+
+        predictor = EnginePredictor(args.model or Settings().model, labels, device=args.device, dtype=args.dtype,
+                                    threshold=args.threshold)
+    try:
+        scores, stats, seconds = evaluate(dataset, predictor, labels, lookup, threshold=args.threshold,
+                                          batch=args.batch, limit=args.limit, progress=not args.quiet)
+    except DatasetError as exc:
+        print(f"clipmask eval: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        predictor.close()
+    metrics = scores.summary()
+    metrics["dataset"] = {"path": str(args.dataset), **stats.summary()}
+    metrics["predictor"] = predictor.description
+    metrics["preset"] = args.preset
+    metrics["prompts"] = args.prompt or []
+    metrics["skipped_labels"] = [label.name for label in asked if label not in labels]
+    metrics["timing"] = {"seconds": seconds, "images_per_s": scores.images / seconds if seconds else None,
+                         "model_seconds": predictor.seconds}
+    out = Path(args.out)
+    write_report(out, metrics, scores, stats)
+    _print(metrics, out)
+    return 0
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _print(metrics: dict[str, Any], out: Path) -> None:
+    rows = [[name, _f(r["iou"]), _f(r["precision"]), _f(r["recall"]), r["support_pixels"], r["support_images"],
+             _f(r["mask_iou"]), r["best_threshold"], _f(r["best_mask_iou"])]
+            for name, r in metrics["classes"].items()]
+    print(tabulate(rows, headers=["class", "IoU", "precision", "recall", "pixels", "images", "mask IoU",
+                                  "best t", "IoU at best t"], tablefmt="simple"))
+    timing = metrics["timing"]
+    print(f"\n{metrics['images']} images, {_f(timing['images_per_s'])} images/s ({metrics['predictor']})")
+    print(f"mIoU {_f(metrics['miou'])} (with background {_f(metrics['miou_with_background'])}), "
+          f"pixel accuracy {_f(metrics['pixel_accuracy'])}, frequency-weighted IoU {_f(metrics['fw_iou'])}, "
+          f"threshold {metrics['threshold']}")
+    if metrics["skipped_labels"]:
+        print(f"not in the dataset, not evaluated: {', '.join(metrics['skipped_labels'])}")
+    print(f"report: {out / 'index.html'}")
+
+
+def add_command(sub: Any) -> None:
+    p = sub.add_parser("eval", help="measure mask quality on a labelled dataset (report with plots)",
+                       description="Per class IoU, precision, recall; mIoU, pixel accuracy, fwIoU; a threshold "
+                                   "sweep per class; the dataset's statistics; an HTML report.")
+    p.add_argument("dataset", help="a folder (images/, masks/, labels.json) or parquet file(s) (image, mask)")
+    p.add_argument("--preset", help="a built-in preset (human_parsing, clothing) or a JSON file of labels")
+    p.add_argument("--prompt", action="append", help="a text label (repeatable); its name must be in labels.json")
+    p.add_argument("--out", default="report", help="the report folder (default report/)")
+    p.add_argument("--threshold", type=float, default=0.4)
+    p.add_argument("--model", help="hub id or folder (default: CLIPMASK_MODEL, else CIDAS/clipseg-rd64-refined)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="on CUDA; the CPU runs fp32")
+    p.add_argument("--batch", type=int, default=8, help="images per engine batch (or jobs in flight with --api)")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--api", help="evaluate a running deployment at this URL instead of the engine in process")
+    p.add_argument("--api-key", help="with --api (default: CLIPMASK_API_KEY)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=lambda args, settings: run(args))
