@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export VENV
 
-.PHONY: install up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs bench-pipeline gpu-check clean
+.PHONY: install install-browser up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs bench-pipeline bench-search gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[worker,dev]'
+	$(PY) -m pip install --quiet -e '.[worker,dev,eval]'
 	touch $@
 
 up: install
@@ -28,8 +28,16 @@ status:
 demo: install
 	scripts/demo.sh
 
-test: install
+test: install install-browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Debian's chromium for the web page's browser test (Playwright drives it; no browser download)
+install-browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }; }
+	@chromium --version
 
 # the tests that need no Postgres, Redis, S3 or worker process (marker `unit`)
 test-unit: install
@@ -62,6 +70,10 @@ bench-pipeline: install
 bench-outputs: install
 	$(PY) bench/outputs.py $(BENCH_ARGS)
 
+# search latency p50/p99 at 10k, 100k and 1M stored vectors, HNSW recall@10, and what embed costs
+bench-search: install
+	$(PY) bench/search.py $(BENCH_ARGS)
+
 # on a CUDA host with torch and transformers installed: engine tests on CUDA + GPU benchmarks
 gpu-check:
 	scripts/gpu_check.sh
@@ -75,4 +87,5 @@ bench-api: install
 	scripts/bench_stack.sh bench/api.py $(BENCH_ARGS)
 
 clean: down
+	scripts/pgvector.sh stop
 	rm -rf .run

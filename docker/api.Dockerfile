@@ -7,6 +7,8 @@ COPY api ./api
 COPY worker ./worker
 COPY shared ./shared
 COPY cli ./cli
+COPY client ./client
+COPY evaluation ./evaluation
 COPY migrations ./migrations
 RUN pip install .
 RUN useradd --create-home clipmask

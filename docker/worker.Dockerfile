@@ -8,6 +8,8 @@ COPY api ./api
 COPY worker ./worker
 COPY shared ./shared
 COPY cli ./cli
+COPY client ./client
+COPY evaluation ./evaluation
 COPY migrations ./migrations
-RUN pip install ".[worker]"
+RUN pip install ".[worker,eval]"
 CMD ["celery", "-A", "worker.celery_app", "worker", "--pool", "threads", "--concurrency", "16", "-Q", "interactive,bulk,events", "-E"]
