@@ -18,6 +18,7 @@ from urllib.parse import urljoin, urlsplit
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.util import parse_url
 
 from shared.errors import ImageFetchFailed
 from shared.settings import Settings
@@ -120,6 +121,7 @@ def check_url_syntax(url: str) -> str | None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
+        parse_url(url)  # urllib3's own checks (a host with control characters, spaces): what the fetch uses
     except ValueError:
         return "not a valid URL"
     if parts.scheme not in ("http", "https"):

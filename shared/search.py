@@ -175,6 +175,8 @@ def request_embedding(settings: Settings, celery: Celery, client: redis.Redis, q
     if answer is None:
         raise EmbeddingUnavailable(f"no worker embedded the query within {timeout_s:g} s")
     payload = json.loads(answer[1])
+    if "error" in payload and payload["error"]["code"] == "internal":  # the worker's fault, not the query's
+        raise EmbeddingUnavailable(payload["error"]["message"])
     if "error" in payload:
         raise QueryRefused(payload["error"]["message"], code=payload["error"]["code"])
     return [float(x) for x in payload["vector"]], str(payload["model"])

@@ -187,6 +187,9 @@ def embed_query(query: dict[str, Any], deps: RunnerDeps) -> dict[str, Any]:
         vector = segmenter.embed(wanted)  # type: ignore[attr-defined]
     except JobFailure as exc:
         return {"error": {"code": exc.code, "message": exc.message}}
+    except Exception as exc:  # answered at once (the API says 503), never left to the API's timeout
+        log.exception("search query not embedded")
+        return {"error": {"code": "internal", "message": f"the worker failed: {type(exc).__name__}"}}
     return {"vector": vector_list(vector), "model": deps.model_id}
 
 

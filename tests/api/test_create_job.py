@@ -140,6 +140,7 @@ BAD_JSON_BODIES = [
     ({"image_url": URL, "prompts": ["a"], "metadata": ["sku"]}, 422, "invalid_metadata"),
     ({"image_url": "file:///etc/passwd", "prompts": ["a"]}, 422, "invalid_image_url"),
     ({"image_url": "not a url", "prompts": ["a"]}, 422, "invalid_image_url"),
+    ({"image_url": "https://exa mple.com/a.jpg", "prompts": ["a"]}, 422, "invalid_image_url"),
     ({"prompts": ["a"]}, 422, "missing_image"),
     ({"image_url": URL, "image_base64": "aGk=", "prompts": ["a"]}, 422, "multiple_images"),
     ({"image_base64": "!!!not base64!!!", "prompts": ["a"]}, 422, "invalid_image_base64"),

@@ -236,6 +236,7 @@ def test_bad_job_options_get_their_code(client, tenant, body, code):
     ({"text": "a", "metadata": {"k": 1}}, 422, "invalid_metadata"),
     ({"text": "a", "metadata": "k=v"}, 422, "invalid_metadata"),
     ({"image_url": "file:///etc/passwd"}, 422, "invalid_image_url"),
+    ({"image_url": "https://\u0101\u00fd\x0f\x89"}, 422, "invalid_image_url"),  # once a 15 s wait, then 503
     ({"image_base64": "***"}, 422, "invalid_image_base64"),
     ({"text": "a", "colour": "red"}, 422, "unknown_field"),
     ({"job_id": "job_nonexistent"}, 404, "not_found"),

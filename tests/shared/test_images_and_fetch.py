@@ -120,7 +120,8 @@ def test_non_public_addresses_are_refused_before_connecting(url):
         fetch_image_bytes(url, STRICT)
 
 
-@pytest.mark.parametrize("url", ["ftp://example.com/a.jpg", "file:///etc/passwd", "http://user:pw@x.test/a"])
+@pytest.mark.parametrize("url", ["ftp://example.com/a.jpg", "file:///etc/passwd", "http://user:pw@x.test/a",
+                                 "https://\u0101\u00fd\x0f\x89", "http://exa mple.com/a.jpg"])  # the fuzzer's hosts
 def test_bad_schemes_and_credentials_are_refused(url):
     with pytest.raises(ImageFetchFailed):
         fetch_image_bytes(url, STRICT)
