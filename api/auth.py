@@ -1,4 +1,4 @@
-"""Bearer API-key authentication for every /v1 route."""
+"""Bearer API-key authentication for every /v1 route (keys resolved through api.keys.KeyCache)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from flask import g, request
 from api.problems import ApiProblem
 from api.services import db, services
 from shared.models import Tenant
-from shared.tenants import authenticate
 
 
 def require_tenant() -> None:
@@ -16,8 +15,7 @@ def require_tenant() -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiProblem(401, "unauthorized", "Send your API key as 'Authorization: Bearer <api_key>'.")
-    tenant = authenticate(db(), token.strip())
-    db().rollback()  # end the read transaction; handlers open their own
+    tenant = services().keys.tenant(db(), token.strip())
     if tenant is None:
         raise ApiProblem(401, "unauthorized", "The API key is unknown or revoked.")
     g.tenant = tenant

@@ -9,6 +9,7 @@ from flask import current_app, g
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.keys import KeyCache
 from api.limits import RateLimiter
 from api.waiting import FinishedJobs
 from shared.db import make_engine, make_session_factory
@@ -28,14 +29,16 @@ class Services:
     limiter: RateLimiter
     submitter: Submitter
     finished: FinishedJobs  # for Prefer: wait (its listener starts on first use)
+    keys: KeyCache
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         engine = make_engine(settings.database_url)
         storage, celery = ObjectStorage(settings), make_celery(settings)
         submitter = Submitter(policy=SubmitPolicy.from_settings(settings), storage=storage, celery=celery)
-        return cls(settings, engine, make_session_factory(engine), storage, celery, RateLimiter(settings), submitter,
-                   FinishedJobs(settings.database_url))
+        limiter = RateLimiter(settings)
+        return cls(settings, engine, make_session_factory(engine), storage, celery, limiter, submitter,
+                   FinishedJobs(settings.database_url), KeyCache(settings, limiter.client))
 
 
 def services() -> Services:

@@ -26,6 +26,7 @@ from shared.enums import JobStatus
 from shared.errors import SubmissionRefused
 from shared.models import Job, Tenant
 from shared.settings import Settings
+from shared.tenants import tenants_changed
 
 
 def sessions_for(settings: Settings) -> sessionmaker[Session]:
@@ -107,6 +108,7 @@ def tenant_disable(args: argparse.Namespace, settings: Settings) -> int:
     if not changed:
         print(f"no enabled tenant {args.tenant_id}", file=sys.stderr)
         return 1
+    tenants_changed(settings)  # its keys answer 401 from the next request on, in every API process
     _emit({"tenant_id": args.tenant_id, "disabled": True})
     return 0
 
@@ -136,12 +138,14 @@ def tenant_limits(args: argparse.Namespace, settings: Settings) -> int:
             tenant.input_buckets = None
         if args.input_buckets:
             tenant.input_buckets = sorted(set(tenant.input_buckets or []) | set(args.input_buckets))
-        _emit({"tenant_id": tenant.id, "rate_limit_per_s": tenant.rate_limit_per_s,
-               "rate_limit_burst": tenant.rate_limit_burst, "max_queued_jobs": tenant.max_queued_jobs,
-               "input_buckets": tenant.input_buckets or [],
-               "defaults": {"rate_limit_per_s": settings.rate_limit_per_s,
-                            "rate_limit_burst": settings.rate_limit_burst,
-                            "max_queued_jobs": settings.max_queued_jobs}})
+        answer = {"tenant_id": tenant.id, "rate_limit_per_s": tenant.rate_limit_per_s,
+                  "rate_limit_burst": tenant.rate_limit_burst, "max_queued_jobs": tenant.max_queued_jobs,
+                  "input_buckets": tenant.input_buckets or [],
+                  "defaults": {"rate_limit_per_s": settings.rate_limit_per_s,
+                               "rate_limit_burst": settings.rate_limit_burst,
+                               "max_queued_jobs": settings.max_queued_jobs}}
+    tenants_changed(settings)  # the API processes read the new limits from their next request on
+    _emit(answer)
     return 0
 
 
@@ -166,7 +170,9 @@ def key_revoke(args: argparse.Namespace, settings: Settings) -> int:
         if key is None:
             print("no such active key", file=sys.stderr)
             return 1
-        _emit({"key_id": key.id, "tenant_id": key.tenant_id, "revoked": True})
+        answer = {"key_id": key.id, "tenant_id": key.tenant_id, "revoked": True}
+    tenants_changed(settings)
+    _emit(answer)
     return 0
 
 

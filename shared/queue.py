@@ -80,8 +80,54 @@ def segment_queue(settings: Settings, batch_id: str | None) -> str:
 
 
 def enqueue_segment(app: Celery, *, job_id: str, queue: str) -> None:
-    """Put one job id on the queue; fails fast (about a second) when Redis is down."""
-    app.send_task(SEGMENT_TASK, args=[job_id], queue=queue, retry=True, retry_policy=RETRY_POLICY)
+    """Put one job id on the queue; fails fast (about a second) when Redis is down.
+
+    The first message a process sends to a queue goes through Celery's send_task, which declares
+    the queue; the rest are LPUSHed straight into its list by `_Pusher` (0.13 ms of CPU against
+    send_task's 0.9 ms, measured on the 2-core CI machine; the single-job create path's largest
+    cost after the database). Like the batch path's, those messages carry no task-sent event:
+    Flower shows a task from the moment a worker receives it."""
+    pusher = _pusher(app)
+    if queue not in pusher.declared:
+        app.send_task(SEGMENT_TASK, args=[job_id], queue=queue, retry=True, retry_policy=RETRY_POLICY)
+        pusher.declared.add(queue)
+        return
+    pusher.push(SEGMENT_TASK, [job_id], queue)
+
+
+class _Pusher:
+    """One Redis client (and its connection pool) per Celery app for messages pushed directly,
+    with the app's broker URL and key prefix, retrying as RETRY_POLICY does."""
+
+    def __init__(self, app: Celery) -> None:
+        options = app.conf.broker_transport_options or {}
+        self.client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=options.get("socket_timeout", 10),
+                                           socket_connect_timeout=options.get("socket_connect_timeout", 3))
+        self.prefix = options.get("global_keyprefix", "")
+        self.origin = f"{os.getpid()}@{socket.gethostname()}"
+        self.reply_to = app.thread_oid
+        self.declared: set[str] = set()
+
+    def push(self, task: str, args: list[Any], queue: str) -> None:
+        message = _task_message(task, args, queue, origin=self.origin, reply_to=self.reply_to)
+        delay, retries = RETRY_POLICY["interval_start"], int(RETRY_POLICY["max_retries"])
+        for attempt in range(retries + 1):
+            try:
+                self.client.lpush(self.prefix + queue, message)
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                if attempt == retries:
+                    raise
+                time.sleep(delay)
+                delay = min(delay + RETRY_POLICY["interval_step"], RETRY_POLICY["interval_max"])
+
+
+def _pusher(app: Celery) -> _Pusher:
+    pusher: _Pusher | None = getattr(app, "_clipmask_pusher", None)
+    if pusher is None:
+        pusher = _Pusher(app)
+        app._clipmask_pusher = pusher
+    return pusher
 
 
 def enqueue_segments(app: Celery, *, job_ids: list[str], queue: str, chunk: int = 2000) -> None:

@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=200, ge=1)
     # Jobs a tenant may have waiting (status queued); more are refused with 429 until some ran.
     max_queued_jobs: int = Field(default=200_000, ge=1)
+    # How long an API process may answer from its cache of keys and tenants (limits, buckets)
+    # without asking Postgres; `clipmask key revoke`, `tenant disable` and `tenant limits` end
+    # every cache at once through Redis, so this only bounds changes made to the rows by hand. 0: off.
+    auth_cache_s: float = Field(default=30, ge=0)
 
     # --- operations ------------------------------------------------------------------------
     flower_user: str = "admin"

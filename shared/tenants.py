@@ -5,14 +5,19 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import logging
 import secrets
 import uuid
 from dataclasses import dataclass
 
+import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.models import ApiKey, Tenant
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "cm_"
 
@@ -59,7 +64,28 @@ def authenticate(session: Session, api_key: str) -> Tenant | None:
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)
         .where(ApiKey.key_hash == hash_key(api_key), ApiKey.revoked_at.is_(None), Tenant.disabled_at.is_(None))
     ).scalar_one_or_none()
+    if row is not None:
+        session.expunge(row)  # a snapshot: no reload after the request's commits and rollbacks
     return row
+
+
+def generation_key(settings: Settings) -> str:
+    """The Redis counter API processes compare their cached keys and tenants against."""
+    return f"{settings.redis_key_prefix}clipmask:tenants:generation"
+
+
+def tenants_changed(settings: Settings) -> None:
+    """After a commit that revoked a key or changed a tenant: every API process drops its cache
+    (api.auth.KeyCache) before its next request. If Redis can't be told, caches age out within
+    CLIPMASK_AUTH_CACHE_S, and the operator is told so."""
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        client.incr(generation_key(settings))
+    except redis.RedisError as exc:
+        log.warning("could not tell the API processes (Redis: %s); they keep cached keys and limits for up "
+                    "to %g s", exc, settings.auth_cache_s)
+    finally:
+        client.close()
 
 
 def revoke_key(session: Session, *, key: str) -> ApiKey | None:
