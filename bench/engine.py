@@ -40,6 +40,7 @@ from shared.images import decode as decode_for_model
 from worker.engine import FastEngine, SegmentRequest, load_clipseg
 from worker.engine.batcher import DynamicBatcher
 from worker.engine.devmodel import write_dev_model
+from worker.engine.loading import native_cpu_bf16
 from worker.outputs import png_gray
 
 CLOTHES = ["shirt", "pants", "dress", "shoes", "jacket", "skirt", "hat", "bag", "belt", "scarf",
@@ -143,8 +144,8 @@ def run_stock(path: str, device: torch.device, images: list[bytes], prompts: lis
 
 
 def run_engine(path: str, device: torch.device, dtype: str, images: list[bytes], prompts: list[str],
-               threshold: float, batch: int, io_threads: int, compile_: bool):
-    loaded = load_clipseg(path, device=device.type, dtype=dtype)
+               threshold: float, batch: int, io_threads: int, compile_: bool, cpu_dtype: str = "fp32"):
+    loaded = load_clipseg(path, device=device.type, dtype=dtype, cpu_dtype=cpu_dtype)
     engine = FastEngine(loaded, compile=compile_)
     batcher = DynamicBatcher(engine.segment_batch, max_batch=batch, max_wait_ms=5)
 
@@ -215,6 +216,8 @@ def main() -> int:
     parser.add_argument("--model", default="tiny", help="tiny | full | hub id or directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="engine dtype on CUDA")
+    parser.add_argument("--cpu-dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="engine dtype on the CPU (auto: bf16 where the CPU has it natively, as the worker)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--stock-images", type=int, default=None, help="images for the (slow) stock side")
@@ -237,14 +240,17 @@ def main() -> int:
 
     print(f"model={args.model} device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'})"
           f" threads={torch.get_num_threads()} images={len(images)} stock_images={len(stock_images)} "
-          f"size={width}x{height} prompts={len(prompts)} batch={args.batch} dtype={args.dtype}", flush=True)
+          f"size={width}x{height} prompts={len(prompts)} batch={args.batch} dtype={args.dtype} "
+          f"cpu_dtype={args.cpu_dtype} (native bf16: {native_cpu_bf16()}, {torch.backends.cpu.get_cpu_capability()})",
+          flush=True)
 
     s_time, s_lat, s_mem = run_stock(path, device, stock_images, prompts, args.threshold)
     s_ips = len(stock_images) / s_time
     print(line("stock ", s_ips, len(prompts), s_lat, s_mem), flush=True)
 
     e_time, e_lat, e_mem, engine, mean_batch = run_engine(
-        path, device, args.dtype, images, prompts, args.threshold, args.batch, io_threads, args.compile)
+        path, device, args.dtype, images, prompts, args.threshold, args.batch, io_threads, args.compile,
+        args.cpu_dtype)
     e_ips = len(images) / e_time
     print(line("engine", e_ips, len(prompts), e_lat, e_mem) + f"  mean batch {mean_batch:.1f}", flush=True)
     speedup = e_ips / s_ips
@@ -252,7 +258,8 @@ def main() -> int:
 
     report = {
         "model": args.model, "device": str(device), "prompts": len(prompts), "images": len(images),
-        "size": f"{width}x{height}", "batch": args.batch, "dtype": args.dtype if device.type == "cuda" else "fp32",
+        "size": f"{width}x{height}", "batch": args.batch,
+        "dtype": args.dtype if device.type == "cuda" else str(engine.dtype).removeprefix("torch."),
         "stock_images_per_s": s_ips, "engine_images_per_s": e_ips, "speedup": speedup,
         "stock_masks_per_s": s_ips * len(prompts), "engine_masks_per_s": e_ips * len(prompts),
         "stock_p50_ms": percentile(s_lat, 50) * 1000, "stock_p95_ms": percentile(s_lat, 95) * 1000,

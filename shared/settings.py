@@ -72,7 +72,9 @@ class Settings(BaseSettings):
     # --- model / engine --------------------------------------------------------------------
     model: str = "CIDAS/clipseg-rd64-refined"  # hub id or local directory
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # on CUDA; CPU always runs fp32
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # on CUDA
+    # on the CPU: auto is bf16 where the CPU multiplies bf16 natively (AVX512-BF16, AMX), else fp32
+    cpu_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     engine: Literal["fast", "stock"] = "fast"
     max_batch_images: int = Field(default=16, ge=1, le=1024)
     max_batch_wait_ms: float = Field(default=5.0, ge=0)

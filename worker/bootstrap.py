@@ -39,7 +39,7 @@ class LazySegmenter:
 
                     s = self.settings
                     self._segmenter = open_segmenter(
-                        s.model, device=s.device, dtype=s.dtype, kind=s.engine,
+                        s.model, device=s.device, dtype=s.dtype, cpu_dtype=s.cpu_dtype, kind=s.engine,
                         max_batch_images=s.max_batch_images, max_batch_wait_ms=s.max_batch_wait_ms,
                         text_cache_size=s.text_cache_size, torch_compile=s.torch_compile,
                         on_batch=metrics.on_batch,

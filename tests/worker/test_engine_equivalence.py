@@ -7,8 +7,9 @@ where torch sees one, with TF32 off so that fp32 means fp32):
 - From the image (the engine resizes on the device with antialiased bilinear; the processor
   resizes in PIL): probabilities within 0.08 at any pixel and 0.01 on average. Random weights
   amplify pixel noise, which the trained checkpoint does not: these bounds are loose on purpose.
-- The engine in bf16 on CUDA (the GPU worker's default) against stock fp32: probabilities within
-  BF16_MAX_TOL at any pixel and BF16_MEAN_TOL on average, masks agreeing on 97% of pixels.
+- The engine in bf16 (the GPU worker's default; the CPU's where it multiplies bf16 natively)
+  against stock fp32, on every device present: probabilities within BF16_MAX_TOL at any pixel
+  and BF16_MEAN_TOL on average, masks agreeing on 97% of pixels.
 """
 
 from __future__ import annotations
@@ -163,21 +164,28 @@ def test_one_bad_request_does_not_fail_its_batch(engines):
     batcher.close()
 
 
-if torch.cuda.is_available():  # defined only where it can run, so that no skip is reported elsewhere
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_engine_matches_stock_fp32(tiny_model_dir, device):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    stock = StockEngine(load_clipseg(str(tiny_model_dir), device=device, dtype="fp32"))
+    fast = FastEngine(load_clipseg(str(tiny_model_dir), device=device, dtype="bf16", cpu_dtype="bf16"))
+    assert fast.loaded.dtype == torch.bfloat16
+    prompts = PROMPT_SETS[3]
+    images = [picture(w, h, seed=20 + i) for i, (w, h) in enumerate(SIZES)]
+    results = fast.segment_batch([SegmentRequest(img, prompts, 0.4) for img in images])
+    for image, result in zip(images, results, strict=True):
+        theirs = stock.segment(image, prompts, 0.4)
+        diff = (probs(result.logits) - probs(theirs.logits)).abs()
+        assert diff.max().item() < BF16_MAX_TOL, (image.size, diff.max().item())
+        assert diff.mean().item() < BF16_MEAN_TOL, (image.size, diff.mean().item())
+        for a, b in zip(result.masks, theirs.masks, strict=True):
+            assert (a.mask == b.mask).mean() > 0.97
 
-    def test_bf16_engine_on_cuda_matches_stock_fp32(tiny_model_dir):
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        stock = StockEngine(load_clipseg(str(tiny_model_dir), device="cuda", dtype="fp32"))
-        fast = FastEngine(load_clipseg(str(tiny_model_dir), device="cuda", dtype="bf16"))
-        assert fast.loaded.dtype == torch.bfloat16
-        prompts = PROMPT_SETS[3]
-        images = [picture(w, h, seed=20 + i) for i, (w, h) in enumerate(SIZES)]
-        results = fast.segment_batch([SegmentRequest(img, prompts, 0.4) for img in images])
-        for image, result in zip(images, results, strict=True):
-            theirs = stock.segment(image, prompts, 0.4)
-            diff = (probs(result.logits) - probs(theirs.logits)).abs()
-            assert diff.max().item() < BF16_MAX_TOL, (image.size, diff.max().item())
-            assert diff.mean().item() < BF16_MEAN_TOL, (image.size, diff.mean().item())
-            for a, b in zip(result.masks, theirs.masks, strict=True):
-                assert (a.mask == b.mask).mean() > 0.97
+
+def test_the_cpu_runs_bf16_only_where_it_multiplies_bf16_natively(tiny_model_dir):
+    from worker.engine.loading import native_cpu_bf16
+
+    auto = load_clipseg(str(tiny_model_dir), device="cpu", cpu_dtype="auto")
+    assert auto.dtype == (torch.bfloat16 if native_cpu_bf16() else torch.float32)
+    assert load_clipseg(str(tiny_model_dir), device="cpu").dtype == torch.float32  # the library default

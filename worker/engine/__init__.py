@@ -74,12 +74,13 @@ class Segmenter:
 
 
 def open_segmenter(
-    model: str, *, device: str = "auto", dtype: str = "bf16", kind: str = "fast", max_batch_images: int = 16,
+    model: str, *, device: str = "auto", dtype: str = "bf16", cpu_dtype: str = "fp32", kind: str = "fast",
+    max_batch_images: int = 16,
     max_batch_wait_ms: float = 5.0, text_cache_size: int = 4096, torch_compile: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> Segmenter:
     """Load the model once and start the inference thread (kind="fast") in the calling process."""
-    loaded = load_clipseg(model, device=device, dtype=dtype)
+    loaded = load_clipseg(model, device=device, dtype=dtype, cpu_dtype=cpu_dtype)
     if kind == "stock":
         return Segmenter(loaded, kind, None, StockEngine(loaded))
     engine = FastEngine(loaded, text_cache_size=text_cache_size, compile=torch_compile)

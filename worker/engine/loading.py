@@ -28,6 +28,20 @@ def pil_image_processor_class() -> Any:
         return ViTImageProcessor
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), so oneDNN's bf16 kernels
+    beat fp32; elsewhere bf16 is emulated and slower (AVX2 only: measured in bench/README.md)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_cpu_dtype(cpu_dtype: str) -> torch.dtype:
+    """CLIPMASK_CPU_DTYPE: "auto" is bf16 where the CPU has it natively, else fp32."""
+    if cpu_dtype == "auto":
+        return torch.bfloat16 if native_cpu_bf16() else torch.float32
+    return DTYPES[cpu_dtype]
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,12 +113,13 @@ def load_processor(source: str) -> Any:
     return CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def load_clipseg(source: str, *, device: str = "auto", dtype: str = "bf16") -> LoadedModel:
-    """Load weights once (hub id like CIDAS/clipseg-rd64-refined, or a directory); fp32 on CPU."""
+def load_clipseg(source: str, *, device: str = "auto", dtype: str = "bf16", cpu_dtype: str = "fp32") -> LoadedModel:
+    """Load weights once (hub id like CIDAS/clipseg-rd64-refined, or a directory): `dtype` on
+    CUDA, `cpu_dtype` on the CPU (fp32, bf16 or auto: see resolve_cpu_dtype)."""
     from transformers import CLIPSegForImageSegmentation
 
     dev = resolve_device(device)
-    torch_dtype = DTYPES[dtype] if dev.type == "cuda" else torch.float32
+    torch_dtype = DTYPES[dtype] if dev.type == "cuda" else resolve_cpu_dtype(cpu_dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     try:
         model = CLIPSegForImageSegmentation.from_pretrained(source, attn_implementation="sdpa", **kwargs)
