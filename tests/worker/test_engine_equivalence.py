@@ -189,3 +189,55 @@ def test_the_cpu_runs_bf16_only_where_it_multiplies_bf16_natively(tiny_model_dir
     auto = load_clipseg(str(tiny_model_dir), device="cpu", cpu_dtype="auto")
     assert auto.dtype == (torch.bfloat16 if native_cpu_bf16() else torch.float32)
     assert load_clipseg(str(tiny_model_dir), device="cpu").dtype == torch.float32  # the library default
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 2])
+def test_any_vision_chunk_gives_the_same_logits(loaded, chunk):
+    """Images through the vision encoder (and the decoder) one, two or all at a time: the same
+    logits, label groups of any size (none included) staying with their image."""
+    fast = FastEngine(loaded, text_cache_size=64, vision_chunk=chunk)
+    whole = FastEngine(loaded, text_cache_size=64, vision_chunk=0)
+    images = [picture(w, h, seed=20 + i) for i, (w, h) in enumerate(SIZES)]
+    groups = [PROMPT_SETS[3], [], PROMPT_SETS[1], PROMPT_SETS[8], []]
+    pixels = loaded.processor(images=images, return_tensors="pt")["pixel_values"]
+    got = fast.logits_from_pixels(pixels, groups)
+    want = whole.logits_from_pixels(pixels, groups)
+    for labels, a, b in zip(groups, got, want, strict=True):
+        assert a.shape == b.shape == (len(labels), *pixels.shape[-2:])
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 1])
+@pytest.mark.parametrize("complex_upconv", [True, False])
+def test_the_decoder_matches_transformers_with_either_transposed_convolution(tiny_model_dir, tmp_path, complex_upconv,
+                                                                            chunk):
+    """The engine's own decoder pass (reductions before the per-label repeat, stride-equals-kernel
+    transposed convolutions as matmuls) against CLIPSegDecoder.forward, for both of CLIPSeg's
+    decoder heads (the refined checkpoint's three-step one, and the single transposed conv)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["use_complex_transposed_convolution"] = complex_upconv
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)  # the plain head's weights are not in the files: initialised at load
+    model = load_clipseg(str(folder), device="cpu", dtype="fp32")
+    head = model.model.decoder.transposed_convolution
+    assert isinstance(head, torch.nn.Sequential) == complex_upconv
+    with torch.no_grad():  # random-weight models are saved with zero biases: give them some
+        for name, param in model.model.decoder.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    fast = FastEngine(model, text_cache_size=0, vision_chunk=chunk)
+    pixels = model.processor(images=[picture(120, 80, seed=1), picture(64, 64, seed=2)],
+                             return_tensors="pt")["pixel_values"]
+    groups = [PROMPT_SETS[3], PROMPT_SETS[1]]
+    got = fast.logits_from_pixels(pixels, groups)
+    with torch.inference_mode():
+        activations = fast.activations(pixels)
+        index = torch.tensor([0, 0, 0, 1])
+        conditional = fast._label_embeddings([(p,) for group in groups for p in group])
+        want = model.model.decoder([a.index_select(0, index) for a in activations], conditional).logits
+    assert torch.allclose(torch.cat(got), want.reshape(4, *pixels.shape[-2:]), atol=1e-5)

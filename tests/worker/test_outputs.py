@@ -15,6 +15,7 @@ from pycocotools import mask as coco_mask
 
 from worker.engine import FastEngine, SegmentRequest, StockEngine, Wanted, load_clipseg
 from worker.engine.fast import ensemble
+from worker.engine.postprocess import upsample
 from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, palette
 from worker.runner import encode_outputs
 
@@ -281,3 +282,20 @@ def test_reduced_decode_changes_probabilities_within_the_stated_bounds(fast):
         assert (torch.sigmoid(a.logits) - torch.sigmoid(b.logits)).abs().mean().item() < 0.02
         agree = np.mean([(x.mask == y.mask).mean() for x, y in zip(a.masks, b.masks, strict=True)])
         assert agree > 0.97
+
+
+@given(st.integers(1, 3), st.integers(1, 30), st.integers(1, 30), st.integers(0, 2**32 - 1),
+       st.sampled_from([0.0, 0.02, 0.3, 0.5, 0.97, 1.0]))
+def test_boxes_and_areas_are_those_of_the_masks(labels, height, width, seed, threshold):
+    """Each mask's bbox is the tight box of its pixels (None when empty) and its area their share."""
+    logits = torch.from_numpy(np.random.default_rng(seed).normal(0, 3, (labels, 8, 8)).astype(np.float32))
+    masks, _ = upsample(logits, prompts=[str(i) for i in range(labels)], height=height, width=width,
+                        threshold=threshold)
+    for item in masks:
+        on = item.mask == 255
+        assert item.area_fraction == on.sum() / (height * width)
+        if not on.any():
+            assert item.bbox is None
+            continue
+        ys, xs = np.nonzero(on)
+        assert item.bbox == [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]

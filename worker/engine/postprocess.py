@@ -48,9 +48,12 @@ class Wanted:
 
 
 def _bboxes(mask: torch.Tensor) -> list[list[int] | None]:
-    """Tight boxes of (P, H, W) bool masks, computed on the device."""
-    rows = mask.any(dim=2)  # (P, H)
-    cols = mask.any(dim=1)  # (P, W)
+    """Tight boxes of (P, H, W) masks (bool or 0/1 uint8), computed on the device. A uint8 max
+    over rows and columns is many times faster than `any` over bools."""
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    rows = mask.amax(dim=2) > 0  # (P, H)
+    cols = mask.amax(dim=1) > 0  # (P, W)
     height, width = mask.shape[1], mask.shape[2]
     r_idx = torch.arange(height, device=mask.device)
     c_idx = torch.arange(width, device=mask.device)
@@ -84,7 +87,7 @@ def upsample(
     for start in range(0, logits.shape[0], step):
         chunk = logits[start : start + step].unsqueeze(1)
         up = F.interpolate(chunk, size=(height, width), mode="bilinear", align_corners=False).squeeze(1)
-        prob = torch.sigmoid(up)
+        prob = up.sigmoid_()  # in place: one full-size buffer fewer to allocate and fault in
         del up
         scores = prob.amax(dim=(1, 2)).tolist()
         mask = prob >= threshold
@@ -96,9 +99,11 @@ def upsample(
             best_index = torch.where(better, (arg + start + 1).to(torch.uint8), best_index)
             del top, arg, better
         del prob
-        areas = (mask.sum(dim=(1, 2)).double() / (height * width)).tolist()
-        boxes = _bboxes(mask)
-        pixels = (mask.to(torch.uint8) * 255).cpu().numpy()
+        ones = mask.view(torch.uint8)  # 0/1, no copy
+        boxes = _bboxes(ones)
+        pixels = (ones * 255).cpu().numpy()
+        # counted on the host copy: summing bools on the device first widens them to int64
+        areas = [np.count_nonzero(p) / (height * width) for p in pixels]
         for i in range(mask.shape[0]):
             out.append(PromptMask(prompts[start + i], pixels[i], float(scores[i]), boxes[i], float(areas[i]),
                                   None if soft is None else soft[i]))
