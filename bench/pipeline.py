@@ -91,7 +91,9 @@ class InstantSegmenter:
         self._lock = threading.Lock()
 
     def run(self, request: SegmentRequest) -> SegmentResult:
-        width, height = request.image.size if hasattr(request.image, "size") else request.image.shape[1::-1]
+        # outputs come at the picture's size (request.size), whatever scale the JPEG was decoded at
+        width, height = request.size or (request.image.size if hasattr(request.image, "size")
+                                         else request.image.shape[1::-1])
         key = (width, height, tuple(request.prompts), request.wanted)
         with self._lock:
             if key not in self._cache:
@@ -186,7 +188,8 @@ def main() -> int:
             storage.ensure_bucket()
             with session_scope(sessions) as session:
                 tenant_id = create_tenant(session, name="pipeline").tenant_id
-            deps = RunnerDeps(sessions, storage, InstantSegmenter, FetchPolicy(allow_private=True),
+            stand_in = InstantSegmenter()  # one for the process, as the worker's engine: its cache holds
+            deps = RunnerDeps(sessions, storage, lambda: stand_in, FetchPolicy(allow_private=True),
                               settings.max_image_pixels, "stand-in")
             urls = [f"http://127.0.0.1:{image_port}/{i % 8}.jpg" for i in range(args.jobs)]
             run_round(deps, sessions, tenant_id, urls[: args.threads * 2], labels, ["mask"], args.threads)  # warm
