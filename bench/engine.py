@@ -170,18 +170,76 @@ def run_engine(path: str, device: torch.device, dtype: str, images: list[bytes],
     return elapsed, latencies, peak_mib(device), engine, (statistics.mean(sizes) if sizes else 0)
 
 
+def vision_shape(engine: FastEngine) -> tuple[int, int, int]:
+    """(tokens, width, MLP width) of the vision encoder at the model's input size."""
+    vcfg = engine.loaded.model.config.vision_config
+    pre = engine.loaded.preprocessing
+    tokens = (pre.height // vcfg.patch_size) * (pre.width // vcfg.patch_size) + 1
+    return tokens, vcfg.hidden_size, vcfg.intermediate_size
+
+
+def vision_flops(engine: FastEngine, layers: int) -> float:
+    """Multiply-adds x 2 of one image through the patch embedding and `layers` encoder layers."""
+    vcfg = engine.loaded.model.config.vision_config
+    tokens, d, m = vision_shape(engine)
+    per_layer = 2 * tokens * d * d * 4 + 2 * 2 * tokens * tokens * d + 2 * 2 * tokens * d * m
+    patch = 2 * (tokens - 1) * d * 3 * vcfg.patch_size**2
+    return float(layers * per_layer + patch)
+
+
+def stage_costs(engine: FastEngine, jpeg: bytes, prompts: list[str], threshold: float,
+                repeat: int = 3) -> dict[str, float]:
+    """Each stage of the engine side alone on one image (ms, best of `repeat`), the vision
+    encoder's rate against this device's own matmul rate, and the compute-bound ceiling of the
+    speedup: stock runs every vision layer once per prompt, the engine the truncated tower once."""
+    from worker.engine.postprocess import upsample
+
+    lm = engine.loaded
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+
+    def best(fn):  # type: ignore[no-untyped-def]
+        fn()
+        times = []
+        for _ in range(repeat):
+            sync()
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1000, out
+
+    at_least = (lm.preprocessing.width, lm.preprocessing.height)
+    ms: dict[str, float] = {}
+    with torch.inference_mode():
+        ms["decode"], decoded = best(lambda: decode_for_model(jpeg, max_pixels=10**9, at_least=at_least))
+        arr = np.asarray(decoded.image)
+        ms["preprocess"], pixels = best(lambda: engine.preprocess([arr]))
+        ms["vision"], acts = best(lambda: engine.activations(pixels))
+        ms["decoder"], logits = best(lambda: engine.logits_from_pixels(pixels, [prompts], acts))
+        width, height = decoded.size
+        ms["upsample"], (masks, _) = best(lambda: upsample(logits[0], prompts=prompts, height=height, width=width,
+                                                            threshold=threshold))
+        ms["png"], _ = best(lambda: [png_gray(m.mask) for m in masks])
+        tokens, d, m = vision_shape(engine)  # the MLP's first matmul, the bulk of the encoder's work
+        a = torch.randn(tokens, d, device=lm.device, dtype=engine.dtype)
+        b = torch.randn(d, m, device=lm.device, dtype=engine.dtype)
+        gemm_ms, _ = best(lambda: [a @ b for _ in range(10)])
+    total_layers = lm.model.config.vision_config.num_hidden_layers
+    engine_flops = vision_flops(engine, engine.depth)
+    return {**{f"{k}_ms": v for k, v in ms.items()},
+            "vision_gflops_per_image": engine_flops / 1e9,
+            "vision_gflop_per_s": engine_flops / (ms["vision"] / 1000) / 1e9,
+            "matmul_gflop_per_s": 10 * 2 * tokens * d * m / (gemm_ms / 1000) / 1e9,
+            "compute_bound_speedup_ceiling": len(prompts) * vision_flops(engine, total_layers) / engine_flops}
+
+
 def vision_tflops(engine: FastEngine, batch: int) -> dict[str, float] | None:
     """Time the truncated vision encoder alone at `batch` and compare with the bf16 peak."""
     lm = engine.loaded
     if lm.device.type != "cuda":
         return None
-    vcfg = lm.model.config.vision_config
     pre = lm.preprocessing
-    tokens = (pre.height // vcfg.patch_size) * (pre.width // vcfg.patch_size) + 1
-    d, m = vcfg.hidden_size, vcfg.intermediate_size
-    per_layer = 2 * tokens * d * d * 4 + 2 * 2 * tokens * tokens * d + 2 * 2 * tokens * d * m
-    patch = 2 * (tokens - 1) * d * 3 * vcfg.patch_size**2
-    flops = batch * (engine.depth * per_layer + patch)
+    flops = batch * vision_flops(engine, engine.depth)
     pixels = torch.randn(batch, 3, pre.height, pre.width, device=lm.device, dtype=lm.dtype)
     with torch.inference_mode():
         for _ in range(3):
@@ -266,6 +324,14 @@ def main() -> int:
         "engine_p50_ms": percentile(e_lat, 50) * 1000, "engine_p95_ms": percentile(e_lat, 95) * 1000,
         "stock_peak_mib": s_mem, "engine_peak_mib": e_mem, "engine_mean_batch": mean_batch,
     }
+    stages = stage_costs(engine, images[0], prompts, args.threshold)
+    report.update(stages)
+    print("engine stages, one image alone (ms): " + "  ".join(
+        f"{k.removesuffix('_ms')} {v:.1f}" for k, v in stages.items() if k.endswith("_ms")), flush=True)
+    print(f"vision encoder: {stages['vision_gflops_per_image']:.1f} GFLOP per image at "
+          f"{stages['vision_gflop_per_s']:.0f} GFLOP/s; a plain matmul of its shape runs at "
+          f"{stages['matmul_gflop_per_s']:.0f} GFLOP/s here; stock runs {stages['compute_bound_speedup_ceiling']:.2f}x "
+          f"the engine's vision FLOPs", flush=True)
     flops = vision_tflops(engine, args.vision_batch)
     if flops:
         report.update(flops)
