@@ -9,9 +9,10 @@ Compared with the stock call (image repeated per prompt, all vision layers), per
 - stacks images from many jobs into one forward pass;
 - resizes and normalises on the device (antialiased bilinear, like the processor's PIL resize),
   and upsamples/thresholds on the device (postprocess.py);
-- on the CPU, runs the vision encoder one image at a time (measured: 8 images in one pass cost
-  12-15% more per image than one at a time, the activations no longer fitting the caches) and
-  the decoder one image's labels at a time, for the same reason;
+- on the CPU, runs the vision encoder in passes of about one real-checkpoint image's activations
+  (measured with its architecture: 8 images in one pass cost 12-15% more per image than one at
+  a time, the activations no longer fitting the caches; a small model's images still go
+  together, where per-pass overhead dominates), and the decoder in the same chunks;
 - runs the decoder's per-image parts (the reductions of the vision activations) before they are
   repeated per label, and its stride-equals-kernel transposed convolutions as one matmul each.
 Everything it reads (sizes, mean/std, layers) comes from the checkpoint's own files.
@@ -35,6 +36,9 @@ from worker.engine.loading import LoadedModel
 from worker.engine.postprocess import SegmentResult, Wanted, upsample
 
 Phrasings = tuple[str, ...]
+# Hidden-state values per vision pass on the CPU: past about one real-checkpoint image, the
+# activations stop fitting the caches and every image in the pass gets slower.
+CPU_PASS_VALUES = 512 * 1024
 # What a label is conditioned on: its text phrasings (ensembled), or an example image.
 LabelKey = Phrasings | VisualPrompt
 
@@ -169,8 +173,8 @@ class FastEngine:
         self._decoder_extra = _layer_extra(decoder.layers[0])
         steps = decoder.transposed_convolution
         self._upconv = list(steps) if isinstance(steps, torch.nn.Sequential) else [steps]
-        # images per vision (and decoder) pass: 0 is the whole batch; the CPU does best one by one
-        self.vision_chunk = (1 if loaded.device.type == "cpu" else 0) if vision_chunk is None else vision_chunk
+        # images per vision (and decoder) pass; 0 is the whole batch
+        self.vision_chunk = self._default_chunk() if vision_chunk is None else vision_chunk
         pre = loaded.preprocessing
         dev, dtype = loaded.device, loaded.dtype
         self._grey = neutral_grey(pre.mean)
@@ -184,6 +188,16 @@ class FastEngine:
             self._vision_fn = torch.compile(self._vision, dynamic=True)
             self._decoder_fn = torch.compile(self._decode, dynamic=True)
         self.dtype = dtype
+
+    def _default_chunk(self) -> int:
+        """The whole batch on an accelerator; on the CPU as many images as fit CPU_PASS_VALUES of
+        hidden state (the real checkpoint: 485 tokens x 768 = 372,480, so one image a pass)."""
+        if self.loaded.device.type != "cpu":
+            return 0
+        vcfg = self.loaded.model.config.vision_config
+        pre = self.loaded.preprocessing
+        tokens = (pre.height // vcfg.patch_size) * (pre.width // vcfg.patch_size) + 1
+        return max(1, CPU_PASS_VALUES // (tokens * vcfg.hidden_size))
 
     # ---- stages ---------------------------------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -328,9 +342,7 @@ class FastEngine:
             index = torch.repeat_interleave(torch.arange(len(chunk), device=pixels.device),
                                             torch.tensor(chunk, device=pixels.device))
             logits = self._decoder_fn([a[part] for a in activations], conditional[first:first + sum(chunk)], index)
-            if logits.dim() == 2:
-                logits = logits.unsqueeze(0)
-            out += list(torch.split(logits.float(), chunk))
+            out += list(torch.split(logits.float(), chunk))  # (labels, h, w): _decode keeps the label axis
             first += sum(chunk)
         return out
 
