@@ -173,9 +173,7 @@ def run_engine(path: str, device: torch.device, dtype: str, images: list[bytes],
 def vision_shape(engine: FastEngine) -> tuple[int, int, int]:
     """(tokens, width, MLP width) of the vision encoder at the model's input size."""
     vcfg = engine.loaded.model.config.vision_config
-    pre = engine.loaded.preprocessing
-    tokens = (pre.height // vcfg.patch_size) * (pre.width // vcfg.patch_size) + 1
-    return tokens, vcfg.hidden_size, vcfg.intermediate_size
+    return engine.vision_tokens, vcfg.hidden_size, vcfg.intermediate_size
 
 
 def vision_flops(engine: FastEngine, layers: int) -> float:

@@ -25,6 +25,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -172,7 +173,14 @@ class FastEngine:
         decoder = model.decoder
         self._decoder_extra = _layer_extra(decoder.layers[0])
         steps = decoder.transposed_convolution
-        self._upconv = list(steps) if isinstance(steps, torch.nn.Sequential) else [steps]
+        # each upsampling step as it runs: the block transposed convs as matmuls, decided once here
+        self._upconv: list[Callable[[torch.Tensor], torch.Tensor]] = [
+            partial(_stride_conv_transpose, step) if _is_block_conv_transpose(step) else step
+            for step in (steps if isinstance(steps, torch.nn.Sequential) else [steps])]
+        vcfg = model.config.vision_config
+        pre = loaded.preprocessing
+        # tokens per image at the model's input size (the class token included)
+        self.vision_tokens = (pre.height // vcfg.patch_size) * (pre.width // vcfg.patch_size) + 1
         # images per vision (and decoder) pass; 0 is the whole batch
         self.vision_chunk = self._default_chunk() if vision_chunk is None else vision_chunk
         pre = loaded.preprocessing
@@ -194,10 +202,8 @@ class FastEngine:
         hidden state (the real checkpoint: 485 tokens x 768 = 372,480, so one image a pass)."""
         if self.loaded.device.type != "cpu":
             return 0
-        vcfg = self.loaded.model.config.vision_config
-        pre = self.loaded.preprocessing
-        tokens = (pre.height // vcfg.patch_size) * (pre.width // vcfg.patch_size) + 1
-        return max(1, CPU_PASS_VALUES // (tokens * vcfg.hidden_size))
+        hidden = self.loaded.model.config.vision_config.hidden_size
+        return max(1, CPU_PASS_VALUES // (self.vision_tokens * hidden))
 
     # ---- stages ---------------------------------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -277,7 +283,7 @@ class FastEngine:
         side = int(output.shape[2] ** 0.5)
         output = output.reshape(output.shape[0], output.shape[1], side, side)
         for step in self._upconv:
-            output = _stride_conv_transpose(step, output) if _is_block_conv_transpose(step) else step(output)
+            output = step(output)
         return output.squeeze(1)
 
     def _text_embeddings(self, prompts: list[str]) -> torch.Tensor:
@@ -336,14 +342,15 @@ class FastEngine:
         first = 0  # the first label of the chunk's first image
         for part in self._chunks(len(counts)):
             chunk = counts[part]
-            if sum(chunk) == 0:
+            size = sum(chunk)
+            if size == 0:
                 out += [none] * len(chunk)
                 continue
             index = torch.repeat_interleave(torch.arange(len(chunk), device=pixels.device),
                                             torch.tensor(chunk, device=pixels.device))
-            logits = self._decoder_fn([a[part] for a in activations], conditional[first:first + sum(chunk)], index)
+            logits = self._decoder_fn([a[part] for a in activations], conditional[first:first + size], index)
             out += list(torch.split(logits.float(), chunk))  # (labels, h, w): _decode keeps the label axis
-            first += sum(chunk)
+            first += size
         return out
 
     @torch.inference_mode()
