@@ -2,6 +2,9 @@
 
 A job canceled meanwhile stops at the next stage boundary (after the fetch, after the decode,
 before each upload): nothing more is uploaded, and masks this run already wrote are deleted.
+A job that another run of it finished meanwhile (a lease that expired under a paused worker, and
+the reconciler's second run) also stops there, but deletes nothing: the keys are deterministic, so
+what this run wrote is what the finished row points at. `_canceled` is the one place that decides.
 
 A plain function over its collaborators (sessions, storage, segmenter), so it is tested without
 a broker. It is idempotent: a redelivered message re-runs a running job to the same object keys
@@ -10,7 +13,6 @@ and the same final row, and does nothing for a finished job.
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +34,7 @@ from shared.followups import Effects
 from shared.images import decode
 from shared.models import Job, Tenant
 from shared.presets import labels_of
-from shared.s3uri import bucket_allowed, parse_s3_uri
+from shared.s3uri import input_refusal, parse_s3_uri
 from shared.storage import ObjectStorage, job_object_keys, mask_key, output_key
 from worker.engine.embed import VisualPrompt
 from worker.engine.fast import LabelKey, SegmentRequest
@@ -168,21 +170,22 @@ def label_conditions(labels: list[dict[str, Any]], job: Job, deps: RunnerDeps) -
     return keys
 
 
-def embed_query(query: dict[str, Any], deps: RunnerDeps) -> dict[str, Any]:
+def embed_query(query: dict[str, Any], deps: RunnerDeps, *, image: bytes | None = None) -> dict[str, Any]:
     """A search query's embedding as the API's RPC answer: {"vector", "model"}, or {"error": {code,
-    message}} for an image that can't be fetched or decoded (same rules as a job's image)."""
+    message}} for an image that can't be fetched or decoded (same rules as a job's image). The
+    query is {"text"}, {"image_url"}, or the `image` bytes the API staged."""
     from worker.engine.fast import EmbedQuery
 
     try:
         if "text" in query:
             wanted = EmbedQuery(text=str(query["text"]))
         else:
-            if "image_base64" in query:
-                data = base64.b64decode(query["image_base64"])
+            if image is not None:
+                data = image
             else:
                 data = fetch_image_bytes(str(query["image_url"]), deps.fetch_policy).data
-            image = decode(data, max_pixels=deps.max_pixels, at_least=MODEL_INPUT).image
-            wanted = EmbedQuery(image=np.asarray(image))
+            picture = decode(data, max_pixels=deps.max_pixels, at_least=MODEL_INPUT).image
+            wanted = EmbedQuery(image=np.asarray(picture))
         segmenter = deps.segmenter()
         vector = segmenter.embed(wanted)  # type: ignore[attr-defined]
     except JobFailure as exc:
@@ -251,9 +254,9 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         with stages.time("fetch"):
             data = _fetch(job, deps)
             conditions = label_conditions(labels, job, deps)
-        if not _still_running(deps, job.id):
-            log.info("job canceled during the fetch; stopped before decoding", extra=ctx)
-            return _finish(deps, started, JobStatus.CANCELED)
+        if (stopped := _stopped(deps, job.id)) is not None:
+            log.info("job %s during the fetch; stopped before decoding", _why(stopped), extra=ctx)
+            return _finish(deps, started, stopped)
         outputs = list(job.outputs_requested or ["mask"])
         segmenter = deps.segmenter()  # loads the model on the process's first job
         with stages.time("decode"):
@@ -267,9 +270,9 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             status = jobstate.record_image_size(session, job.id, width=width, height=height)
             jobstate.record_model(session, job.id, model_id=deps.model_id,
                                   revision=getattr(segmenter, "model_revision", None))
-        if status != JobStatus.RUNNING:
-            log.info("job canceled before inference; it takes no batcher slot", extra=ctx)
-            return _finish(deps, started, JobStatus.CANCELED)
+        if (stopped := _outcome(status)) is not None:
+            log.info("job %s before inference; it takes no batcher slot", _why(stopped), extra=ctx)
+            return _finish(deps, started, stopped)
         wanted = Wanted(soft=bool({"soft", "cutout"} & set(outputs)),
                         label_map=bool({"label_map", "overlay"} & set(outputs)))
         embed = set(job.embed or [])
@@ -284,11 +287,12 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         del result
         uploaded: list[str] = []
         for index, (key, data, content_type) in enumerate(encoded.uploads):
-            if not _still_running(deps, job.id):
-                log.info("job canceled before upload %d of %d; nothing more is uploaded", index + 1,
+            if (stopped := _stopped(deps, job.id)) is not None:
+                log.info("job %s before upload %d of %d; nothing more is uploaded", _why(stopped), index + 1,
                          len(encoded.uploads), extra=ctx)
-                deps.storage.delete(uploaded)
-                return _finish(deps, started, JobStatus.CANCELED)
+                if stopped == JobStatus.CANCELED:
+                    deps.storage.delete(uploaded)
+                return _finish(deps, started, stopped)
             with stages.time("upload"):
                 deps.storage.put(key, data, content_type=content_type)
             uploaded.append(key)
@@ -298,9 +302,11 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
                                            embedding_model=deps.model_id if embed else None)
         stages.flush()
         if done is None:
-            log.info("job canceled during inference; its outputs are discarded", extra=ctx)
-            deps.storage.delete(job_object_keys(encoded.results, encoded.output_keys))
-            return _finish(deps, started, JobStatus.CANCELED)
+            stopped = _stopped(deps, job.id) or SUPERSEDED
+            log.info("job %s during inference", _why(stopped), extra=ctx)
+            if stopped == JobStatus.CANCELED:  # its outputs are discarded
+                deps.storage.delete(job_object_keys(encoded.results, encoded.output_keys))
+            return _finish(deps, started, stopped)
         log.info("job succeeded", extra=ctx | {"duration_ms": round((time.monotonic() - started) * 1000)})
         deps.follow_up(Effects.of([done]))
         return _finish(deps, started, JobStatus.SUCCEEDED)
@@ -312,8 +318,8 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         with session_scope(deps.sessions) as session:
             back = jobstate.requeue(session, job.id)
         log.warning("object storage unavailable; job requeued for a retry", extra=ctx | {"error": exc.message[:300]})
-        if back is None:  # canceled meanwhile: nothing to retry
-            return _finish(deps, started, JobStatus.CANCELED)
+        if back is None:  # canceled or finished meanwhile: nothing to retry
+            return _finish(deps, started, _stopped(deps, job.id) or SUPERSEDED)
         raise TransientError(exc.message) from exc
     except JobFailure as exc:
         return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message, started=started)
@@ -332,16 +338,38 @@ def _fetch(job: Job, deps: RunnerDeps) -> bytes:
         bucket, key = parse_s3_uri(uri)
         with deps.sessions() as session:  # checked again: an operator may have closed the bucket since
             tenant = session.get(Tenant, job.tenant_id)
-            allowed = bucket_allowed(bucket, tenant.input_buckets if tenant is not None else None)
-        if not allowed:
-            raise ImageFetchFailed(f"bucket {bucket!r} is no longer open to this tenant's jobs")
+            refusal = input_refusal(bucket, key, tenant_id=job.tenant_id,
+                                    allowed=tenant.input_buckets if tenant is not None else None,
+                                    own_bucket=deps.storage.bucket)
+        if refusal is not None:
+            raise ImageFetchFailed(f"checked again when the job ran: {refusal}")
         return deps.storage.read_input(bucket, key, max_bytes=deps.fetch_policy.max_bytes)
     return fetch_image_bytes(job.input["image_url"], deps.fetch_policy).data
 
 
-def _still_running(deps: RunnerDeps, job_id: str) -> bool:
+# What a run that stops because another run finished (or took back) its job returns: not
+# "canceled", which would tell the caller (and the metrics) that a user stopped it.
+SUPERSEDED = "superseded"
+
+
+def _outcome(status: str | None) -> str | None:
+    """Why a run must stop, from the job's status now: None while it is running, "canceled" when a
+    user (or retention) canceled it, the only case whose uploads are deleted; SUPERSEDED when
+    another run of it finished it, or the reconciler requeued it (that run owns the keys now)."""
+    if status == JobStatus.RUNNING:
+        return None
+    if status == JobStatus.CANCELED or status is None:  # a deleted job is as good as canceled
+        return JobStatus.CANCELED
+    return SUPERSEDED
+
+
+def _why(stopped: str) -> str:
+    return "canceled" if stopped == JobStatus.CANCELED else "finished or taken back by another run"
+
+
+def _stopped(deps: RunnerDeps, job_id: str) -> str | None:
     with deps.sessions() as session:
-        return jobstate.status_of(session, job_id) == JobStatus.RUNNING
+        return _outcome(jobstate.status_of(session, job_id))
 
 
 def _finish(deps: RunnerDeps, started: float, status: str, code: str | None = None) -> str:
@@ -353,7 +381,7 @@ def _fail(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], code: str, message
     with session_scope(deps.sessions) as session:
         failed = jobstate.mark_failed(session, job.id, code=code, message=message, storage=deps.storage)
     if failed is None:
-        return _finish(deps, started, JobStatus.CANCELED)
+        return _finish(deps, started, _stopped(deps, job.id) or SUPERSEDED)
     log.info("job failed: %s", message, extra=ctx | {"code": code})
     deps.follow_up(Effects.of([failed]))
     return _finish(deps, started, JobStatus.FAILED, code)

@@ -199,3 +199,71 @@ def test_the_job_records_the_model_that_ran_it(deps, sessions, storage, tenant):
     job = load(sessions, job_id)
     assert job.model_id == deps.model_id
     assert job.model_revision == deps.segmenter().model_revision and job.model_revision.startswith("sha256:")
+
+
+@pytest.mark.parametrize("first_finishes", ["first_run", "second_run"])
+def test_two_runs_of_one_job_never_delete_what_the_finished_row_points_at(deps, sessions, storage, tenant,
+                                                                          first_finishes):
+    """A worker paused past its lease; the reconciler's second run takes the job over. Whichever run
+    finishes second stops without deleting: the keys are the same, and the succeeded row points at them."""
+    import threading
+
+    job_id = new_upload_job(sessions, storage, tenant)
+    real = deps.segmenter()
+    go = {"first": threading.Event(), "second": threading.Event()}
+    inferring = {"first": threading.Event(), "second": threading.Event()}
+    outcome: dict[str, str] = {}
+
+    class Paused:  # each run waits at its inference until the test lets it go
+        def run(self, request):
+            name = threading.current_thread().name
+            inferring[name].set()
+            assert go[name].wait(30)
+            return real.run(request)
+
+    def run():
+        outcome[threading.current_thread().name] = run_job(job_id, deps=deps)
+
+    paused = Paused()
+    patch = mock.patch.object(deps, "segmenter", lambda: paused)
+    patch.start()
+    try:
+        first = threading.Thread(target=run, name="first")
+        first.start()
+        assert inferring["first"].wait(30)
+        with session_scope(sessions) as session:  # the first worker's lease ran out while it was paused
+            session.get(Job, job_id).lease_expires_at = utcnow() - dt.timedelta(seconds=1)
+        second = threading.Thread(target=run, name="second")
+        second.start()
+        assert inferring["second"].wait(30)
+        threads = {"first": first, "second": second}
+        order = ("first", "second") if first_finishes == "first_run" else ("second", "first")
+        for name in order:
+            go[name].set()
+            threads[name].join(60)
+    finally:
+        for event in go.values():
+            event.set()
+        patch.stop()
+    assert outcome[order[0]] == "succeeded" and outcome[order[1]] == "superseded"
+    job = load(sessions, job_id)
+    assert job.status == "succeeded" and job.attempts == 2
+    for result in job.results:  # every object the row points at is there
+        assert storage.get(result["mask_key"]).startswith(b"\x89PNG")
+
+
+def test_a_run_whose_job_was_requeued_stops_without_deleting(deps, sessions, storage, tenant):
+    """Taken back (queued again) while this run was uploading: the next run owns the keys."""
+    job_id = new_upload_job(sessions, storage, tenant)
+    real_put = deps.storage.put
+
+    def put_then_requeue(key, data, **kwargs):
+        real_put(key, data, **kwargs)
+        with session_scope(sessions) as session:
+            jobstate.requeue(session, job_id)
+
+    with mock.patch.object(deps.storage, "put", side_effect=put_then_requeue) as put:
+        assert run_job(job_id, deps=deps) == "superseded"
+    assert put.call_count == 1
+    assert len(storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/")) == 1  # not deleted
+    assert load(sessions, job_id).status == "queued"
