@@ -16,10 +16,10 @@ from werkzeug.datastructures import MultiDict
 from api.auth import current_tenant
 from api.problems import ApiProblem
 from api.schemas import JobParams
-from api.services import db
+from api.services import db, services
 from shared import presets
 from shared.images import sniff
-from shared.s3uri import bucket_allowed, parse_s3_uri
+from shared.s3uri import input_refusal, parse_s3_uri
 from shared.storage import example_key
 from shared.submit import JobSpec
 
@@ -175,12 +175,16 @@ class LabelResolver:
 
 
 def check_s3_input(uri: str, field: str) -> None:
-    """422 invalid_image_s3_uri unless the operator allowed the URI's bucket for this tenant."""
-    bucket, _ = parse_s3_uri(uri)
-    if not bucket_allowed(bucket, current_tenant().input_buckets):
-        raise ApiProblem(422, "invalid_image_s3_uri", f"Bucket {bucket!r} is not open to your jobs; an operator "
-                         "allows buckets per tenant (clipmask tenant limits --input-bucket).",
-                         errors=[{"field": field, "message": "bucket not allowed"}])
+    """422 invalid_image_s3_uri unless the operator allowed the URI's bucket for this tenant (and, in
+    the deployment's own bucket, the key is one of the tenant's uploads)."""
+    bucket, key = parse_s3_uri(uri)
+    tenant = current_tenant()
+    refusal = input_refusal(bucket, key, tenant_id=tenant.id, allowed=tenant.input_buckets,
+                            own_bucket=services().settings.s3_bucket)
+    if refusal is not None:
+        raise ApiProblem(422, "invalid_image_s3_uri", f"{refusal[0].upper()}{refusal[1:]}; an operator allows "
+                         "buckets per tenant (clipmask tenant limits --input-bucket).",
+                         errors=[{"field": field, "message": refusal}])
 
 
 class ImagePrompts:

@@ -20,7 +20,19 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def bucket_allowed(bucket: str, allowed: list[str] | None) -> bool:
-    """Only buckets the operator named for the tenant (clipmask tenant limits --input-bucket);
-    none by default, the deployment's own bucket included."""
-    return bucket in (allowed or [])
+def input_refusal(bucket: str, key: str, *, tenant_id: str, allowed: list[str] | None,
+                  own_bucket: str) -> str | None:
+    """Why a tenant may not read s3://bucket/key, or None when it may.
+
+    Only buckets the operator named for the tenant (clipmask tenant limits --input-bucket); none by
+    default. The deployment's own bucket holds every tenant's uploads, masks and examples: even when
+    an operator names it, a tenant reads only its own uploads there (`uploads/<tenant id>/...`), and
+    no key with `.` or `..` segments (a server that normalises paths must not walk out of them)."""
+    if bucket not in (allowed or []):
+        return f"bucket {bucket!r} is not open to this tenant's jobs"
+    if bucket == own_bucket:
+        prefix = f"uploads/{tenant_id}/"
+        if not key.startswith(prefix) or {".", ".."} & set(key.split("/")):
+            return (f"in the deployment's own bucket {bucket!r} only this tenant's uploads "
+                    f"({prefix}...) may be read")
+    return None

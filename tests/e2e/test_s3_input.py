@@ -55,6 +55,31 @@ def test_the_deployments_own_bucket_is_not_readable_unless_allowed(client, setti
     assert resp.status_code == 422 and resp.get_json()["code"] == "invalid_image_s3_uri"
 
 
+def test_the_deployments_own_bucket_allowed_reads_only_the_tenants_own_uploads(client, settings, make_tenant):
+    """An operator who opens the deployment's bucket opens a tenant's own uploads, never another
+    tenant's uploads, masks or examples, nor a path that walks out of the tenant's prefix."""
+    import base64
+
+    victim, tenant = make_tenant(), make_tenant()
+    theirs = wait_for_job(client, victim, create(client, victim, image_base64=base64.b64encode(
+        make_image(30, 20)).decode()).get_json()["id"])
+    mine = create(client, tenant, image_base64=base64.b64encode(make_image(40, 24)).decode()).get_json()["id"]
+    allow(settings, tenant, settings.s3_bucket)
+    bucket = f"s3://{settings.s3_bucket}"
+    for key in (f"uploads/{victim.tenant_id}/{theirs['id']}",
+                f"masks/{victim.tenant_id}/{theirs['id']}/0.png",
+                f"uploads/{tenant.tenant_id}/../{victim.tenant_id}/{theirs['id']}",
+                f"uploads/{tenant.tenant_id}/./x", f"uploads/{tenant.tenant_id}"):
+        resp = create(client, tenant, image_s3_uri=f"{bucket}/{key}")
+        assert resp.status_code == 422, key
+        problem = resp.get_json()
+        assert problem["code"] == "invalid_image_s3_uri" and "only this tenant's uploads" in problem["detail"]
+    resp = create(client, tenant, image_s3_uri=f"{bucket}/uploads/{tenant.tenant_id}/{mine}")
+    assert resp.status_code == 202
+    job = wait_for_job(client, tenant, resp.get_json()["id"])
+    assert job["status"] == "succeeded" and job["image"] == {"width": 40, "height": 24}
+
+
 def test_a_missing_object_fails_the_job_with_image_fetch_failed(client, settings, make_tenant, catalog_bucket):
     tenant = make_tenant()
     allow(settings, tenant, catalog_bucket)
@@ -81,7 +106,7 @@ def test_a_bucket_closed_after_acceptance_fails_the_job(settings, storage, make_
     deps = build_deps(settings, make_celery(settings))
     assert run_job(job_id, deps=deps) == "failed"
     job = idle.get(f"/v1/jobs/{job_id}", headers=tenant.headers).get_json()
-    assert job["error"]["code"] == "image_fetch_failed" and "no longer open" in job["error"]["message"]
+    assert job["error"]["code"] == "image_fetch_failed" and "is not open" in job["error"]["message"]
 
 
 @pytest.mark.parametrize("uri", ["https://x.test/a.jpg", "s3://Bad_Bucket/a.jpg", "s3://ok-bucket/", "s3://ab/k",
