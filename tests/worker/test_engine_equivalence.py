@@ -241,3 +241,19 @@ def test_the_decoder_matches_transformers_with_either_transposed_convolution(tin
         conditional = fast._label_embeddings([(p,) for group in groups for p in group])
         want = model.model.decoder([a.index_select(0, index) for a in activations], conditional).logits
     assert torch.allclose(torch.cat(got), want.reshape(4, *pixels.shape[-2:]), atol=1e-5)
+
+
+def test_prompts_past_the_text_models_positions_are_truncated_as_clip_does(engines, loaded):
+    """A prompt longer than CLIP's 77 tokens runs (it used to fail its job and its whole dynamic batch):
+    it is cut to the first 77 tokens, so anything after that changes nothing, in both engines."""
+    fast, stock = engines
+    limit = loaded.model.config.text_config.max_position_embeddings
+    long = "a long sleeved striped cotton shirt with buttons " * 4
+    assert len(loaded.tokenizer(long)["input_ids"]) > limit  # (untruncated)
+    image = picture(120, 80, seed=3)
+    pixels = loaded.processor(images=[image], return_tensors="pt")["pixel_values"]
+    a = fast.logits_from_pixels(pixels, [[long, "shirt"]])
+    b = fast.logits_from_pixels(pixels, [[long + " and a collar", "shirt"]])
+    assert torch.allclose(a[0], b[0], atol=1e-5), (a[0] - b[0]).abs().max()
+    reference = stock.stock_logits(image, [long, "shirt"])
+    assert torch.allclose(probs(a[0]), probs(reference), atol=PIXEL_TOL)

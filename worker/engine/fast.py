@@ -288,7 +288,7 @@ class FastEngine:
 
     def _text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         lm = self.loaded
-        tokens = lm.tokenizer(prompts, padding=True, return_tensors="pt")
+        tokens = lm.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")  # as CLIP: 77 tokens
         return lm.model.get_conditional_embeddings(
             batch_size=len(prompts),
             input_ids=tokens["input_ids"].to(lm.device),

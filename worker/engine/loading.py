@@ -127,6 +127,9 @@ def load_clipseg(source: str, *, device: str = "auto", dtype: str = "bf16", cpu_
         model = CLIPSegForImageSegmentation.from_pretrained(source, **kwargs)
     model = model.to(dev).eval()  # type: ignore[arg-type]  # (transformers types .to() for dtypes only)
     processor = load_processor(source)
+    # Prompts past the text model's positions (77 for CLIP) are truncated there, as CLIP's own
+    # tokenize(truncate=True) does: the tokenizer's limit is the model's, whatever its files say.
+    processor.tokenizer.model_max_length = model.config.text_config.max_position_embeddings
     where = "directory" if Path(source).is_dir() else "hub"
     log.info("loaded CLIPSeg from %s %s on %s (%s)", where, source, dev, torch_dtype)
     return LoadedModel(model, processor, processor.tokenizer, read_preprocessing(processor.image_processor),

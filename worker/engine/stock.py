@@ -26,7 +26,8 @@ class StockEngine:
     def stock_logits(self, image: Image.Image, prompts: list[str]) -> torch.Tensor:
         """(P, h, w) float32 logits exactly as `model(**processor(...))` gives them."""
         lm = self.loaded
-        inputs = lm.processor(text=prompts, images=[image] * len(prompts), padding=True, return_tensors="pt")
+        inputs = lm.processor(text=prompts, images=[image] * len(prompts), padding=True,
+                              truncation=True, return_tensors="pt")
         inputs = {name: value.to(lm.device) for name, value in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(lm.dtype)
         logits = lm.model(**inputs).logits
@@ -53,7 +54,7 @@ class StockEngine:
         row = {phrase: index for index, phrase in enumerate(phrases)}
         embeddings = None
         if phrases:
-            tokens = lm.processor(text=phrases, padding=True, return_tensors="pt")
+            tokens = lm.processor(text=phrases, padding=True, truncation=True, return_tensors="pt")
             embeddings = lm.model.get_conditional_embeddings(
                 batch_size=len(phrases), input_ids=tokens["input_ids"].to(lm.device),
                 attention_mask=tokens["attention_mask"].to(lm.device))
@@ -90,7 +91,7 @@ class StockEngine:
     @torch.inference_mode()
     def text_embeddings(self, texts: list[str]) -> np.ndarray:
         lm = self.loaded
-        tokens = lm.processor(text=texts, padding=True, return_tensors="pt")
+        tokens = lm.processor(text=texts, padding=True, truncation=True, return_tensors="pt")
         return unit(features(lm.model.clip.get_text_features(
             input_ids=tokens["input_ids"].to(lm.device), attention_mask=tokens["attention_mask"].to(lm.device))))
 
