@@ -44,20 +44,21 @@ def _query_vector(parsed: SearchRequest) -> tuple[list[float], str]:
                              "with embed: [\"image\"] or [\"masks\"] to search by them.",
                              errors=[{"field": "job_id", "message": "no embedding"}])
         return [float(x) for x in row.embedding], row.model
+    image = None  # base64 (or a data: URI) decoded as POST /v1/jobs decodes it; the worker gets bytes
     if parsed.text is not None:
         query = {"text": parsed.text}
     elif parsed.image_url is not None:
         query = {"image_url": parsed.image_url}
     else:
         assert parsed.image_base64 is not None
-        data = decode_base64_image(parsed.image_base64)
-        check_image_bytes(data, "image_base64")
-        query = {"image_base64": parsed.image_base64}
+        image = decode_base64_image(parsed.image_base64)
+        check_image_bytes(image, "image_base64")
+        query = {}
     svc = services()
     timeout = svc.settings.search_timeout_s
     try:
         return search.request_embedding(svc.settings, svc.celery, _client(svc.settings.redis_url, timeout), query,
-                                        timeout_s=timeout)
+                                        timeout_s=timeout, image=image)
     except search.EmbeddingUnavailable as exc:
         log.warning("search query not embedded: %s", exc.message, extra={"tenant_id": tenant.id})
         raise ApiProblem(503, "search_unavailable", f"No worker embedded the query in time ({exc.message}); "
@@ -97,7 +98,7 @@ def search_embeddings() -> Response:
                          ef_search=services().settings.search_ef_search)
     tenant_id = current_tenant().id
     hits = search.search(db(), tenant_id, query)
-    keys = search.mask_keys(db(), hits)
+    keys = search.mask_keys(db(), tenant_id, hits)
     storage = services().storage
     data = []
     for hit in hits:

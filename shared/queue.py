@@ -163,6 +163,9 @@ def enqueue_next(app: Celery, *, task: str, args: list[Any], queue: str) -> None
         channel.client.rpush(queue, _task_message(task, args, queue, origin=origin, reply_to=app.thread_oid))
 
 
+ARGSREPR_MAX = 1024  # as Celery's own argsrepr_maxsize: a repr for Flower and logs, not a second copy
+
+
 def _task_message(task: str, args: list[Any], queue: str, *, origin: str, reply_to: str) -> str:
     """A Celery protocol-2 message, as kombu's Redis transport stores it."""
     task_id = str(uuid.uuid4())
@@ -173,7 +176,7 @@ def _task_message(task: str, args: list[Any], queue: str, *, origin: str, reply_
         "headers": {
             "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None, "expires": None,
             "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
-            "parent_id": None, "argsrepr": repr(args), "kwargsrepr": "{}", "origin": origin,
+            "parent_id": None, "argsrepr": repr(args)[:ARGSREPR_MAX], "kwargsrepr": "{}", "origin": origin,
             "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
         },
         "properties": {

@@ -137,13 +137,14 @@ def stored_vector(session: Session, tenant_id: str, job_id: str, result_index: i
     return found.order_by(Embedding.id.desc()).first()
 
 
-def mask_keys(session: Session, hits: list[Hit]) -> dict[tuple[str, int], str | None]:
-    """(job id, result index) -> the result's stored mask key, for the hits that are results."""
+def mask_keys(session: Session, tenant_id: str, hits: list[Hit]) -> dict[tuple[str, int], str | None]:
+    """(job id, result index) -> the result's stored mask key, for the tenant's hits that are results
+    (the tenant is a filter here too, not only in the search that found the hits)."""
     ids = {h.job_id for h in hits if h.result_index is not None}
     if not ids:
         return {}
     out: dict[tuple[str, int], str | None] = {}
-    for job_id, results in session.query(Job.id, Job.results).filter(Job.id.in_(ids)):
+    for job_id, results in session.query(Job.id, Job.results).filter(Job.id.in_(ids), Job.tenant_id == tenant_id):
         for index, result in enumerate(results or []):
             out[(job_id, index)] = result.get("mask_key")
     return out
@@ -156,12 +157,21 @@ def reply_key(settings: Settings) -> str:
 
 
 def request_embedding(settings: Settings, celery: Celery, client: redis.Redis, query: dict[str, Any],
-                      *, timeout_s: float) -> tuple[list[float], str]:
-    """(vector, model id) for {"text"} / {"image_url"} / {"image_base64"} from a worker; raises
-    EmbeddingUnavailable when none answers within `timeout_s`, QueryRefused for a bad image."""
+                      *, timeout_s: float, image: bytes | None = None) -> tuple[list[float], str]:
+    """(vector, model id) for {"text"} / {"image_url"} or the bytes of an `image` from a worker;
+    raises EmbeddingUnavailable when none answers within `timeout_s`, QueryRefused for a bad image.
+
+    An image's bytes (up to 25 MiB) travel once, raw, under a key beside the reply key that expires
+    with the query: the task carries only that key ({"image_key"}), not base64 in its body and again
+    in its repr."""
     key = reply_key(settings)
     deadline = time.time() + timeout_s
+    keys = [key]
     try:
+        if image is not None:
+            keys.append(f"{key}:image")
+            client.set(keys[1], image, ex=max(1, round(timeout_s)) + 60)
+            query = {"image_key": keys[1]}
         # ahead of the queued jobs; the worker drops it once `deadline` has passed
         enqueue_next(celery, task=EMBED_TASK, args=[key, query, deadline], queue=settings.interactive_queue)
         answer = client.blpop([key], timeout=max(1, round(timeout_s)))
@@ -169,7 +179,7 @@ def request_embedding(settings: Settings, celery: Celery, client: redis.Redis, q
         raise EmbeddingUnavailable(f"the queue is not answering: {type(exc).__name__}") from exc
     finally:
         try:
-            client.delete(key)
+            client.delete(*keys)
         except redis.RedisError:
             pass
     if answer is None:

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import Celery, Task
@@ -54,9 +54,15 @@ def register_tasks(app: Celery, get_deps: Callable[[], RunnerDeps], *, settings:
         if time.time() > deadline:
             log.info("search query arrived after its deadline; dropped", extra={"reply_key": reply_key})
             return False
-        answer = embed_query(query, get_deps())
         if not replies:
             replies.append(redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5))
+        image = None
+        if "image_key" in query:  # an uploaded query image, staged in Redis by the API
+            image = cast(bytes | None, replies[0].get(query["image_key"]))
+            if image is None:
+                log.info("search query image expired before it was embedded; dropped", extra={"reply_key": reply_key})
+                return False
+        answer = embed_query(query, get_deps(), image=image)
         answer_embedding(replies[0], reply_key, answer)
         return True
 

@@ -89,6 +89,19 @@ def test_a_job_is_found_first_by_its_own_embedding_and_by_its_image(client, tena
     by_image = search(client, tenant, image_base64=base64.b64encode(images[1]).decode())["data"]
     assert by_image[0]["job_id"] == jobs[1]["id"] and by_image[0]["score"] >= 0.99
     assert by_image[0]["metadata"] == {"n": "1"}
+    # a data: URI, as POST /v1/jobs takes it (it used to reach the worker undecoded: 503)
+    by_uri = search(client, tenant, image_base64="data:image/png;base64," + base64.b64encode(images[1]).decode())
+    assert [h["job_id"] for h in by_uri["data"]] == [h["job_id"] for h in by_image]
+
+
+def test_prompts_longer_than_clips_77_tokens_are_truncated_not_failed(client, tenant, image_server):
+    """200 characters pass the field's rule and can run past CLIP's 77 tokens: the job succeeds (it
+    used to fail as `internal`) and a text search answers 200 (it used to be 503 with Retry-After)."""
+    long = ("a long sleeved striped cotton shirt with buttons and a collar " * 4)[:200].strip()
+    job = run(client, tenant, image_server, photo(41), prompts=[long, "pants"], embed=["masks"], threshold=0.3)
+    assert [r["prompt"] for r in job["results"]] == [long, "pants"]
+    hits = search(client, tenant, text=long, scope="masks")["data"]  # (search() asserts the 200)
+    assert all(h["job_id"] == job["id"] for h in hits)
 
 
 def test_text_search_is_sorted_and_masks_scope_finds_results(client, tenant, image_server):
