@@ -47,11 +47,12 @@ from api.schemas import (
 from api.services import close_db, db, services
 from api.waiting import preferred_wait, wait_until
 from shared import jobs as jobstate
+from shared.db import session_scope
 from shared.enums import FINISHED_JOB, JobStatus
 from shared.followups import Effects, after_commit
 from shared.models import Job
 from shared.present import job_object
-from shared.submit import JobSpec
+from shared.submit import Accepted, JobSpec, Submitter
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +140,10 @@ def create_job() -> Response:
         raise ApiProblem(415, "unsupported_media_type",
                          "Send application/json or multipart/form-data (file part 'image').")
     wait = preferred_wait(request.headers)
-    accepted = services().submitter.submit_job(db(), tenant=current_tenant(), spec=job,
-                                               idempotency=idempotency("jobs.create", request_hash))
+    key = idempotency("jobs.create", request_hash)
+    accepted = services().submitter.submit_job(db(), tenant=current_tenant(), spec=job, idempotency=key)
     if accepted.replayed:  # the first answer as it was given; a replay does not wait
-        return respond(accepted)
+        return _replay(accepted)
     JOBS_CREATED.labels(source).inc()
     log.info("job accepted", extra={"job_id": accepted.id, "tenant_id": current_tenant().id})
     if wait is None:
@@ -153,7 +154,25 @@ def create_job() -> Response:
     resp = _job_response(job_row)
     resp.status_code = 201 if final else 202
     resp.headers.update(accepted.headers)
+    if final and key is not None:  # a replay answers 201 with the final job too, not the 202 stored first
+        with session_scope(services().sessions) as session:
+            Submitter.record_answer(session, tenant_id=current_tenant().id, idempotency=key, status_code=201,
+                                    body=resp.get_json())
     return _applied(resp, wait)
+
+
+def _replay(accepted: Accepted) -> Response:
+    """A key's first answer again. A 201 held the final job: it is shown as it stands (the same
+    job, final, with presigned URLs that have not expired since), or as answered if it was deleted."""
+    if accepted.status_code == 201:
+        job = jobstate.get_job(db(), accepted.id, tenant_id=current_tenant().id)
+        if job is not None:
+            resp = _job_response(job)
+            resp.status_code = 201
+            resp.headers.update(accepted.headers)
+            resp.headers["Idempotent-Replayed"] = "true"
+            return resp
+    return respond(accepted)
 
 
 def _job_or_404(job_id: str) -> Job:

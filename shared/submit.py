@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -242,6 +242,15 @@ class Submitter:
             self._withdraw(session, tenant, idempotency, staged, exc)
             raise QueueUnavailable() from exc
         return Accepted(202, staged.body, headers)
+
+    @staticmethod
+    def record_answer(session: Session, *, tenant_id: str, idempotency: Idempotency, status_code: int,
+                      body: dict[str, Any]) -> None:
+        """The answer finally given when it is not the 202 stored at creation (a create that waited
+        and answers 201 with the final job), so that the key's replays answer the same."""
+        session.execute(update(IdempotencyKey).where(
+            IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == idempotency.key,
+            IdempotencyKey.route == idempotency.route).values(status_code=status_code, response_body=body))
 
     def _replay(self, session: Session, tenant: Tenant, idempotency: Idempotency) -> Accepted | None:
         """The first answer given to this key, if it is still live; an expired record is deleted."""

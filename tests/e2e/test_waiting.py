@@ -51,6 +51,31 @@ def test_post_waits_and_answers_201_with_the_final_job(client, tenant, image_ser
     assert resp.headers["Location"] == f"/v1/jobs/{job['id']}"
 
 
+@pytest.mark.usefixtures("worker")
+def test_a_replay_of_a_waited_create_answers_what_was_answered(client, tenant, image_server):
+    """201 with the final job first: the key's replay is 201 with the same final job, not the 202
+    queued job stored when it was created."""
+    url = image_server.add(f"/wait-{uuid.uuid4().hex[:6]}.jpg", make_image(64, 48))
+    headers = {**tenant.headers, "Prefer": "wait=30", "Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+    body = {"image_url": url, "prompts": ["shirt"]}
+    first = client.post("/v1/jobs", json=body, headers=headers)
+    assert first.status_code == 201, first.get_json()
+    replay = client.post("/v1/jobs", json=body, headers=headers)
+    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.headers["Location"] == first.headers["Location"]
+    again, answered = replay.get_json(), first.get_json()
+    assert again["id"] == answered["id"] and again["status"] == "succeeded"
+    assert [r["bbox"] for r in again["results"]] == [r["bbox"] for r in answered["results"]]
+
+
+def test_a_replay_of_a_create_that_timed_out_waiting_is_202(idle_client, tenant):
+    headers = {**tenant.headers, "Prefer": "wait=1", "Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+    body = {"image_url": "https://example.com/a.jpg", "prompts": ["shirt"]}
+    first = idle_client.post("/v1/jobs", json=body, headers=headers)
+    replay = idle_client.post("/v1/jobs", json=body, headers=headers)
+    assert first.status_code == replay.status_code == 202 and replay.get_json()["id"] == first.get_json()["id"]
+
+
 def test_post_answers_202_when_the_job_is_not_done_within_the_wait(idle_client, tenant):
     start = time.monotonic()
     resp = idle_client.post("/v1/jobs", json={"image_url": "https://example.com/a.jpg", "prompts": ["shirt"]},
