@@ -148,7 +148,10 @@ def create_job() -> Response:
     log.info("job accepted", extra={"job_id": accepted.id, "tenant_id": current_tenant().id})
     if wait is None:
         return respond(accepted)
-    final, job_row = _wait_for(accepted.id, wait)
+    with services().finished.admit(current_tenant().id) as admitted:
+        if not admitted:  # over the waiters' cap: answered at once, as without Prefer
+            return respond(accepted)
+        final, job_row = _wait_for(accepted.id, wait)
     if job_row is None:  # deleted meanwhile: the answer given at creation
         return _applied(respond(accepted), wait)
     resp = _job_response(job_row)
@@ -226,7 +229,10 @@ def get_job(job_id: str) -> Response:
     if wait is None:
         return _job_response(job)
     if job.status not in FINISHED_JOB:
-        _, waited = _wait_for(job_id, wait)
+        with services().finished.admit(current_tenant().id) as admitted:
+            if not admitted:  # over the waiters' cap: answered at once, as without Prefer
+                return _job_response(job)
+            _, waited = _wait_for(job_id, wait)
         job = waited or job
     return _applied(_job_response(job), wait)
 

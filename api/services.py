@@ -38,7 +38,9 @@ class Services:
         submitter = Submitter(policy=SubmitPolicy.from_settings(settings), storage=storage, celery=celery)
         limiter = RateLimiter(settings)
         return cls(settings, engine, make_session_factory(engine), storage, celery, limiter, submitter,
-                   FinishedJobs(settings.database_url), KeyCache(settings, limiter.client))
+                   FinishedJobs(settings.database_url, max_waiters=settings.wait_max_per_process,
+                                max_per_tenant=settings.wait_max_per_tenant),
+                   KeyCache(settings, limiter.client))
 
 
 def services() -> Services:

@@ -7,6 +7,12 @@ for that id. A waiting request holds no database connection and no CPU: it sleep
 threading.Event in one of gunicorn's gthread threads (api/gunicorn_conf.py), and reads the job
 again only when woken: by its notification, by the listener (re)connecting (anything sent while
 it was not listening), or by its deadline.
+
+Waiters are capped per API process and per tenant within it (settings `wait_max_per_process`,
+`wait_max_per_tenant`): a sleeping waiter still holds one of the process's threads, so without a
+cap one tenant's hundreds of waits would take them all, and health checks and other tenants would
+queue behind. Past a cap the request is answered at once, as without `Prefer` (RFC 7240 lets a
+server ignore a preference), never refused.
 """
 
 from __future__ import annotations
@@ -50,10 +56,12 @@ def preferred_wait(headers: Headers) -> int | None:
 class FinishedJobs:
     """The process's one LISTEN connection and the requests waiting on it, by job id."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, max_waiters: int = 64, max_per_tenant: int = 32) -> None:
         self._dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
         self._lock = threading.Lock()
         self._waiters: dict[str, set[threading.Event]] = {}
+        self.max_waiters, self.max_per_tenant = max_waiters, max_per_tenant
+        self._admitted: dict[str, int] = {}  # tenant id -> requests waiting now, in this process
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
         self.listening = threading.Event()
@@ -83,6 +91,32 @@ class FinishedJobs:
                     waiting.discard(event)
                     if not waiting:
                         del self._waiters[job_id]
+
+    @contextmanager
+    def admit(self, tenant_id: str) -> Iterator[bool]:
+        """Whether this request may wait (a slot under both caps, held until the block ends)."""
+        with self._lock:
+            ok = (sum(self._admitted.values()) < self.max_waiters
+                  and self._admitted.get(tenant_id, 0) < self.max_per_tenant)
+            if ok:
+                self._admitted[tenant_id] = self._admitted.get(tenant_id, 0) + 1
+        if not ok:
+            log.info("wait not granted: %d requests wait in this process (cap %d, %d per tenant)",
+                     self.admitted(), self.max_waiters, self.max_per_tenant, extra={"tenant_id": tenant_id})
+        try:
+            yield ok
+        finally:
+            if ok:
+                with self._lock:
+                    left = self._admitted[tenant_id] - 1
+                    if left:
+                        self._admitted[tenant_id] = left
+                    else:
+                        del self._admitted[tenant_id]
+
+    def admitted(self) -> int:
+        with self._lock:
+            return sum(self._admitted.values())
 
     def waiting(self) -> int:
         with self._lock:

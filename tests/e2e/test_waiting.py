@@ -159,3 +159,50 @@ def test_waiters_hold_no_database_connection(settings, storage, tenant):
     for t in threads:
         t.join(timeout=30)
     assert statuses == [200] * 30
+
+
+def test_waiters_are_capped_per_tenant_and_per_process(settings, storage, make_tenant):
+    """Past a cap a request is answered at once, as without Prefer (no Preference-Applied), never
+    refused: one tenant's waiters can't take every thread from other tenants and health checks."""
+    app = create_app(private_queues(settings, f"idle-{uuid.uuid4().hex[:6]}", wait_max_per_process=3,
+                                    wait_max_per_tenant=2))
+    client = app.test_client()
+    greedy, other, third = make_tenant(), make_tenant(), make_tenant()
+    greedy_jobs = [queued_job(client, greedy) for _ in range(3)]
+    other_job, third_job = queued_job(client, other), queued_job(client, third)
+    finished = app.extensions["clipmask"].finished
+    answers: list[tuple[int, str | None]] = []
+
+    def wait(tenant, job_id: str) -> None:
+        resp = client.get(f"/v1/jobs/{job_id}", headers={**tenant.headers, "Prefer": "wait=6"})
+        answers.append((resp.status_code, resp.headers.get("Preference-Applied")))
+
+    def held(count: int) -> None:
+        deadline = time.monotonic() + 3
+        while finished.admitted() < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert finished.admitted() == count
+
+    threads = [threading.Thread(target=wait, args=(greedy, job_id)) for job_id in greedy_jobs[:2]]
+    for t in threads:
+        t.start()
+    held(2)
+    start = time.monotonic()  # the greedy tenant's third wait: over its cap, answered at once
+    resp = client.get(f"/v1/jobs/{greedy_jobs[2]}", headers={**greedy.headers, "Prefer": "wait=6"})
+    assert resp.status_code == 200 and "Preference-Applied" not in resp.headers
+    assert time.monotonic() - start < 1
+    created = client.post("/v1/jobs", json={"image_url": "https://example.com/a.jpg", "prompts": ["shirt"]},
+                          headers={**greedy.headers, "Prefer": "wait=6"})  # a waited create too
+    assert created.status_code == 202 and "Preference-Applied" not in created.headers
+    threads.append(threading.Thread(target=wait, args=(other, other_job)))  # another tenant still waits
+    threads[-1].start()
+    held(3)
+    resp = client.get(f"/v1/jobs/{third_job}", headers={**third.headers, "Prefer": "wait=6"})
+    assert resp.status_code == 200 and "Preference-Applied" not in resp.headers  # the process is full
+    assert client.get("/healthz").status_code == 200
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(answers) == [(200, "wait=6")] * 3
+    assert finished.admitted() == 0
+    resp = client.get(f"/v1/jobs/{third_job}", headers={**third.headers, "Prefer": "wait=1"})
+    assert resp.headers["Preference-Applied"] == "wait=1"  # slots come back
