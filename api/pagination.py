@@ -20,22 +20,42 @@ MAX_LIMIT = 100
 DEFAULT_LIMIT = 20
 
 
-def encode_cursor(row: Any) -> str:
-    """An opaque cursor after `row`."""
-    raw = json.dumps([row.created_at.isoformat(), row.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def opaque_cursor(position: list[Any]) -> str:
+    """An opaque cursor holding a list's sort key after its last row."""
+    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+def read_cursor(cursor: str, parse: Callable[[list[Any]], Any]) -> Any:
+    """`parse` of the position an opaque cursor holds; 400 invalid_cursor for anything this API did not
+    return (parse raises ValueError or TypeError for a position it does not take)."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, last_id = json.loads(raw)
-        if not (isinstance(last_id, str) and text_ok(last_id)):
-            raise ValueError("not an id")
-        return dt.datetime.fromisoformat(created), last_id
+        position = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(position, list):
+            raise ValueError("not a position")
+        return parse(position)
     except (ValueError, TypeError, binascii.Error) as exc:
         raise ApiProblem(400, "invalid_cursor", "The cursor is not one this API returned.",
                          errors=[{"field": "cursor", "message": "invalid"}]) from exc
+
+
+def stored_id(value: Any) -> str:
+    if not (isinstance(value, str) and text_ok(value)):
+        raise ValueError("not an id")
+    return value
+
+
+def encode_cursor(row: Any) -> str:
+    """An opaque cursor after `row`."""
+    return opaque_cursor([row.created_at.isoformat(), row.id])
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    def parse(position: list[Any]) -> tuple[dt.datetime, str]:
+        created, last_id = position
+        return dt.datetime.fromisoformat(created), stored_id(last_id)
+
+    result: tuple[dt.datetime, str] = read_cursor(cursor, parse)
+    return result
 
 
 def parse_limit() -> int:

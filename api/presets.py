@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
 from api.auth import current_tenant, require_tenant
 from api.openapi import Answers, spec
+from api.pagination import opaque_cursor, parse_limit, read_cursor, stored_id
 from api.parsing import json_body, refuse_unstorable_ids
 from api.problems import ApiProblem
-from api.schemas import PRESET_FIELD_CODES, PresetCreate, PresetList, PresetObject, validation_problem
-from api.services import db
+from api.schemas import PRESET_FIELD_CODES, PageQuery, PresetCreate, PresetList, PresetObject, validation_problem
+from api.services import db, services
 from shared import presets
 
 log = logging.getLogger(__name__)
@@ -22,13 +24,28 @@ bp.before_request(require_tenant)
 bp.before_request(refuse_unstorable_ids)
 
 
+def _after(position: list[Any]) -> tuple[bool, str]:
+    builtin, last_id = position
+    if not isinstance(builtin, bool):
+        raise ValueError("not a position")
+    return builtin, stored_id(last_id)
+
+
 @bp.get("")
-@spec.validate(resp=Answers(200, PresetList, "Built-ins first, then yours by id."), operation_id="listPresets",
-               tags=["presets"], skip_validation=True)
+@spec.validate(query=PageQuery, resp=Answers(200, PresetList, "Built-ins first, then yours by id.", 400, 422),
+               operation_id="listPresets", tags=["presets"], skip_validation=True)
 def list_presets() -> Response:
-    """List presets"""
-    found = presets.list_all(db(), current_tenant().id)
-    return jsonify({"object": "list", "data": [p.as_object() for p in found]})
+    """List presets
+
+    Built-ins first, then yours by id, `limit` (1 to 100, default 20) a page; `next_cursor` gives
+    the next page, null on the last.
+    """
+    limit = parse_limit()
+    cursor = request.args.get("cursor")
+    after = read_cursor(cursor, _after) if cursor else None
+    found, more = presets.list_page(db(), current_tenant().id, after=after, limit=limit)
+    next_cursor = opaque_cursor([found[-1].builtin, found[-1].id]) if more else None
+    return jsonify({"object": "list", "data": [p.as_object() for p in found], "next_cursor": next_cursor})
 
 
 @bp.get("/<preset_id>")
@@ -49,7 +66,9 @@ def create_preset() -> Response:
     """Create a preset of your own
 
     1 to 32 labels, 1 to 8 phrasings each; the label's mask comes from the mean of its phrasings'
-    text embeddings. A built-in id or one you already have: 409 preset_exists.
+    text embeddings. A built-in id or one you already have: 409 preset_exists; a tenant with
+    `max_presets_per_tenant` presets (100 unless the operator says otherwise): 409
+    preset_limit_reached.
     """
     body = json_body(PRESET_FIELD_CODES)
     try:
@@ -57,7 +76,8 @@ def create_preset() -> Response:
     except ValidationError as exc:
         raise validation_problem(exc, PRESET_FIELD_CODES) from exc
     labels = [{"name": label.name, "prompts": label.prompts} for label in parsed.labels]
-    created = presets.create(db(), current_tenant().id, parsed.id, labels)
+    created = presets.create(db(), current_tenant().id, parsed.id, labels,
+                             cap=services().settings.max_presets_per_tenant)
     log.info("preset created", extra={"tenant_id": current_tenant().id, "preset": parsed.id})
     resp = jsonify(created.as_object())
     resp.status_code = 201

@@ -609,6 +609,7 @@ class PresetList(BaseModel):
 
     object: Literal["list"]
     data: list[PresetObject]
+    next_cursor: str | None
 
 
 PRESET_FIELD_CODES = {"id": "invalid_preset_id", "labels": "invalid_labels"}

@@ -299,8 +299,15 @@ class Clipmask:
 
     # ---- presets -----------------------------------------------------------------------------
     def list_presets(self) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = self._request("GET", "/v1/presets")["data"]
-        return data
+        """Every preset (built-ins, then yours), following the pages."""
+        data: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 100}
+        while True:
+            body = self._request("GET", "/v1/presets", params=params)
+            data += body["data"]
+            if not body.get("next_cursor"):
+                return data
+            params["cursor"] = body["next_cursor"]
 
     def create_preset(self, preset_id: str, labels: list[dict[str, Any]]) -> dict[str, Any]:
         """labels: [{"name": "blouse", "prompts": ["a blouse", "a women's top"]}, ...]"""

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -90,6 +90,14 @@ class PresetReadOnly(PresetError):
         super().__init__(f"{preset_id!r} is a built-in preset; built-ins can't be changed or deleted.")
 
 
+class PresetLimitReached(PresetError):
+    code = "preset_limit_reached"
+    status = 409
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"You have {cap} presets, the most a tenant may have; delete one first.")
+
+
 class TooManyLabels(PresetError):
     code = "too_many_labels"
 
@@ -115,16 +123,31 @@ def find(session: Session, tenant_id: str, preset_id: str) -> PresetDef | None:
     return None if row is None else PresetDef(row.id, list(row.labels), False)
 
 
-def list_all(session: Session, tenant_id: str) -> list[PresetDef]:
-    own = session.execute(select(Preset).where(Preset.tenant_id == tenant_id).order_by(Preset.id)).scalars()
-    return [PresetDef(name, labels, True) for name, labels in BUILTIN.items()] + [
-        PresetDef(row.id, list(row.labels), False) for row in own]
+def list_page(session: Session, tenant_id: str, *, after: tuple[bool, str] | None,
+              limit: int) -> tuple[list[PresetDef], bool]:
+    """Built-ins first, then the tenant's own, each by id: up to `limit` after the (builtin, id)
+    position `after`, and whether more follow."""
+    found = [PresetDef(name, BUILTIN[name], True) for name in sorted(BUILTIN)
+             if after is None or (after[0] and name > after[1])]
+    query = select(Preset).where(Preset.tenant_id == tenant_id).order_by(Preset.id).limit(limit + 1)
+    if after is not None and not after[0]:
+        query = query.where(Preset.id > after[1])
+    found += [PresetDef(row.id, list(row.labels), False) for row in session.execute(query).scalars()]
+    return found[:limit], len(found) > limit
 
 
-def create(session: Session, tenant_id: str, preset_id: str, labels: list[dict[str, Any]]) -> PresetDef:
-    """Insert and commit a tenant's preset; PresetExists for a built-in id or one the tenant has."""
+def create(session: Session, tenant_id: str, preset_id: str, labels: list[dict[str, Any]], *,
+           cap: int) -> PresetDef:
+    """Insert and commit a tenant's preset; PresetExists for a built-in id or one the tenant has,
+    PresetLimitReached when it has `cap` already (counted under a per-tenant lock, so two creates
+    at once can't both pass)."""
     if preset_id in BUILTIN:
         raise PresetExists(preset_id)
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtext("clipmask.presets:" + tenant_id))))
+    count = session.execute(select(func.count()).select_from(Preset).where(Preset.tenant_id == tenant_id)).scalar_one()
+    if count >= cap:
+        session.rollback()
+        raise PresetLimitReached(cap)
     session.add(Preset(tenant_id=tenant_id, id=preset_id, labels=labels, created_at=utcnow()))
     try:
         session.commit()

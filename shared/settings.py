@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     # rate_limit_burst (0 turns it off). A tenant row may override both.
     rate_limit_per_s: float = Field(default=50, ge=0)
     rate_limit_burst: int = Field(default=200, ge=1)
+    # A tenant's own presets (POST /v1/presets past it: 409 preset_limit_reached)
+    max_presets_per_tenant: int = Field(default=100, ge=0)
+    # `Prefer: wait` requests one API process holds at once, and one tenant within it; past either
+    # cap a request is answered at once, as without Prefer. Keep the first well under the process's
+    # threads (CLIPMASK_API_THREADS, 128), so health checks and other requests always find one.
+    wait_max_per_process: int = Field(default=64, ge=0)
+    wait_max_per_tenant: int = Field(default=32, ge=0)
     # Jobs a tenant may have waiting (status queued); more are refused with 429 until some ran.
     max_queued_jobs: int = Field(default=200_000, ge=1)
     # How long an API process may answer from its cache of keys and tenants (limits, buckets)

@@ -78,9 +78,15 @@ async function loadPresets() {
   const chosen = select.value;
   if (!apiKey()) return;
   try {
-    const list = await api('GET', '/v1/presets');
+    const found = [];
+    let cursor = null;
+    do {  // every page: built-ins, then the tenant's own
+      const list = await api('GET', `/v1/presets?limit=100${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''}`);
+      found.push(...list.data);
+      cursor = list.next_cursor;
+    } while (cursor);
     select.length = 1;
-    for (const preset of list.data) {
+    for (const preset of found) {
       const opt = document.createElement('option');
       opt.value = preset.id;
       opt.textContent = `${preset.id} (${preset.labels.map((l) => l.name).join(', ')})`;

@@ -150,3 +150,47 @@ def test_job_labels_are_frozen_at_creation(client, tenant, sessions):
             {"name": "jeans", "prompts": ["jeans"], "source": "preset"},
             {"name": "belt", "prompts": ["belt"], "source": "text"},
         ]
+
+
+def test_presets_per_tenant_are_capped_and_listed_in_pages(settings, storage, make_tenant):
+    from api import create_app
+
+    capped = create_app(settings.model_copy(update={"max_presets_per_tenant": 5})).test_client()
+    tenant = make_tenant()
+    ids = sorted(f"p{i}-{uuid.uuid4().hex[:6]}" for i in range(5))
+    for preset_id in ids:
+        assert capped.post("/v1/presets", json={"id": preset_id, "labels": LABELS},
+                           headers=tenant.headers).status_code == 201
+    over = capped.post("/v1/presets", json={"id": new_id(), "labels": LABELS}, headers=tenant.headers)
+    assert over.status_code == 409 and over.get_json()["code"] == "preset_limit_reached"
+    assert "5 presets" in over.get_json()["detail"]
+    # the cap is the tenant's own: another tenant still creates
+    assert capped.post("/v1/presets", json={"id": new_id(), "labels": LABELS},
+                       headers=make_tenant().headers).status_code == 201
+    # pages of 3: built-ins first, then the tenant's by id, every preset once
+    seen, cursor, pages = [], None, 0
+    while True:
+        query = "limit=3" + (f"&cursor={cursor}" if cursor else "")
+        body = capped.get(f"/v1/presets?{query}", headers=tenant.headers).get_json()
+        assert len(body["data"]) <= 3
+        seen += [p["id"] for p in body["data"]]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(BUILTIN) + ids and pages == 3
+    default = capped.get("/v1/presets", headers=tenant.headers).get_json()
+    assert [p["id"] for p in default["data"]] == seen and default["next_cursor"] is None
+    # deleting one makes room again
+    assert capped.delete(f"/v1/presets/{ids[0]}", headers=tenant.headers).status_code == 204
+    assert capped.post("/v1/presets", json={"id": new_id(), "labels": LABELS},
+                       headers=tenant.headers).status_code == 201
+
+
+@pytest.mark.parametrize(("query", "status", "code"), [
+    ("limit=0", 422, "invalid_limit"), ("limit=101", 422, "invalid_limit"), ("cursor=xyz", 400, "invalid_cursor"),
+    ("cursor=WzEsIDJd", 400, "invalid_cursor"), ("cursor=WyJhIiwgMV0", 400, "invalid_cursor"),
+])
+def test_bad_preset_pages_get_their_codes(client, tenant, query, status, code):
+    resp = client.get(f"/v1/presets?{query}", headers=tenant.headers)
+    assert resp.status_code == status and resp.get_json()["code"] == code
