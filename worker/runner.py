@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -39,6 +39,7 @@ from shared.storage import ObjectStorage, job_object_keys, mask_key, output_key
 from worker.engine.embed import VisualPrompt
 from worker.engine.fast import LabelKey, SegmentRequest
 from worker.engine.postprocess import SegmentResult, Wanted
+from worker.examples import ExampleCache
 from worker.leases import LeaseKeeper
 from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, png_gray
 
@@ -88,6 +89,8 @@ class RunnerDeps:
     follow_up: Callable[[Effects], None] = _no_follow_up
     # decode JPEGs at a reduced DCT scale (never below MODEL_INPUT) when no output needs full pixels
     reduced_decode: bool = True
+    # visual-prompt examples by URL, fetched once a while per process (worker/examples.py)
+    examples: ExampleCache = field(default_factory=ExampleCache)
 
 
 @dataclass
@@ -145,9 +148,12 @@ def vector_list(vector: np.ndarray) -> list[float]:
     return [float(f"{x:.7g}") for x in vector.tolist()]
 
 
-def label_conditions(labels: list[dict[str, Any]], job: Job, deps: RunnerDeps) -> list[LabelKey]:
+def label_conditions(labels: list[dict[str, Any]], job: Job, deps: RunnerDeps, *,
+                     size: tuple[int, int] = MODEL_INPUT) -> list[LabelKey]:
     """What each label is conditioned on: its phrasings, or its example image fetched and decoded
-    under the job image's rules (SSRF guard, byte and pixel caps, the same error codes)."""
+    under the job image's rules (SSRF guard, byte and pixel caps, the same error codes), kept at
+    the model's input `size`. An example by URL is fetched once per worker process a short while
+    (deps.examples), not once per job of a batch that shares it."""
     keys: list[LabelKey] = []
     examples = 0
     for label in labels:
@@ -156,13 +162,15 @@ def label_conditions(labels: list[dict[str, Any]], job: Job, deps: RunnerDeps) -
             continue
         where = f"image_prompts[{examples}]"
         examples += 1
+        example = label["example"]
+
+        def load(example: dict[str, Any] = example) -> VisualPrompt:
+            data = (deps.storage.get(example["key"]) if "key" in example
+                    else fetch_image_bytes(example["image_url"], deps.fetch_policy).data)
+            return VisualPrompt.of(decode(data, max_pixels=deps.max_pixels, at_least=size).image, size=size)
+
         try:
-            example = label["example"]
-            if "key" in example:
-                data = deps.storage.get(example["key"])
-            else:
-                data = fetch_image_bytes(example["image_url"], deps.fetch_policy).data
-            keys.append(VisualPrompt.of(decode(data, max_pixels=deps.max_pixels).image))
+            keys.append(load() if "key" in example else deps.examples.get(example["image_url"], load))
         except StorageFailed:
             raise
         except JobFailure as exc:
@@ -251,18 +259,18 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
     stages = _Stages(deps.on_stage)
     try:
         labels = labels_of(job.labels, list(job.prompts))
+        segmenter = deps.segmenter()  # loads the model on the process's first job
+        model_input = getattr(segmenter, "input_size", MODEL_INPUT)
         with stages.time("fetch"):
             data = _fetch(job, deps)
-            conditions = label_conditions(labels, job, deps)
+            conditions = label_conditions(labels, job, deps, size=model_input)
         if (stopped := _stopped(deps, job.id)) is not None:
             log.info("job %s during the fetch; stopped before decoding", _why(stopped), extra=ctx)
             return _finish(deps, started, stopped)
         outputs = list(job.outputs_requested or ["mask"])
-        segmenter = deps.segmenter()  # loads the model on the process's first job
         with stages.time("decode"):
             # masks come from logits and need only the picture's size; cutouts and overlays need its pixels
             full_pixels = bool({"cutout", "overlay"} & set(outputs)) or not deps.reduced_decode
-            model_input = getattr(segmenter, "input_size", MODEL_INPUT)
             decoded = decode(data, max_pixels=deps.max_pixels, at_least=None if full_pixels else model_input)
         del data
         image, (width, height) = decoded.image, decoded.size

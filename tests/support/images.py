@@ -31,10 +31,12 @@ class ImageServer:
 
     def __init__(self) -> None:
         self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        self.hits: dict[str, int] = {}  # path -> GETs served
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                server.hits[self.path] = server.hits.get(self.path, 0) + 1
                 status, headers, body = server.routes.get(self.path, (404, {}, b"not found"))
                 self.send_response(status)
                 for name, value in headers.items():

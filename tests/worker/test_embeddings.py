@@ -12,6 +12,7 @@ from PIL import Image
 from tests.support.engine import DEVICES, IMAGE_MAX_TOL, IMAGE_MEAN_TOL, PIXEL_TOL, picture
 from worker.engine import EmbedQuery, FastEngine, SegmentRequest, StockEngine, VisualPrompt, load_clipseg
 from worker.engine.embed import masked_crop, neutral_grey
+from worker.engine.fast import TextEmbeddingCache, cache_key
 
 pytestmark = pytest.mark.unit
 
@@ -42,7 +43,7 @@ def test_visual_prompt_matches_the_stock_conditional_pixel_values_call(engines, 
         conditional = loaded.model.get_conditional_embeddings(batch_size=2, conditional_pixel_values=cond)
         keys = [VisualPrompt.of(e) for e in examples]
         for key, emb in zip(keys, conditional, strict=True):
-            fast.text_cache._items[key] = emb
+            fast.text_cache._items[cache_key(key)] = emb
         got = fast.logits_from_pixels(pixels, [keys])[0]
     assert (torch.sigmoid(got) - torch.sigmoid(want)).abs().max().item() < PIXEL_TOL
     # end to end from the pictures: the engine resizes image and examples itself
@@ -62,6 +63,40 @@ def test_visual_prompts_are_cached_by_content(engines):
                              phrasings=[VisualPrompt.of(example), VisualPrompt.of(example.copy())])
     fast.segment_batch([request, request])
     assert fast.text_cache.misses - misses == 1  # two labels, two jobs, one distinct example
+
+
+def test_the_label_cache_keeps_digests_not_pixels_and_is_bounded_by_bytes():
+    """4,096 entries keyed by examples of up to 50 MP could hold gigabytes: the cache keys an example
+    by its digest, and evicts past its byte bound as well as its entry count."""
+    entry = 512 * 4 + len("image:") + 64  # a float32 embedding and its key
+    cache = TextEmbeddingCache(4096, max_bytes=3 * entry)
+    examples = [VisualPrompt.of(np.full((1000, 1000, 3), i, dtype=np.uint8)) for i in range(5)]
+    computed: list[int] = []
+
+    def compute(labels):
+        computed.append(len(labels))
+        return torch.randn(len(labels), 512)
+
+    rows = cache.get_many(examples, compute)
+    assert rows.shape == (5, 512) and computed == [5]
+    assert len(cache) == 3 and cache.bytes <= 3 * entry
+    assert all(isinstance(key, str) and key.startswith("image:") for key in cache._items)
+    assert not any(isinstance(value, VisualPrompt) for value in cache._items.values())
+    cache.get_many(examples[-3:], compute)  # the three most recent are held
+    assert computed == [5]
+
+
+def test_an_example_is_kept_at_the_models_input_size(engines, loaded):
+    fast, stock = engines
+    size = (loaded.preprocessing.width, loaded.preprocessing.height)
+    big = picture(1600, 1200, seed=9)
+    prompt = VisualPrompt.of(big, size=size)
+    assert prompt.pixels.shape == (size[1], size[0], 3)
+    image = picture(200, 300, seed=1)
+    want = stock.visual_prompt_logits(image, [big])  # the processor resizes the full example itself
+    result = fast.segment_batch([SegmentRequest(image, ["gown"], 0.5, phrasings=[prompt])])[0]
+    diff = (torch.sigmoid(result.logits) - torch.sigmoid(want.cpu())).abs()
+    assert diff.max().item() < IMAGE_MAX_TOL and diff.mean().item() < IMAGE_MEAN_TOL
 
 
 def test_image_embedding_is_clip_image_features_normalised(engines, loaded):

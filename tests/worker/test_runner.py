@@ -6,6 +6,7 @@ import datetime as dt
 import uuid
 from unittest import mock
 
+import numpy as np
 import pytest
 
 from shared import jobs as jobstate
@@ -267,3 +268,69 @@ def test_a_run_whose_job_was_requeued_stops_without_deleting(deps, sessions, sto
     assert put.call_count == 1
     assert len(storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/")) == 1  # not deleted
     assert load(sessions, job_id).status == "queued"
+
+
+def example_job(sessions, storage, tenant, example_url: str) -> str:
+    job_id = new_upload_job(sessions, storage, tenant, prompts=())
+    with session_scope(sessions) as session:
+        session.get(Job, job_id).labels = [{"name": "pattern", "prompts": [], "source": "image",
+                                            "example": {"image_url": example_url}}]
+    return job_id
+
+
+def test_an_example_url_shared_by_many_jobs_is_fetched_once(deps, sessions, storage, tenant, image_server):
+    """A batch whose items share one image prompt URL fetches it once per worker process a while,
+    not once per item; the example is kept at the model's input size, not as decoded."""
+    url = image_server.add(f"/example-{uuid.uuid4().hex[:8]}.jpg", make_image(1600, 1200))
+    path = url[len(image_server.base):]
+    jobs = [example_job(sessions, storage, tenant, url) for _ in range(4)]
+    assert [run_job(job_id, deps=deps) for job_id in jobs] == ["succeeded"] * 4
+    assert image_server.hits[path] == 1
+    held = [entry for _, entry in deps.examples._items.values() if getattr(entry, "digest", None)]
+    size = deps.segmenter().input_size
+    assert held and all(entry.pixels.shape == (size[1], size[0], 3) for entry in held)
+
+
+def test_a_broken_example_url_fails_each_job_without_refetching(deps, sessions, storage, tenant, image_server):
+    url = image_server.add(f"/gone-{uuid.uuid4().hex[:8]}.jpg", b"", status=404)
+    path = url[len(image_server.base):]
+    jobs = [example_job(sessions, storage, tenant, url) for _ in range(3)]
+    assert [run_job(job_id, deps=deps) for job_id in jobs] == ["failed"] * 3
+    for job_id in jobs:
+        error = load(sessions, job_id).error
+        assert error["code"] == "image_fetch_failed" and error["message"].startswith("image_prompts[0] ('pattern')")
+    assert image_server.hits[path] == 1
+
+
+@pytest.mark.unit
+def test_the_example_cache_expires_and_is_bounded():
+    from shared.errors import ImageFetchFailed
+    from worker.engine.embed import VisualPrompt
+    from worker.examples import ExampleCache
+
+    now = [0.0]
+    cache = ExampleCache(capacity=2, ttl_s=10, failure_ttl_s=1, clock=lambda: now[0])
+    loads: list[str] = []
+
+    def loader(name: str, fail: bool = False):
+        def load():
+            loads.append(name)
+            if fail:
+                raise ImageFetchFailed("404")
+            return VisualPrompt.of(np.zeros((4, 4, 3), dtype=np.uint8))
+        return load
+
+    cache.get("a", loader("a"))
+    cache.get("a", loader("a"))
+    now[0] = 11
+    cache.get("a", loader("a"))  # expired: fetched again
+    assert loads == ["a", "a"]
+    for _ in range(2):
+        with pytest.raises(ImageFetchFailed):
+            cache.get("bad", loader("bad", fail=True))
+    now[0] = 12.5  # failures are kept a shorter while
+    with pytest.raises(ImageFetchFailed):
+        cache.get("bad", loader("bad", fail=True))
+    assert loads == ["a", "a", "bad", "bad"]
+    cache.get("c", loader("c"))
+    assert len(cache) == 2 and "a" not in cache._items  # least recently used went first

@@ -29,7 +29,13 @@ class VisualPrompt:
     pixels: np.ndarray = field(compare=False, hash=False, repr=False)  # (H, W, 3) uint8 RGB
 
     @classmethod
-    def of(cls, image: Image.Image | np.ndarray) -> VisualPrompt:
+    def of(cls, image: Image.Image | np.ndarray, *, size: tuple[int, int] | None = None) -> VisualPrompt:
+        """From a decoded example; with `size` (the model's input, width x height) resized there as
+        the processor resizes it (PIL, bilinear), so it holds 352 x 352 pixels, not up to 50 MP."""
+        if size is not None:
+            picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+            picture = picture.convert("RGB")
+            image = picture if picture.size == size else picture.resize(size, Image.Resampling.BILINEAR)
         arr = np.ascontiguousarray(np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image,
                                               dtype=np.uint8))
         if arr.ndim != 3 or arr.shape[2] != 3:

@@ -96,38 +96,63 @@ def as_uint8_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return arr
 
 
-class TextEmbeddingCache:
-    """label (tuple of phrasings, or a visual prompt by content hash) -> conditional embedding, least
-    recently used evicted beyond `capacity`."""
+CacheKey = Phrasings | str
 
-    def __init__(self, capacity: int) -> None:
+
+def cache_key(label: LabelKey) -> CacheKey:
+    """What the cache keeps a label under: its phrasings, or an example's content digest (never the
+    example's pixels)."""
+    return f"image:{label.digest}" if isinstance(label, VisualPrompt) else label
+
+
+def _key_bytes(key: CacheKey) -> int:
+    return len(key) if isinstance(key, str) else sum(len(p) for p in key) + 16 * len(key)
+
+
+class TextEmbeddingCache:
+    """label (tuple of phrasings, or a visual prompt by content digest) -> conditional embedding,
+    least recently used evicted beyond `capacity` entries or `max_bytes` (embeddings and keys)."""
+
+    def __init__(self, capacity: int, *, max_bytes: int = 64 << 20) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[LabelKey, torch.Tensor] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[CacheKey, torch.Tensor] = OrderedDict()
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
 
+    @staticmethod
+    def _size(key: CacheKey, emb: torch.Tensor) -> int:
+        return emb.numel() * emb.element_size() + _key_bytes(key)
+
     def get_many(self, prompts: Sequence[LabelKey],
                  compute: Callable[[list[LabelKey]], torch.Tensor]) -> torch.Tensor:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._items))
+        keys = [cache_key(p) for p in prompts]
+        missing = list({k: p for k, p in zip(keys, prompts, strict=True) if k not in self._items}.items())
         self.misses += len(missing)
         self.hits += len(prompts) - len(missing)
-        fresh: dict[LabelKey, torch.Tensor] = {}
+        fresh: dict[CacheKey, torch.Tensor] = {}
         if missing:
-            embeddings = compute(missing)
-            fresh = dict(zip(missing, embeddings, strict=True))
+            embeddings = compute([p for _, p in missing])
+            fresh = dict(zip([k for k, _ in missing], embeddings, strict=True))
         rows = []
-        for prompt in prompts:
-            if prompt in fresh:
-                rows.append(fresh[prompt])
+        for key in keys:
+            if key in fresh:
+                rows.append(fresh[key])
             else:
-                self._items.move_to_end(prompt)
-                rows.append(self._items[prompt])
+                self._items.move_to_end(key)
+                rows.append(self._items[key])
         if self.capacity > 0:
-            for prompt, emb in fresh.items():
-                self._items[prompt] = emb
-                self._items.move_to_end(prompt)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            for key, emb in fresh.items():
+                emb = emb.detach().clone()  # (not a view that keeps the whole batch's tensor alive)
+                if key in self._items:
+                    self.bytes -= self._size(key, self._items[key])
+                self._items[key] = emb
+                self.bytes += self._size(key, emb)
+                self._items.move_to_end(key)
+            while self._items and (len(self._items) > self.capacity or self.bytes > self.max_bytes):
+                key, emb = self._items.popitem(last=False)
+                self.bytes -= self._size(key, emb)
         return torch.stack(rows)
 
     def __len__(self) -> int:
