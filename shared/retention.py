@@ -5,15 +5,24 @@ are no longer pending, then finished batches none of whose jobs is left (with th
 Objects go first, then rows: a crash in between leaves rows whose objects are gone (the next
 run deletes them) rather than objects nobody references. Only finished jobs are deleted; a
 job still queued or running after the cut-off is a reconciliation problem, not garbage.
+
+Image-prompt examples sent as base64 are stored once per tenant by content (examples/<tenant>/
+<sha256>) and shared by every job that sent the same picture: one goes with the last job that
+names it, checked in the transaction that deletes the jobs. A submission writes its examples
+before its rows commit, under the tenant's examples lock held shared (shared/submit.py); the
+check holds it exclusively, so it sees every job that may name an example it deletes, or the
+submission writes the example again after the delete.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import delete, exists, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.clock import utcnow
@@ -21,7 +30,7 @@ from shared.db import session_scope
 from shared.enums import FINISHED_JOB, BatchStatus, DeliveryStatus
 from shared.models import Batch, IdempotencyKey, Job, WebhookDelivery
 from shared.settings import Settings
-from shared.storage import ObjectStorage, job_object_keys
+from shared.storage import ObjectStorage, examples_lock, job_object_keys
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +40,28 @@ class Purged:
     jobs: int = 0
     deliveries: int = 0
     batches: int = 0
+    examples: int = 0
+
+
+def _example_keys(labels: list[dict[str, Any]] | None) -> set[str]:
+    return {label["example"]["key"] for label in labels or []
+            if isinstance(label.get("example"), dict) and "key" in label["example"]}
+
+
+def _unreferenced_examples(session: Session, candidates: set[tuple[str, str]]) -> list[str]:
+    """Of (tenant id, example key), the keys that no job row left names (this transaction's deletes
+    already gone), under each tenant's examples lock until the transaction ends."""
+    for tenant_id in sorted({tenant_id for tenant_id, _ in candidates}):
+        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(examples_lock(tenant_id)))))
+    unused = []
+    for tenant_id, key in sorted(candidates):
+        named = session.execute(select(exists().where(
+            Job.tenant_id == tenant_id,
+            text("jobs.labels @> CAST(:pattern AS jsonb)").bindparams(
+                pattern=json.dumps([{"example": {"key": key}}]))))).scalar_one()
+        if not named:
+            unused.append(key)
+    return unused
 
 
 def purge_expired(
@@ -44,7 +75,7 @@ def purge_expired(
     while max_chunks is None or chunks < max_chunks:
         with session_scope(sessions) as session:
             rows = session.execute(
-                select(Job.id, Job.upload_key, Job.results, Job.output_keys)
+                select(Job.id, Job.tenant_id, Job.upload_key, Job.results, Job.output_keys, Job.labels)
                 .where(Job.created_at < cutoff, Job.status.in_(FINISHED_JOB))
                 .order_by(Job.created_at)
                 .limit(chunk)
@@ -54,12 +85,16 @@ def purge_expired(
                 break
             keys = [r.upload_key for r in rows if r.upload_key]
             keys += [key for r in rows for key in job_object_keys(r.results, r.output_keys)]
-            if keys:
-                storage.delete(keys)
             session.execute(delete(Job).where(Job.id.in_([r.id for r in rows])))
+            examples = _unreferenced_examples(session, {
+                (r.tenant_id, key) for r in rows for key in _example_keys(r.labels)})
+            if keys or examples:
+                storage.delete(keys + examples)  # before the rows' deletion commits
         purged.jobs += len(rows)
+        purged.examples += len(examples)
         chunks += 1
-        log.info("retention: deleted %d jobs and %d objects", len(rows), len(keys))
+        log.info("retention: deleted %d jobs, %d of their objects and %d image-prompt examples no job names",
+                 len(rows), len(keys), len(examples))
     while True:  # deliveries still pending are being retried: they go once they succeeded or failed
         with session_scope(sessions) as session:
             ids = session.execute(

@@ -25,6 +25,12 @@ def example_key(*, tenant_id: str, digest: str) -> str:
     return f"examples/{tenant_id}/{digest}"
 
 
+def examples_lock(tenant_id: str) -> str:
+    """The advisory lock's name under which a tenant's examples are written (shared) or deleted
+    (exclusive): shared/submit.py, shared/retention.py."""
+    return f"clipmask.examples:{tenant_id}"
+
+
 def mask_key(*, tenant_id: str, job_id: str, index: int) -> str:
     """Deterministic: a re-run of the same job overwrites the same objects."""
     return f"masks/{tenant_id}/{job_id}/{index}.png"

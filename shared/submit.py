@@ -41,7 +41,7 @@ from shared.present import batch_counts, batch_object, job_object
 from shared.presets import expand
 from shared.queue import enqueue_segment, enqueue_segments
 from shared.settings import Settings
-from shared.storage import ObjectStorage, upload_key
+from shared.storage import ObjectStorage, examples_lock, upload_key
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,7 @@ class Submitter:
         def stage(session: Session) -> _Staged:
             job_id = str(uuid.uuid4())
             staged = _Staged({}, f"/v1/jobs/{job_id}", [job_id], self.policy.interactive_queue)
+            self._lock_examples(session, tenant, [spec])
             job = Job(**self._row(tenant, spec, job_id, utcnow(), staged))
             session.add(job)
             session.flush()
@@ -162,6 +163,7 @@ class Submitter:
                           total=len(spec.items), metadata_=spec.metadata, webhook_url=spec.webhook_url)
             job_ids = [str(uuid.uuid4()) for _ in spec.items]
             staged = _Staged({}, f"/v1/batches/{batch_id}", job_ids, self.policy.bulk_queue, batch_id=batch_id)
+            self._lock_examples(session, tenant, spec.items)
             # created_at steps by a microsecond, so listings and the manifest keep the input order
             rows = [self._row(tenant, item, job_id, created + dt.timedelta(microseconds=index), staged)
                     for index, (job_id, item) in enumerate(zip(job_ids, spec.items, strict=True))]
@@ -174,6 +176,13 @@ class Submitter:
                             uploads=any(_uploads(item) for item in spec.items))
 
     # ---- the steps -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _lock_examples(session: Session, tenant: Tenant, specs: list[JobSpec]) -> None:
+        """Before writing image-prompt examples: retention deletes an example no committed job names,
+        under the same lock held exclusively, so not while this transaction may be about to name it."""
+        if any(spec.examples for spec in specs):
+            session.execute(select(func.pg_advisory_xact_lock_shared(func.hashtext(examples_lock(tenant.id)))))
 
     def _row(self, tenant: Tenant, spec: JobSpec, job_id: str, created: dt.datetime,
              staged: _Staged) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import io
 import json
 import uuid
@@ -18,6 +19,7 @@ from api import create_app
 from shared.db import session_scope
 from shared.models import Embedding, Job
 from shared.retention import purge_expired
+from shared.storage import example_key
 from tests.support.api import wait_for_job
 from tests.support.images import make_image
 
@@ -185,6 +187,41 @@ def test_an_image_prompt_that_cannot_be_fetched_fails_the_job(client, tenant, im
     job = wait_for_job(client, tenant, submit(client, tenant, image_server, photo(54), prompts=["shirt"],
                                               image_prompts=[{"label": "x", "image_url": not_image}])["id"])
     assert job["status"] == "failed" and job["error"]["code"] == "image_invalid"
+
+
+def test_retention_deletes_an_example_with_the_last_job_that_names_it(client, make_tenant, image_server, sessions,
+                                                                       storage):
+    """Examples sent as base64 are stored once by content and shared: retention removes one with the
+    last job that names it, and says how many it removed."""
+    tenant = make_tenant()
+    shared_example, own_example = photo(61, 64, 64), photo(62, 64, 64)
+
+    def with_example(example: bytes) -> dict:
+        return run(client, tenant, image_server, photo(63), image_prompts=[
+            {"label": "pattern", "image_base64": base64.b64encode(example).decode()}])
+
+    first, second, alone = with_example(shared_example), with_example(shared_example), with_example(own_example)
+    shared_key, own_key = (example_key(tenant_id=tenant.tenant_id, digest=hashlib.sha256(e).hexdigest())
+                           for e in (shared_example, own_example))
+    assert storage.list_keys(shared_key) == [shared_key] and storage.list_keys(own_key) == [own_key]
+
+    def age(*jobs):
+        with session_scope(sessions) as session:
+            for job in jobs:
+                session.get(Job, job["id"]).created_at = dt.datetime.now(dt.UTC) - dt.timedelta(days=100)
+
+    def purge():
+        return purge_expired(sessions=sessions, storage=storage, older_than=dt.timedelta(days=90))
+
+    age(first, alone)
+    purged = purge()
+    assert purged.jobs >= 2 and purged.examples >= 1
+    assert storage.list_keys(own_key) == []  # its only job went
+    assert storage.list_keys(shared_key) == [shared_key]  # still named by the second job
+    again = run(client, tenant, image_server, photo(64), image_prompts=[  # and still usable
+        {"label": "pattern", "image_base64": base64.b64encode(shared_example).decode()}])
+    age(second, again)
+    assert purge().examples >= 1 and storage.list_keys(shared_key) == []  # its last job went
 
 
 def test_retention_deletes_embeddings_with_their_jobs(client, make_tenant, image_server, sessions, storage):
