@@ -74,10 +74,7 @@ def jobs_retry(args: argparse.Namespace, settings: Settings) -> int:
     submitter = Submitter(policy=SubmitPolicy.from_settings(settings), storage=storage, celery=make_celery(settings))
     refused = 0
     for old in originals:
-        spec = JobSpec(prompts=list(old.prompts), threshold=old.threshold, input=old.input,
-                       metadata=dict(old.metadata_ or {}), webhook_url=old.webhook_url,
-                       webhook_events=old.webhook_events, copy_upload_from=old.upload_key,
-                       labels=old.labels, preset=old.preset, outputs=list(old.outputs_requested or ["mask"]))
+        spec = JobSpec.again(old)
         with sessions() as session:
             tenant = session.get(Tenant, old.tenant_id)
             assert tenant is not None  # jobs are deleted with their tenant

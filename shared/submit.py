@@ -85,6 +85,18 @@ class JobSpec:
     examples: dict[str, bytes] = field(default_factory=dict)  # base64 image prompts' bytes by object key
     embed: list[str] = field(default_factory=list)
 
+    @classmethod
+    def again(cls, job: Job) -> JobSpec:
+        """The request a stored job was made from, to submit it again (`clipmask jobs retry`): every
+        field Submitter._row stores from a spec, read back; its upload is copied, its examples are
+        already stored under the keys its labels name."""
+        return cls(prompts=list(job.prompts), threshold=job.threshold, input=dict(job.input),
+                   metadata=dict(job.metadata_ or {}), webhook_url=job.webhook_url,
+                   webhook_events=None if job.webhook_events is None else list(job.webhook_events),
+                   copy_upload_from=job.upload_key, labels=job.labels, preset=job.preset,
+                   outputs=list(job.outputs_requested or ["mask"]), image_prompts=list(job.image_prompts or []),
+                   embed=list(job.embed or []))
+
 
 @dataclass(frozen=True)
 class BatchSpec:

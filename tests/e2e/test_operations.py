@@ -216,6 +216,35 @@ def test_admin_retry_copies_an_upload(settings, client, tenant, worker, sessions
     assert new["status"] == "succeeded" and new["metadata"] == {"sku": "1"} and new["image"]["width"] == 16
 
 
+def test_admin_retry_keeps_every_field_of_the_request(settings, client, tenant, image_server, worker, sessions):
+    """Retries are built from the stored job by the code that builds jobs (JobSpec.again), so image
+    prompts, embed, preset, outputs and webhooks come along (a hand-built retry dropped some)."""
+    import base64
+
+    path = f"/later-{uuid.uuid4().hex[:6]}.jpg"
+    example = image_server.add(f"/ex-{uuid.uuid4().hex[:6]}.png", make_image(40, 40, fmt="PNG"),
+                               content_type="image/png")
+    body = {"image_url": image_server.base + path, "preset": "clothing", "prompts": ["a red scarf"],
+            "image_prompts": [{"label": "gown", "image_url": example},
+                              {"label": "print", "image_base64": base64.b64encode(make_image(30, 30)).decode()}],
+            "embed": ["image", "masks"], "outputs": ["mask", "soft", "rle"], "threshold": 0.35,
+            "metadata": {"sku": "42"}, "webhook_url": "http://127.0.0.1:9/hook", "webhook_events": ["job.failed"]}
+    job_id = client.post("/v1/jobs", json=body, headers=tenant.headers).get_json()["id"]
+    assert wait_for_job(client, tenant, job_id)["status"] == "failed"
+    image_server.add(path, make_image(48, 32))
+    new_id = lines(clipmask(settings, "jobs", "retry", job_id))[0]["new_job_id"]
+    new = wait_for_job(client, tenant, new_id)
+    assert new["status"] == "succeeded", new
+    with sessions() as session:
+        old_row, new_row = session.get(Job, job_id), session.get(Job, new_id)
+        fields = ("input", "prompts", "threshold", "labels", "preset", "outputs_requested", "image_prompts", "embed",
+                  "metadata_", "webhook_url", "webhook_events", "upload_key")
+        assert {f: getattr(new_row, f) for f in fields} == {f: getattr(old_row, f) for f in fields}
+    assert len(new["embedding"]) > 0 and [r["source"] for r in new["results"]] == (
+        ["preset"] * 3 + ["text", "image", "image"])
+    assert all("rle" in r and "soft_url" in r for r in new["results"])
+
+
 def test_admin_tenant_and_key_commands(settings, client, make_tenant):
     tenant = make_tenant()
     assert tenant.tenant_id in {t["tenant_id"] for t in lines(clipmask(settings, "tenant", "list"))}
