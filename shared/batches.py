@@ -14,9 +14,9 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import and_, exists, func, insert, select, update
@@ -60,19 +60,35 @@ def has_unfinished(session: Session, batch_id: str) -> bool:
         select(exists().where(Job.batch_id == batch_id, Job.status.in_(UNFINISHED_JOB)))).scalar())
 
 
-def write_manifest(sessions: sessionmaker[Session], storage: ObjectStorage, batch: Batch) -> str:
-    """Stream the batch's job objects, oldest first, into one JSONL object; returns its key."""
-    buf = io.BytesIO()
+# Jobs read per round trip while a manifest is written: a job with embeddings is up to ~200 KB of
+# JSON (32 labels x 512 floats), so a few hundred at a time keep the worker's memory flat.
+MANIFEST_ROWS = 200
+
+
+def manifest_lines(sessions: sessionmaker[Session], storage: ObjectStorage, batch: Batch,
+                   *, rows_per_read: int = MANIFEST_ROWS) -> Iterator[bytes]:
+    """The batch's job objects, oldest first, as JSONL, a few hundred rows at a time."""
     with sessions() as session:
         rows = session.execute(
             select(Job).where(Job.batch_id == batch.id, Job.tenant_id == batch.tenant_id)
-            .order_by(Job.created_at, Job.id).execution_options(yield_per=2000)
+            .order_by(Job.created_at, Job.id).execution_options(yield_per=rows_per_read)
         ).scalars()
+        lines: list[bytes] = []
         for job in rows:
-            line = json.dumps(job_object(job, storage, long_urls=True), separators=(",", ":"))
-            buf.write(line.encode() + b"\n")
+            lines.append(json.dumps(job_object(job, storage, long_urls=True), separators=(",", ":")).encode())
+            session.expunge(job)  # (nothing of it stays in the session)
+            if len(lines) >= rows_per_read:
+                yield b"\n".join(lines) + b"\n"
+                lines = []
+        if lines:
+            yield b"\n".join(lines) + b"\n"
+
+
+def write_manifest(sessions: sessionmaker[Session], storage: ObjectStorage, batch: Batch) -> str:
+    """Stream the batch's job objects into one JSONL object (a multipart upload: one part in memory
+    at a time, whatever the batch's size); returns its key."""
     key = manifest_key(tenant_id=batch.tenant_id, batch_id=batch.id)
-    storage.put(key, buf.getvalue(), content_type="application/x-ndjson")
+    storage.put_stream(key, manifest_lines(sessions, storage, batch), content_type="application/x-ndjson")
     return key
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import boto3
@@ -98,6 +99,49 @@ class ObjectStorage:
             self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
         except (BotoCoreError, ClientError) as exc:
             raise StorageFailed(f"could not write {key}: {exc}") from exc
+
+    def put_stream(self, key: str, chunks: Iterable[bytes], *, content_type: str,
+                   part_bytes: int = 8 << 20) -> int:
+        """Write an object of any size from `chunks` holding one part (`part_bytes`, at least S3's 5 MiB)
+        in memory at a time: a multipart upload, aborted on any error, or one PUT when it all fits in
+        the first part. Returns the object's size."""
+        part_bytes = max(part_bytes, 5 << 20)
+        buf = bytearray()
+        upload_id: str | None = None
+        parts: list[dict[str, Any]] = []
+        total = 0
+        try:
+            for chunk in chunks:
+                buf += chunk
+                total += len(chunk)
+                if len(buf) >= part_bytes:
+                    if upload_id is None:
+                        upload_id = self._client.create_multipart_upload(
+                            Bucket=self.bucket, Key=key, ContentType=content_type)["UploadId"]
+                    parts.append(self._upload_part(key, upload_id, len(parts) + 1, bytes(buf[:part_bytes])))
+                    del buf[:part_bytes]
+            if upload_id is None:
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(buf), ContentType=content_type)
+                return total
+            if buf:
+                parts.append(self._upload_part(key, upload_id, len(parts) + 1, bytes(buf)))
+            self._client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                   MultipartUpload={"Parts": parts})
+            return total
+        except BaseException as exc:
+            if upload_id is not None:
+                try:
+                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                except (BotoCoreError, ClientError):
+                    pass  # a lifecycle rule for incomplete uploads cleans up what this could not
+            if isinstance(exc, BotoCoreError | ClientError):
+                raise StorageFailed(f"could not write {key}: {exc}") from exc
+            raise
+
+    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+        answer = self._client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                          Body=data)
+        return {"PartNumber": number, "ETag": answer["ETag"]}
 
     def get(self, key: str) -> bytes:
         try:
