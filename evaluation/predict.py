@@ -33,18 +33,21 @@ class Predictor(Protocol):
 
 
 class EnginePredictor:
-    """The worker's fast engine, loaded here (no stack needed)."""
+    """The worker's fast engine, loaded here (no stack needed) as a worker with the same settings
+    loads it: `dtype` on CUDA, `cpu_dtype` on the CPU (auto: bf16 where the CPU multiplies bf16 in
+    hardware), so "in process" is what the deployment runs."""
 
     def __init__(self, model: str, labels: list[Label], *, device: str = "auto", dtype: str = "bf16",
-                 threshold: float = 0.4) -> None:
+                 cpu_dtype: str = "auto", threshold: float = 0.4) -> None:
         from worker.engine import FastEngine, SegmentRequest, Wanted, load_clipseg
 
         self._request, self._wanted = SegmentRequest, Wanted(soft=True)
-        self.loaded = load_clipseg(model, device=device, dtype=dtype)
+        self.loaded = load_clipseg(model, device=device, dtype=dtype, cpu_dtype=cpu_dtype)
         self.engine = FastEngine(self.loaded)
         self.labels = labels
         self.threshold = threshold
-        self.description = f"{model} in process on {self.loaded.device}"
+        dtype_name = str(self.loaded.dtype).removeprefix("torch.")
+        self.description = f"{model} in process on {self.loaded.device} ({dtype_name})"
         self.seconds = 0.0
 
     def predict(self, images: Sequence[Image.Image]) -> list[np.ndarray]:

@@ -16,8 +16,9 @@ from evaluation.metrics import SWEEP, DatasetStats, Scores
 
 PLOTS = ("per_class_iou.png", "threshold_sweep.png", "class_frequency.png", "spatial_priors.png",
          "image_sizes.png")
-CSV_COLUMNS = ("class", "iou", "precision", "recall", "support_pixels", "support_images", "predicted_pixels",
-               "mask_iou", "mask_precision", "mask_recall", "best_threshold", "best_mask_iou")
+CSV_COLUMNS = ("class", "iou", "dice", "precision", "recall", "boundary_f", "boundary_precision", "boundary_recall",
+               "support_pixels", "support_images", "predicted_pixels", "in_mean",
+               "mask_iou", "mask_dice", "mask_precision", "mask_recall", "best_threshold", "best_mask_iou")
 
 
 def _pyplot() -> Any:
@@ -156,6 +157,13 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _tolerance(tolerance: dict[str, Any]) -> str:
+    pixels = tolerance["pixels"]
+    spread = "-" if pixels is None else (f"{pixels['min']:g} px" if pixels["min"] == pixels["max"]
+                                         else f"{pixels['min']:g} to {pixels['max']:g} px")
+    return f"{tolerance['fraction_of_diagonal']:g} of the image diagonal ({spread})"
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -164,6 +172,9 @@ def _html(metrics: dict[str, Any], written: list[Path], out: Path) -> str:
     e = html.escape
     summary = [("images", metrics["images"]), ("images/s", _fmt(metrics["timing"]["images_per_s"])),
                ("mIoU", _fmt(metrics["miou"])), ("mIoU with background", _fmt(metrics["miou_with_background"])),
+               ("mDice", _fmt(metrics["mdice"])), ("mean boundary F", _fmt(metrics["mean_boundary_f"])),
+               ("boundary tolerance", _tolerance(metrics["boundary_tolerance"])),
+               ("not in the means (no ground truth)", ", ".join(metrics["not_averaged"]) or "-"),
                ("pixel accuracy", _fmt(metrics["pixel_accuracy"])), ("frequency-weighted IoU", _fmt(metrics["fw_iou"])),
                ("threshold", metrics["threshold"]), ("predictions", metrics["predictor"]),
                ("labels", metrics["preset"] or "prompts")]
@@ -192,7 +203,10 @@ figure{{display:inline-block;margin:.5em}}figure img{{max-width:560px}}.strip im
 <p>{e(metrics['dataset']['path'])}, {metrics['images']} images.</p>
 <table>{''.join(f'<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>' for k, v in summary)}</table>
 <h2>Per class</h2>
-<p><i>iou, precision, recall</i>: the label map (the most probable label reaching the threshold).
+<p><i>iou, dice, precision, recall, boundary_*</i>: the label map (the most probable label reaching the
+threshold, among every label the job would have). <i>boundary_f</i>: F1 of boundary pixels matched within
+the boundary tolerance. <i>in_mean</i>: whether the class had ground truth in these images (else it is not
+averaged into mIoU, mDice or boundary F).
 <i>mask_*</i>: each label's own mask at the threshold; <i>best_threshold</i>: where its IoU peaks.</p>
 <table><tr>{head}</tr>{''.join(body)}</table>
 <h2>Plots</h2>{plots}

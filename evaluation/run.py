@@ -56,8 +56,13 @@ def evaluated(labels: list[Label], dataset: Dataset) -> tuple[list[Label], np.nd
 
 
 def evaluate(dataset: Dataset, predictor: Predictor, labels: list[Label], lookup: np.ndarray, *,
-             threshold: float, batch: int, limit: int | None, progress: bool) -> tuple[Scores, DatasetStats, float]:
-    scores = Scores([label.name for label in labels], threshold)
+             threshold: float, batch: int, limit: int | None, progress: bool,
+             asked: list[Label] | None = None) -> tuple[Scores, DatasetStats, float]:
+    """`predictor` predicts every label in `asked` (default: `labels`), as the job would; `labels`,
+    the ones the dataset has, are scored, the others compete in the label map."""
+    asked = labels if asked is None else asked
+    scores = Scores([label.name for label in labels], threshold, columns=[asked.index(label) for label in labels],
+                    labels=len(asked))
     stats = DatasetStats(dataset.labels)
     total = min(len(dataset), limit) if limit else len(dataset)
     started = time.perf_counter()
@@ -101,16 +106,18 @@ def run(args: argparse.Namespace) -> int:
             print("clipmask eval: with --api, --preset is a built-in preset (a labels file stays on this machine);"
                   " give its labels as --prompt instead", file=sys.stderr)
             return 2
-        predictor = ApiPredictor(args.api, key, preset=preset, prompts=args.prompt or [], labels=labels,
+        predictor = ApiPredictor(args.api, key, preset=preset, prompts=args.prompt or [], labels=asked,
                                  threshold=args.threshold, parallel=args.batch)
     else:
         from shared.settings import Settings
 
-        predictor = EnginePredictor(args.model or Settings().model, labels, device=args.device, dtype=args.dtype,
-                                    threshold=args.threshold)
+        deployment = Settings()  # the worker's settings from the environment, as a deployment reads them
+        predictor = EnginePredictor(args.model or deployment.model, asked, device=args.device or deployment.device,
+                                    dtype=args.dtype or deployment.dtype,
+                                    cpu_dtype=args.cpu_dtype or deployment.cpu_dtype, threshold=args.threshold)
     try:
         scores, stats, seconds = evaluate(dataset, predictor, labels, lookup, threshold=args.threshold,
-                                          batch=args.batch, limit=args.limit, progress=not args.quiet)
+                                          batch=args.batch, limit=args.limit, progress=not args.quiet, asked=asked)
     except DatasetError as exc:
         print(f"clipmask eval: {exc}", file=sys.stderr)
         return 2
@@ -135,18 +142,24 @@ def _f(value: float | None) -> str:
 
 
 def _print(metrics: dict[str, Any], out: Path) -> None:
-    rows = [[name, _f(r["iou"]), _f(r["precision"]), _f(r["recall"]), r["support_pixels"], r["support_images"],
-             _f(r["mask_iou"]), r["best_threshold"], _f(r["best_mask_iou"])]
+    rows = [[name, _f(r["iou"]), _f(r["dice"]), _f(r["precision"]), _f(r["recall"]), _f(r["boundary_f"]),
+             r["support_pixels"], r["support_images"], _f(r["mask_iou"]), r["best_threshold"], _f(r["best_mask_iou"])]
             for name, r in metrics["classes"].items()]
-    print(tabulate(rows, headers=["class", "IoU", "precision", "recall", "pixels", "images", "mask IoU",
-                                  "best t", "IoU at best t"], tablefmt="simple"))
+    print(tabulate(rows, headers=["class", "IoU", "Dice", "precision", "recall", "boundary F", "pixels", "images",
+                                  "mask IoU", "best t", "IoU at best t"], tablefmt="simple"))
     timing = metrics["timing"]
+    spread = metrics["boundary_tolerance"]["pixels"]
+    tolerance = "-" if spread is None else f"{spread['median']:g}"
     print(f"\n{metrics['images']} images, {_f(timing['images_per_s'])} images/s ({metrics['predictor']})")
     print(f"mIoU {_f(metrics['miou'])} (with background {_f(metrics['miou_with_background'])}), "
-          f"pixel accuracy {_f(metrics['pixel_accuracy'])}, frequency-weighted IoU {_f(metrics['fw_iou'])}, "
-          f"threshold {metrics['threshold']}")
+          f"mDice {_f(metrics['mdice'])}, boundary F {_f(metrics['mean_boundary_f'])} "
+          f"(within {tolerance} px), pixel accuracy {_f(metrics['pixel_accuracy'])}, "
+          f"frequency-weighted IoU {_f(metrics['fw_iou'])}, threshold {metrics['threshold']}")
+    if metrics["not_averaged"]:
+        print(f"no ground truth in the evaluated images, not in the means: {', '.join(metrics['not_averaged'])}")
     if metrics["skipped_labels"]:
-        print(f"not in the dataset, not evaluated: {', '.join(metrics['skipped_labels'])}")
+        print(f"not in the dataset, not evaluated (they still compete in the label map): "
+              f"{', '.join(metrics['skipped_labels'])}")
     print(f"report: {out / 'index.html'}")
 
 
@@ -160,8 +173,11 @@ def add_command(sub: Any) -> None:
     p.add_argument("--out", default="report", help="the report folder (default report/)")
     p.add_argument("--threshold", type=float, default=0.4)
     p.add_argument("--model", help="hub id or folder (default: CLIPMASK_MODEL, else CIDAS/clipseg-rd64-refined)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="on CUDA; the CPU runs fp32")
+    p.add_argument("--device", help="auto, cpu or cuda (default: CLIPMASK_DEVICE, else auto)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="on CUDA (default: CLIPMASK_DTYPE, else bf16)")
+    p.add_argument("--cpu-dtype", choices=["auto", "bf16", "fp32"],
+                   help="on the CPU (default: CLIPMASK_CPU_DTYPE, else auto: bf16 where the CPU has it natively, "
+                        "as the worker picks); the dtype that ran is printed and kept in metrics.json")
     p.add_argument("--batch", type=int, default=8, help="images per engine batch (or jobs in flight with --api)")
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--api", help="evaluate a running deployment at this URL instead of the engine in process")

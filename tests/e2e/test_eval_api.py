@@ -13,8 +13,20 @@ from cli.main import main
 from tests.support.services import serving
 
 
-def test_eval_against_a_deployment_agrees_with_the_engine_in_process(settings, storage, worker, tenant,
-                                                                     tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cpu_dtype", ["fp32", "bf16"])
+def test_eval_against_a_deployment_agrees_with_the_engine_in_process(settings, storage, tenant, tiny_model_dir,
+                                                                     tmp_path, monkeypatch, cpu_dtype):
+    """A deployment whose worker runs `cpu_dtype` (CLIPMASK_CPU_DTYPE; `auto` picks bf16 on a CPU with
+    native bf16, fp32 elsewhere) and eval in process with the same environment agree: eval loads the
+    engine as the worker does, whatever kind of CPU runs the test (bf16 is emulated, slower, on one
+    without it, and still correct)."""
+    import uuid
+
+    from tests.support.services import private_queues, start_worker, stop_process
+
+    deployment = private_queues(settings, f"eval-{cpu_dtype}-{uuid.uuid4().hex[:6]}", cpu_dtype=cpu_dtype)
+    monkeypatch.setenv("CLIPMASK_CPU_DTYPE", cpu_dtype)
+    worker = start_worker(deployment, tmp_path / "worker.log", name=f"eval-{cpu_dtype}")
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -30,13 +42,17 @@ def test_eval_against_a_deployment_agrees_with_the_engine_in_process(settings, s
     (root / "labels.json").write_text(json.dumps({"0": "background", "1": "hat", "2": "pants"}))
 
     local = ["eval", str(root), "--preset", "human_parsing", "--quiet", "--model", str(tiny_model_dir)]
-    assert main([*local, "--out", str(tmp_path / "local")]) == 0
-    monkeypatch.setenv("CLIPMASK_API_KEY", tenant.api_key)
-    with serving(create_app(settings)) as url:
-        assert main(["eval", str(root), "--preset", "human_parsing", "--quiet", "--api", url,
-                     "--out", str(tmp_path / "remote")]) == 0
+    try:
+        assert main([*local, "--out", str(tmp_path / "local")]) == 0
+        monkeypatch.setenv("CLIPMASK_API_KEY", tenant.api_key)
+        with serving(create_app(deployment)) as url:
+            assert main(["eval", str(root), "--preset", "human_parsing", "--quiet", "--api", url,
+                         "--out", str(tmp_path / "remote")]) == 0
+    finally:
+        stop_process(worker)
     here, there = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("local", "remote"))
     assert there["predictor"] == f"the deployment at {url}" and there["images"] == 3
+    assert here["predictor"].endswith({"fp32": "(float32)", "bf16": "(bfloat16)"}[cpu_dtype])
     for name in ("hat", "pants"):
         for key in ("iou", "mask_iou", "precision", "recall"):
             assert there["classes"][name][key] == pytest.approx(here["classes"][name][key], abs=0.01), (name, key)

@@ -72,15 +72,22 @@ def test_the_report_has_its_files_and_the_dataset_figures(folder_dataset, tiny_m
     assert metrics["classes"]["hat"]["support_pixels"] == sum(int((t == 1).sum()) for t in truths)
     assert metrics["classes"]["pants"]["support_images"] == 6
     assert metrics["dataset"]["classes"]["glove"]["images"] == 3
-    for value in (metrics["miou"], metrics["pixel_accuracy"], metrics["fw_iou"]):
+    for value in (metrics["miou"], metrics["mdice"], metrics["mean_boundary_f"], metrics["pixel_accuracy"],
+                  metrics["fw_iou"]):
         assert 0.0 <= value <= 1.0
+    for row in metrics["classes"].values():  # Dice and IoU are the same overlap: Dice = 2 IoU / (1 + IoU)
+        assert row["dice"] == pytest.approx(2 * row["iou"] / (1 + row["iou"]))
+        assert 0.0 <= row["boundary_f"] <= 1.0
+    assert metrics["boundary_tolerance"]["pixels"] == {"min": 1.0, "median": 1.0, "max": 1.0}  # 0.0075 x 115 px
+    assert "Dice" in printed and "boundary F" in printed
     for row in metrics["classes"].values():
         assert row["best_threshold"] in metrics["sweep"]["thresholds"]
         assert row["best_mask_iou"] >= row["mask_iou"]
     assert metrics["timing"]["images_per_s"] > 0
 
     rows = (out / "per_class.csv").read_text().splitlines()
-    assert rows[0].startswith("class,iou,precision,recall") and [r.split(",")[0] for r in rows[1:]] == ["hat", "pants"]
+    assert rows[0].startswith("class,iou,dice,precision,recall,boundary_f")
+    assert [r.split(",")[0] for r in rows[1:]] == ["hat", "pants"]
     page = (out / "index.html").read_text()
     plots = sorted(p.name for p in out.glob("*.png"))
     assert plots == sorted(["per_class_iou.png", "threshold_sweep.png", "class_frequency.png", "spatial_priors.png",
@@ -127,6 +134,11 @@ def test_without_labels_json_parquet_uses_the_atr_order(tmp_path, tiny_model_dir
     # ATR order: value 1 is hat, 2 hair (drawn as our "pants" block), and all 17 are evaluated
     assert len(metrics["classes"]) == 17 and list(metrics["classes"])[:3] == ["hat", "hair", "sunglasses"]
     assert metrics["classes"]["hair"]["support_pixels"] == int((truth == 2).sum())
+    # ... but only the classes with ground truth are averaged, as in the folder layout
+    present = ["hat", "hair"]
+    assert sorted(metrics["not_averaged"]) == sorted(set(metrics["classes"]) - set(present))
+    assert metrics["miou"] == pytest.approx(np.mean([metrics["classes"][c]["iou"] for c in present]))
+    assert [c for c, row in metrics["classes"].items() if row["in_mean"]] == present
 
 
 def test_bad_datasets_get_a_clear_message(folder_dataset, tmp_path, tiny_model_dir, capsys):

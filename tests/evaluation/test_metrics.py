@@ -45,6 +45,8 @@ def test_a_known_overlap_gives_its_known_iou():
     assert row["iou"] == pytest.approx(0.3)
     assert row["precision"] == pytest.approx(30 / 70) and row["recall"] == pytest.approx(30 / 60)
     assert row["mask_iou"] == pytest.approx(0.3)
+    assert row["dice"] == row["mask_dice"] == pytest.approx(2 * 30 / (60 + 70))
+    assert s["mdice"] == pytest.approx(60 / 130)
     assert s["background_iou"] == 0.0
     assert s["miou"] == pytest.approx(0.3) and s["miou_with_background"] == pytest.approx(0.15)
     assert s["pixel_accuracy"] == pytest.approx(0.3)
@@ -117,3 +119,54 @@ def test_dataset_statistics_count_pixels_images_and_where_classes_lie():
     prior = stats.prior_of(1)
     assert prior[:32, :32].min() == 1.0 and prior[32:, :].max() == 0.0 and prior[:, 32:].max() == 0.0
     assert s["aspect_ratio"] == {"min": 1.0, "median": 1.5, "max": 2.0}
+
+
+def test_a_class_without_ground_truth_is_not_averaged_but_its_false_positives_count():
+    truth = np.zeros((10, 10), dtype=np.uint8)
+    truth[:, :5] = 1  # hat only; no belt anywhere
+    belt = np.zeros((10, 10), dtype=np.uint8)
+    belt[:2, 5:] = 255  # 10 px of belt predicted on background
+    scores = Scores(["hat", "belt"], threshold=0.5)
+    scores.add("x", truth, soft_of((truth == 1) * 255, belt))
+    m = scores.summary()
+    assert m["classes"]["belt"]["iou"] == 0.0 and m["classes"]["belt"]["predicted_pixels"] == 10
+    assert m["classes"]["belt"]["in_mean"] is False and m["not_averaged"] == ["belt"]
+    assert m["miou"] == 1.0 and m["mdice"] == 1.0  # hat alone
+    assert m["pixel_accuracy"] == pytest.approx(90 / 100)  # the belt's false positives still cost
+    assert m["miou_with_background"] == pytest.approx((1.0 + 40 / 50) / 2)
+
+
+def test_the_label_map_competes_every_label_the_job_has():
+    """A preset label the dataset does not have still takes the pixels it wins in the label map
+    (background for scoring), as the service's label_map gives them; each label's own mask is its row."""
+    truth = np.zeros((4, 4), dtype=np.uint8)
+    truth[:, :2] = 1
+    hat = np.full((4, 4), 150, dtype=np.uint8)
+    hat[:, :2] = 200
+    scarf = np.zeros((4, 4), dtype=np.uint8)
+    scarf[:, :1] = 255  # wins column 0 over the hat
+    scores = Scores(["hat"], threshold=0.5, columns=[1], labels=2)
+    scores.add("x", truth, soft_of(scarf, hat))
+    m = scores.summary()
+    assert m["classes"]["hat"]["iou"] == pytest.approx(4 / 16)  # column 1 only: columns 2-3 are hat too
+    assert m["classes"]["hat"]["mask_iou"] == pytest.approx(8 / 16)  # its own mask: columns 0-3
+    with pytest.raises(ValueError):
+        scores.add("y", truth, soft_of(hat))  # one plane for a two-label job
+
+
+def test_boundary_f_matches_within_the_tolerance():
+    truth = np.zeros((40, 40), dtype=np.uint8)
+    truth[10:30, 10:30] = 1
+    for shift, tolerance, expected in ((0, 0.0075, 1.0), (1, 0.0075, 1.0), (4, 0.0075, 0.0)):
+        pred = np.zeros((40, 40), dtype=np.uint8)
+        pred[10 + shift:30 + shift, 10 + shift:30 + shift] = 255
+        scores = Scores(["box"], threshold=0.5, boundary_tolerance=tolerance)  # 0.0075 x 56.6 px: 1 px
+        scores.add("x", truth, soft_of(pred))
+        row = scores.summary()["classes"]["box"]
+        if expected == 0.0:  # 4 px off: only the boundary pixels where the shifted edges cross match
+            assert row["boundary_f"] < 0.2
+        else:
+            assert row["boundary_f"] == pytest.approx(expected)
+    wider = Scores(["box"], threshold=0.5, boundary_tolerance=0.1)  # 6 px
+    wider.add("x", truth, soft_of(pred))
+    assert wider.summary()["classes"]["box"]["boundary_f"] == pytest.approx(1.0)
