@@ -113,7 +113,8 @@ class JobParams(BaseModel):
     prompts: list[str] = Field(
         default_factory=list, max_length=MAX_PROMPTS, json_schema_extra=PROMPT_ITEMS,
         description=f"Up to {MAX_PROMPTS} text prompts, each 1 to {MAX_PROMPT_CHARS} characters after trimming. "
-                    "A job needs prompts, a preset, or both.",
+                    "A job needs prompts, a preset, or both. A prompt past CLIP's 77 tokens is truncated there, "
+                    "as CLIP's own tokenizer does (the job keeps it as given).",
     )
     preset: str | None = Field(default=None, description="Id of a built-in preset (clothing, human_parsing) or of "
                                "one of yours; its labels come first in the results.",
@@ -218,7 +219,8 @@ class JobCreateJson(JobParams):
     image_base64: str | None = Field(default=None, description="Base64 image bytes or a data: URI.",
                                      json_schema_extra={"contentEncoding": "base64"})
     image_s3_uri: str | None = Field(default=None, description="s3://bucket/key in the deployment's object storage; "
-                                     "only buckets an operator allowed for your tenant (none by default).",
+                                     "only buckets an operator allowed for your tenant (none by default); in the "
+                                     "deployment's own bucket, only your own uploads (uploads/<tenant id>/...).",
                                      json_schema_extra={"pattern": r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+"})
 
     @field_validator("image_url")
@@ -515,14 +517,17 @@ class IdempotencyHeader(BaseModel):
     idempotency_key: str | None = Field(
         default=None, alias="Idempotency-Key", min_length=1, max_length=255,
         description="The same key and body within 24 h replays the first response (with Idempotent-Replayed: "
-                    "true); the same key with another body is 409 idempotency_key_reused.")
+                    "true): a create that waited and answered 201 replays as 201 with the final job. The same key "
+                    "with another body is 409 idempotency_key_reused.")
 
 
 class PreferHeader(BaseModel):
     prefer: str | None = Field(
         default=None, alias="Prefer",
         description="`wait` or `wait=N` (1 to 60 seconds; larger counts as 60): hold the answer until the job is "
-                    "final or N seconds pass. A malformed preference is ignored (RFC 7240).")
+                    "final or N seconds pass. A malformed preference is ignored (RFC 7240). Waiters are capped per "
+                    "API process and per tenant: past a cap the answer comes at once, as without Prefer (no "
+                    "Preference-Applied), never refused.")
 
 
 class CreateJobHeaders(IdempotencyHeader, PreferHeader):
@@ -631,7 +636,8 @@ class SearchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str | None = Field(default=None, description="Embedded by a worker with the checkpoint's CLIP text model.",
+    text: str | None = Field(default=None, description="Embedded by a worker with the checkpoint's CLIP text model "
+                             "(past 77 tokens truncated, as CLIP does).",
                              json_schema_extra={"minLength": 1, "maxLength": MAX_SEARCH_TEXT_CHARS, "pattern": r"\S"})
     image_url: str | None = Field(default=None, json_schema_extra=HTTP_URL)
     image_base64: str | None = Field(default=None, json_schema_extra={"contentEncoding": "base64"})
