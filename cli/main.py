@@ -94,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cli.admin import add_commands
     from cli.client_cmds import add_commands as add_client_commands
+    from evaluation.finetune import add_command as add_finetune_command
     from evaluation.run import add_command as add_eval_command
 
     add_commands(sub, tenant)
     add_client_commands(sub)
     add_eval_command(sub)
+    add_finetune_command(sub)
 
     sub.add_parser("migrate", help="alembic upgrade head").set_defaults(func=cmd_migrate)
     sub.add_parser("init-storage", help="create the bucket if missing").set_defaults(func=cmd_init_storage)
