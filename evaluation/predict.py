@@ -40,14 +40,25 @@ class EnginePredictor:
     def __init__(self, model: str, labels: list[Label], *, device: str = "auto", dtype: str = "bf16",
                  cpu_dtype: str = "auto", threshold: float = 0.4) -> None:
         from worker.engine import FastEngine, SegmentRequest, Wanted, load_clipseg
+        from worker.engine.finetuned import apply_decoder, is_model_folder, read_model_folder
 
         self._request, self._wanted = SegmentRequest, Wanted(soft=True)
-        self.loaded = load_clipseg(model, device=device, dtype=dtype, cpu_dtype=cpu_dtype)
+        tuned = read_model_folder(model) if is_model_folder(model) else None
+        base = tuned.base_id if tuned is not None else model
+        self.loaded = load_clipseg(base, device=device, dtype=dtype, cpu_dtype=cpu_dtype)
         self.engine = FastEngine(self.loaded)
+        what = model
+        if tuned is not None:  # a fine-tuned folder: its decoder on the frozen base, its learned labels
+            apply_decoder(self.loaded.model, tuned)
+            self.loaded.model.decoder.to(self.loaded.device, self.loaded.dtype)
+            if tuned.label_embeddings is not None:
+                for label, embedding in zip(tuned.labels, tuned.label_embeddings, strict=True):
+                    self.engine.text_cache.pin(tuple(label.prompts), embedding.to(self.loaded.device))
+            what = f"{model} (fine-tuned on {base})"
         self.labels = labels
         self.threshold = threshold
         dtype_name = str(self.loaded.dtype).removeprefix("torch.")
-        self.description = f"{model} in process on {self.loaded.device} ({dtype_name})"
+        self.description = f"{what} in process on {self.loaded.device} ({dtype_name})"
         self.seconds = 0.0
 
     def predict(self, images: Sequence[Image.Image]) -> list[np.ndarray]:

@@ -87,10 +87,23 @@ def evaluate(dataset: Dataset, predictor: Predictor, labels: list[Label], lookup
     return scores, stats, time.perf_counter() - started
 
 
+def folder_labels(model: str | None) -> list[Label]:
+    """A fine-tuned model folder's own labels (what a job naming it segments without prompts)."""
+    from worker.engine.finetuned import InvalidModel, is_model_folder, read_model_folder
+
+    if model is None or not is_model_folder(model):
+        return []
+    try:
+        return [Label(label.name, label.prompts) for label in read_model_folder(model).labels]
+    except InvalidModel as exc:
+        raise DatasetError(f"--model {model}: {exc}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         dataset = open_dataset(args.dataset)
-        asked = model_labels(args.preset, args.prompt or [])
+        own = [] if args.preset or args.prompt else folder_labels(args.model)
+        asked = own or model_labels(args.preset, args.prompt or [])
         labels, lookup = evaluated(asked, dataset)
     except DatasetError as exc:
         print(f"clipmask eval: {exc}", file=sys.stderr)
@@ -134,7 +147,24 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_report(out, metrics, scores, stats)
     _print(metrics, out)
+    if args.calibrate:
+        write_calibration(Path(args.calibrate), metrics, labels)
+        print(f"calibrated thresholds: {args.calibrate}")
     return 0
+
+
+def write_calibration(path: Path, metrics: dict[str, Any], labels: list[Label]) -> None:
+    """Each evaluated label's best threshold of the sweep (its own mask's IoU), as a preset's labels
+    take them: [{"name", "prompts", "threshold"}]; a label never present keeps the run's threshold."""
+    rows = []
+    for label in labels:
+        best = metrics["classes"][label.name]["best_threshold"]
+        rows.append({"name": label.name, "prompts": label.phrasings,
+                     "threshold": best if best is not None else metrics["threshold"],
+                     "mask_iou_at_threshold": metrics["classes"][label.name]["best_mask_iou"]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": metrics["predictor"], "dataset": metrics["dataset"]["path"],
+                                "images": metrics["images"], "labels": rows}, indent=2))
 
 
 def _f(value: float | None) -> str:
@@ -172,7 +202,11 @@ def add_command(sub: Any) -> None:
     p.add_argument("--prompt", action="append", help="a text label (repeatable); its name must be in labels.json")
     p.add_argument("--out", default="report", help="the report folder (default report/)")
     p.add_argument("--threshold", type=float, default=0.4)
-    p.add_argument("--model", help="hub id or folder (default: CLIPMASK_MODEL, else CIDAS/clipseg-rd64-refined)")
+    p.add_argument("--model", help="hub id, folder, or a `clipmask finetune` model folder (its decoder on its base, "
+                                   "its labels unless --preset/--prompt; default: CLIPMASK_MODEL, else "
+                                   "CIDAS/clipseg-rd64-refined)")
+    p.add_argument("--calibrate", metavar="OUT.json",
+                   help="write each label's best threshold of the sweep ({labels: [{name, prompts, threshold}]})")
     p.add_argument("--device", help="auto, cpu or cuda (default: CLIPMASK_DEVICE, else auto)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="on CUDA (default: CLIPMASK_DTYPE, else bf16)")
     p.add_argument("--cpu-dtype", choices=["auto", "bf16", "fp32"],
