@@ -84,9 +84,10 @@ def test_postgres_unreachable_between_the_manifest_and_the_completion(settings, 
         def __getattr__(self, name):
             return getattr(storage, name)
 
-        def put(self, key, data, **kwargs):
-            storage.put(key, data, **kwargs)
+        def put_stream(self, key, chunks, **kwargs):  # how the manifest is written
+            size = storage.put_stream(key, chunks, **kwargs)
             kill(proxy)
+            return size
 
     try:
         with pytest.raises(OperationalError):
