@@ -209,7 +209,6 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
             raise _item_problem(index, "metadata", "must be an object of strings")
         merged = {
             "prompts": item["prompts"] if item.get("prompts") is not None else (fields.prompts or []),
-            "threshold": item["threshold"] if item.get("threshold") is not None else fields.threshold,
             "metadata": {**fields.metadata, **(metadata or {})},
             "webhook_url": fields.webhook_url,
             "webhook_events": job_events,
@@ -219,6 +218,10 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
                               else batch_image_prompts or []),
             "embed": item["embed"] if item.get("embed") is not None else (fields.embed or []),
         }
+        if item.get("threshold") is not None:  # (left out when neither sets one: labels keep their own)
+            merged["threshold"] = item["threshold"]
+        elif "threshold" in fields.model_fields_set:
+            merged["threshold"] = fields.threshold
         try:
             params = JobParams.model_validate(merged)
         except ValidationError as exc:

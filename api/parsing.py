@@ -232,8 +232,11 @@ def job_labels(resolve: LabelResolver, params: JobParams, image_prompts: list[di
 def job_spec(params: JobParams, *, labels: list[dict[str, Any]], input: dict[str, Any], image: bytes | None = None,
              filename: str | None = None, image_prompts: list[dict[str, Any]] | None = None,
              examples: dict[str, bytes] | None = None) -> JobSpec:
-    """What the submission service takes, from validated fields and the image source."""
+    """What the submission service takes, from validated fields and the image source. A job that gives
+    its own `threshold` applies it to every label: its preset labels' own thresholds are dropped."""
     events = None if params.webhook_events is None else [str(e) for e in params.webhook_events]
+    if "threshold" in params.model_fields_set:
+        labels = [{k: v for k, v in label.items() if k != "threshold"} for label in labels]
     return JobSpec(prompts=params.prompts, threshold=params.threshold, input=input, metadata=params.metadata,
                    webhook_url=params.webhook_url, webhook_events=events, image=image, filename=filename,
                    labels=labels, preset=params.preset, outputs=[str(o) for o in params.outputs],

@@ -75,7 +75,8 @@ def create_preset() -> Response:
         parsed = PresetCreate.model_validate(body)
     except ValidationError as exc:
         raise validation_problem(exc, PRESET_FIELD_CODES) from exc
-    labels = [{"name": label.name, "prompts": label.prompts} for label in parsed.labels]
+    labels = [{"name": label.name, "prompts": label.prompts,
+               **({"threshold": label.threshold} if label.threshold is not None else {})} for label in parsed.labels]
     created = presets.create(db(), current_tenant().id, parsed.id, labels,
                              cap=services().settings.max_presets_per_tenant)
     log.info("preset created", extra={"tenant_id": current_tenant().id, "preset": parsed.id})

@@ -562,6 +562,9 @@ class PresetLabel(BaseModel):
     name: str = Field(min_length=1, max_length=MAX_LABEL_NAME, description="The label's name in results.")
     prompts: list[str] = Field(min_length=1, max_length=MAX_PHRASINGS, json_schema_extra=PROMPT_ITEMS,
                                description=f"1 to {MAX_PHRASINGS} phrasings; their text embeddings are averaged.")
+    threshold: float | None = Field(default=None, gt=0, lt=1, description=(
+        "This label's own threshold (for example `clipmask eval --calibrate`'s), used by jobs that give no "
+        "`threshold` of their own; absent: 0.4."))
 
     @field_validator("name")
     @classmethod

@@ -112,7 +112,9 @@ class PresetDef:
     builtin: bool
 
     def as_object(self) -> dict[str, Any]:
-        labels = [{"name": label["name"], "prompts": list(label["prompts"])} for label in self.labels]
+        labels = [{"name": label["name"], "prompts": list(label["prompts"]),
+                   **({"threshold": label["threshold"]} if label.get("threshold") is not None else {})}
+                  for label in self.labels]
         return {"id": self.id, "object": "preset", "builtin": self.builtin, "labels": labels}
 
 
@@ -173,7 +175,8 @@ def expand(preset: PresetDef | None, prompts: list[str],
            image_prompts: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The job's labels, in result order: the preset's, then the text prompts, then the image
     prompts (TooManyLabels past 32). An image label names its example: {"image_url"} or {"key"}."""
-    labels = [{"name": label["name"], "prompts": list(label["prompts"]), "source": "preset"}
+    labels = [{"name": label["name"], "prompts": list(label["prompts"]), "source": "preset",
+               **({"threshold": label["threshold"]} if label.get("threshold") is not None else {})}
               for label in (preset.labels if preset else [])]
     labels += [{"name": prompt, "prompts": [prompt], "source": "text"} for prompt in prompts]
     for example in image_prompts or []:

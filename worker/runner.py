@@ -284,7 +284,10 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         wanted = Wanted(soft=bool({"soft", "cutout"} & set(outputs)),
                         label_map=bool({"label_map", "overlay"} & set(outputs)))
         embed = set(job.embed or [])
-        request = SegmentRequest(image, [label["name"] for label in labels], job.threshold,
+        # each label's own threshold (a preset's calibrated one) unless the job gave one for all
+        thresholds = [float(label.get("threshold", job.threshold)) for label in labels]
+        threshold: float | list[float] = thresholds if len(set(thresholds)) > 1 else job.threshold
+        request = SegmentRequest(image, [label["name"] for label in labels], threshold,
                                  phrasings=conditions, wanted=wanted, size=(width, height),
                                  embed_image="image" in embed, embed_masks="masks" in embed)
         with stages.time("infer"):

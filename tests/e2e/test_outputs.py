@@ -114,6 +114,35 @@ def test_a_custom_preset_runs_and_its_job_survives_the_preset(client, tenant, im
     assert gone.status_code == 422 and gone.get_json()["code"] == "unknown_preset"
 
 
+def test_preset_label_thresholds_apply_unless_the_job_gives_one(client, tenant, image_server):
+    """A label's own threshold (from `clipmask eval --calibrate`) cuts its mask when the job gives
+    none; a job's threshold applies to every label. A mask is non-empty exactly when score >= t."""
+    preset_id = f"cal-{uuid.uuid4().hex[:8]}"
+    labels = [{"name": "low", "prompts": ["a shirt"], "threshold": 0.05},
+              {"name": "high", "prompts": ["a pair of pants"], "threshold": 0.95},
+              {"name": "plain", "prompts": ["a hat"]}]
+    created = client.post("/v1/presets", json={"id": preset_id, "labels": labels}, headers=tenant.headers)
+    assert created.status_code == 201 and created.get_json()["labels"] == labels
+    own = run(client, tenant, image_server, preset=preset_id, outputs=["mask", "label_map"])
+    for result, threshold in zip(own["results"], (0.05, 0.95, 0.4), strict=True):
+        assert (result["bbox"] is None) == (result["score"] < threshold), (result, threshold)
+    forced = run(client, tenant, image_server, preset=preset_id, threshold=0.5)
+    assert forced["threshold"] == 0.5
+    for result in forced["results"]:
+        assert (result["bbox"] is None) == (result["score"] < 0.5), result
+    url = image_server.add(f"/b-{uuid.uuid4().hex[:8]}.jpg", make_image(160, 120))
+    items = [{"image_url": url, "metadata": {"n": "own"}},
+             {"image_url": url, "threshold": 0.5, "metadata": {"n": "0.5"}}]
+    batch = client.post("/v1/batches", json={"preset": preset_id, "items": items}, headers=tenant.headers)
+    assert batch.status_code == 202, batch.get_json()
+    listed = client.get(f"/v1/batches/{batch.get_json()['id']}/jobs", headers=tenant.headers).get_json()["data"]
+    by_item = {job["metadata"]["n"]: wait_for_job(client, tenant, job["id"]) for job in listed}
+    for result, threshold in zip(by_item["own"]["results"], (0.05, 0.95, 0.4), strict=True):
+        assert (result["bbox"] is None) == (result["score"] < threshold), (result, threshold)
+    for result in by_item["0.5"]["results"]:
+        assert (result["bbox"] is None) == (result["score"] < 0.5), result
+
+
 def test_retention_deletes_every_output(client, tenant, image_server, storage, sessions):
     job = run(client, tenant, image_server, prompts=["shirt"], outputs=ALL_OUTPUTS)
     prefix = f"masks/{tenant.tenant_id}/{job['id']}/"

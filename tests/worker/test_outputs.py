@@ -85,6 +85,25 @@ def test_label_map_is_the_most_probable_label_that_reaches_the_threshold(everyth
     assert len(np.unique(label_map)) > 2
 
 
+def test_per_label_thresholds_cut_each_mask_and_the_label_map(fast):
+    """A preset's calibrated thresholds: each mask at its own, and a label map pixel to the most
+    probable of the labels that reach theirs there."""
+    image = picture(150, 110, seed=4)
+    thresholds = [0.3, 0.7, 0.5, 0.9]
+    result = fast.segment_batch([SegmentRequest(image, PROMPTS, thresholds,
+                                                wanted=Wanted(label_map=True))])[0]
+    p = probabilities(result, image.height, image.width)
+    reach = np.stack([p[i] >= t for i, t in enumerate(thresholds)])
+    for index, item in enumerate(result.masks):
+        assert np.array_equal(item.mask == 255, reach[index])
+    masked = np.where(reach, p, -1.0)
+    want = np.where(reach.any(axis=0), masked.argmax(axis=0) + 1, 0)
+    assert np.array_equal(result.label_map, want)
+    assert reach[0].sum() != (p[0] >= 0.5).sum()  # (the thresholds changed something)
+    with pytest.raises(ValueError, match="3 thresholds for 4 labels"):
+        upsample(result.logits, prompts=PROMPTS, height=20, width=20, threshold=thresholds[:3])
+
+
 def test_a_pass_without_extras_brings_back_only_masks(fast):
     result = fast.segment(picture(40, 30, seed=1), PROMPTS[:2], 0.5)
     assert result.label_map is None and all(m.soft is None for m in result.masks)

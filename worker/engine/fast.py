@@ -48,7 +48,7 @@ LabelKey = Phrasings | VisualPrompt
 class SegmentRequest:
     image: Image.Image | np.ndarray  # RGB; an (H, W, 3) uint8 array is used as is
     prompts: list[str]  # one name per label (a text prompt is its own name)
-    threshold: float
+    threshold: float | Sequence[float]  # one for every label, or one per label
     # per label its phrasings, or a VisualPrompt; None: each prompt is its label's one phrasing
     phrasings: list[LabelKey] | None = None
     wanted: Wanted = Wanted()

@@ -7,6 +7,7 @@ else 0), the score, the box and the area. Only what the job asked for leaves the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,11 +68,13 @@ def _bboxes(mask: torch.Tensor) -> list[list[int] | None]:
 
 
 def upsample(
-    logits: torch.Tensor, *, prompts: list[str], height: int, width: int, threshold: float,
+    logits: torch.Tensor, *, prompts: list[str], height: int, width: int, threshold: float | Sequence[float],
     wanted: Wanted = Wanted(),
 ) -> tuple[list[PromptMask], np.ndarray | None]:
     """Bilinear upsampling of (P, h, w) logits to (H, W), sigmoid, then masks (and soft maps, and the
-    label map, if wanted) with their stats, in chunks that bound device memory."""
+    label map, if wanted) with their stats, in chunks that bound device memory. `threshold` is one
+    for every label or one per label; a label map pixel goes to the most probable of the labels
+    that reach their threshold there (with one threshold: the most probable, if it reaches it)."""
     if len(prompts) > 254:
         raise ValueError("a label map holds at most 254 labels")
     out: list[PromptMask] = []
@@ -80,6 +83,13 @@ def upsample(
         return out, empty
     step = max(1, MAX_UPSAMPLE_ELEMENTS // (height * width))
     logits = logits.float()
+    single, per_label = 0.0, None
+    if isinstance(threshold, int | float):
+        single = float(threshold)
+    else:
+        per_label = torch.tensor([float(t) for t in threshold], device=logits.device)
+        if per_label.shape[0] != len(prompts):
+            raise ValueError(f"{per_label.shape[0]} thresholds for {len(prompts)} labels")
     best = best_index = None
     if wanted.label_map:
         best = torch.full((height, width), -1.0, device=logits.device)
@@ -90,10 +100,10 @@ def upsample(
         prob = up.sigmoid_()  # in place: one full-size buffer fewer to allocate and fault in
         del up
         scores = prob.amax(dim=(1, 2)).tolist()
-        mask = prob >= threshold
+        mask = prob >= (single if per_label is None else per_label[start : start + step].view(-1, 1, 1))
         soft = (prob * 255).round_().to(torch.uint8).cpu().numpy() if wanted.soft else None
         if best is not None and best_index is not None:
-            top, arg = prob.max(dim=0)
+            top, arg = torch.where(mask, prob, -1.0).max(dim=0)  # among the labels reaching their threshold
             better = top > best  # ties keep the earlier label
             best = torch.where(better, top, best)
             best_index = torch.where(better, (arg + start + 1).to(torch.uint8), best_index)
@@ -109,7 +119,7 @@ def upsample(
                                   None if soft is None else soft[i]))
     label_map = None
     if best is not None and best_index is not None:
-        label_map = torch.where(best >= threshold, best_index, 0).cpu().numpy()
+        label_map = torch.where(best >= 0, best_index, 0).cpu().numpy()
     return out, label_map
 
 
