@@ -67,7 +67,7 @@ class History:
     loss: list[float] = field(default_factory=list)
     val_miou: list[float | None] = field(default_factory=list)
     best_epoch: int = 0
-    stopped: str = "epochs"
+    stopped: str = "ran every epoch"
 
 
 def mirror_lookup(names: list[str]) -> np.ndarray:
