@@ -94,3 +94,41 @@ def test_mirroring_swaps_left_and_right_labels():
     assert isinstance(cropped, Image.Image) and cropped.size == cropped_truth.shape[::-1]
     for value in range(1, len(CLASSES) + 1):  # a crop keeps every labelled pixel
         assert (cropped_truth == value).sum() + (cropped_truth == lookup[value]).sum() >= (truth == value).sum()
+
+
+def test_prompt_tuning_saves_learned_label_embeddings_that_eval_uses(garments, tiny_model_dir, tmp_path):
+    out = tmp_path / "tuned-prompts"
+    assert main(["finetune", str(garments), "--preset", "human_parsing", "--model", str(tiny_model_dir),
+                 "--out", str(out), "--epochs", "3", "--lr", "5e-3", "--val-fraction", "0.25", "--batch-size", "4",
+                 "--prompt-tuning", "--quiet"]) == 0
+    folder = read_model_folder(out)
+    assert folder.label_embeddings is not None and folder.label_embeddings.shape[0] == len(CLASSES)
+    assert json.loads((out / MANIFEST).read_text())["prompt_tuning"] is True
+    # eval answers each label with its learned embedding: the folder's labels, scored without error
+    assert main(["eval", str(garments), "--model", str(out), "--quiet", "--out", str(tmp_path / "r")]) == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert list(metrics["classes"]) == CLASSES
+
+
+def test_ctrl_c_keeps_the_best_checkpoint_so_far(garments, tiny_model_dir, tmp_path, monkeypatch):
+    from evaluation import finetune
+
+    real_loss = finetune.Trainer.loss
+    calls = [0]
+
+    def interrupted(self, *args):  # the fault: the user presses Ctrl-C during the third epoch
+        calls[0] += 1
+        if calls[0] == 2 * 24 + 3:  # 24 steps an epoch: 24 images x 4 variants, 4 a step
+            raise KeyboardInterrupt
+        return real_loss(self, *args)
+
+    monkeypatch.setattr(finetune.Trainer, "loss", interrupted)
+    out = tmp_path / "interrupted"
+    assert main(["finetune", str(garments), "--preset", "human_parsing", "--model", str(tiny_model_dir),
+                 "--out", str(out), "--epochs", "10", "--lr", "5e-3", "--val-fraction", "0.25", "--batch-size", "4",
+                 "--quiet"]) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["training"]["stopped"].startswith("interrupted") and manifest["training"]["epochs_run"] == 2
+    assert manifest["training"]["best_epoch"] in (1, 2)
+    best = max(v for v in manifest["history"]["val_miou"] if v is not None)
+    assert manifest["metrics"]["validation_after"]["miou"] == pytest.approx(best)  # the best epoch's weights
