@@ -20,12 +20,14 @@ Everything it reads (sizes, mean/std, layers) comes from the checkpoint's own fi
 
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +42,36 @@ Phrasings = tuple[str, ...]
 # Hidden-state values per vision pass on the CPU: past about one real-checkpoint image, the
 # activations stop fitting the caches and every image in the pass gets slower.
 CPU_PASS_VALUES = 512 * 1024
-# What a label is conditioned on: its text phrasings (ensembled), or an example image.
-LabelKey = Phrasings | VisualPrompt
+@dataclass(frozen=True, eq=False)
+class LearnedLabel:
+    """A label whose conditional embedding was learned (`clipmask finetune --prompt-tuning`): equal
+    and cached by `key` (the model's revision and the label's index)."""
+
+    key: str
+    embedding: torch.Tensor
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LearnedLabel) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+@dataclass(frozen=True, eq=False)
+class Decoder:
+    """A fine-tuned decoder's tensors ("decoder.<name>", as worker/engine/finetuned.py reads them),
+    run on the shared frozen backbone; known by `revision`, so an update never mixes weights."""
+
+    revision: str
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+# What a label is conditioned on: its text phrasings (ensembled), an example image, or a learned embedding.
+LabelKey = Phrasings | VisualPrompt | LearnedLabel
 
 
 @dataclass
@@ -57,6 +87,7 @@ class SegmentRequest:
     size: tuple[int, int] | None = None
     embed_image: bool = False  # the whole image's CLIP embedding
     embed_masks: bool = False  # each label's masked crop's CLIP embedding
+    decoder: Decoder | None = None  # a fine-tuned decoder; None: the base model's
 
     def output_size(self, arr: np.ndarray) -> tuple[int, int]:
         return self.size if self.size is not None else (arr.shape[1], arr.shape[0])
@@ -65,9 +96,9 @@ class SegmentRequest:
         if self.phrasings is None:
             return [(p,) for p in self.prompts]
         if len(self.phrasings) != len(self.prompts) or not all(
-                isinstance(p, VisualPrompt) or len(p) for p in self.phrasings):
+                isinstance(p, VisualPrompt | LearnedLabel) or len(p) for p in self.phrasings):
             raise ValueError("each label needs one or more phrasings")
-        return [p if isinstance(p, VisualPrompt) else tuple(p) for p in self.phrasings]
+        return [p if isinstance(p, VisualPrompt | LearnedLabel) else tuple(p) for p in self.phrasings]
 
 
 @dataclass
@@ -102,7 +133,9 @@ CacheKey = Phrasings | str
 def cache_key(label: LabelKey) -> CacheKey:
     """What the cache keeps a label under: its phrasings, or an example's content digest (never the
     example's pixels)."""
-    return f"image:{label.digest}" if isinstance(label, VisualPrompt) else label
+    if isinstance(label, VisualPrompt):
+        return f"image:{label.digest}"
+    return f"learned:{label.key}" if isinstance(label, LearnedLabel) else label
 
 
 def _key_bytes(key: CacheKey) -> int:
@@ -197,7 +230,7 @@ def _is_block_conv_transpose(module: torch.nn.Module) -> bool:
 
 class FastEngine:
     def __init__(self, loaded: LoadedModel, *, text_cache_size: int = 4096, compile: bool = False,
-                 vision_chunk: int | None = None) -> None:
+                 vision_chunk: int | None = None, max_decoders: int = 16) -> None:
         self.loaded = loaded
         model = loaded.model
         self.extract_layers = list(model.config.extract_layers)
@@ -207,11 +240,10 @@ class FastEngine:
         self._layer_extra = _layer_extra(self._vision_layers[0])
         decoder = model.decoder
         self._decoder_extra = _layer_extra(decoder.layers[0])
-        steps = decoder.transposed_convolution
         # each upsampling step as it runs: the block transposed convs as matmuls, decided once here
-        self._upconv: list[Callable[[torch.Tensor], torch.Tensor]] = [
-            partial(_stride_conv_transpose, step) if _is_block_conv_transpose(step) else step
-            for step in (steps if isinstance(steps, torch.nn.Sequential) else [steps])]
+        self._upconv: list[Callable[[torch.Tensor], torch.Tensor]] = self._upconv_steps(decoder)
+        self._decoders: OrderedDict[str, torch.nn.Module] = OrderedDict()  # fine-tuned ones, by revision
+        self.max_decoders = max_decoders
         vcfg = model.config.vision_config
         pre = loaded.preprocessing
         # tokens per image at the model's input size (the class token included)
@@ -298,18 +330,21 @@ class FastEngine:
         """CLIP image features of normalised pixels, as `clip.get_image_features` gives them."""
         return self._finish_vision(self.activations(pixels.to(self.loaded.device, self.dtype))[-1])
 
-    def _decode(self, activations: list[torch.Tensor], conditional: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def _decode(self, activations: list[torch.Tensor], conditional: torch.Tensor, index: torch.Tensor,
+                decoder: torch.nn.Module | None = None) -> torch.Tensor:
         """CLIPSegDecoder.forward for per-image activations and per-label conditional embeddings
-        (label i belongs to image index[i]): the reductions run once per image, then repeat."""
-        decoder = self.loaded.model.decoder
+        (label i belongs to image index[i]): the reductions run once per image, then repeat.
+        `decoder`: a fine-tuned copy of the base's (self.tuned_decoder); None: the base's own."""
+        upconv = self._upconv if decoder is None else self._upconv_steps(decoder)
+        dec: Any = self.loaded.model.decoder if decoder is None else decoder
         output: torch.Tensor | None = None
-        for i, (activation, layer, reduce) in enumerate(zip(activations[::-1], decoder.layers, decoder.reduces,
+        for i, (activation, layer, reduce) in enumerate(zip(activations[::-1], dec.layers, dec.reduces,
                                                             strict=False)):
             reduced = reduce(activation).index_select(0, index)
             output = reduced if output is None else reduced + output
-            if i == decoder.conditional_layer:
-                output = (decoder.film_mul(conditional).unsqueeze(1) * output
-                          + decoder.film_add(conditional).unsqueeze(1))
+            if i == dec.conditional_layer:
+                output = (dec.film_mul(conditional).unsqueeze(1) * output
+                          + dec.film_add(conditional).unsqueeze(1))
             output = layer(output, *self._decoder_extra)
             if isinstance(output, tuple):
                 output = output[0]
@@ -317,9 +352,33 @@ class FastEngine:
         output = output[:, 1:, :].transpose(1, 2)  # drop the class token: (labels, reduce_dim, tokens)
         side = int(output.shape[2] ** 0.5)
         output = output.reshape(output.shape[0], output.shape[1], side, side)
-        for step in self._upconv:
+        for step in upconv:
             output = step(output)
         return output.squeeze(1)
+
+    @staticmethod
+    def _upconv_steps(decoder: Any) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Each upsampling step as it runs: the block transposed convs as matmuls."""
+        steps = decoder.transposed_convolution
+        return [partial(_stride_conv_transpose, step) if _is_block_conv_transpose(step) else step
+                for step in (steps if isinstance(steps, torch.nn.Sequential) else [steps])]
+
+    def tuned_decoder(self, weights: Decoder) -> torch.nn.Module:
+        """A copy of the base's decoder holding `weights`, kept for the last `max_decoders` revisions
+        used (about 4.4 MB each in rd64), so a batch mixing models builds each once."""
+        with self._lock:
+            found = self._decoders.get(weights.revision)
+            if found is not None:
+                self._decoders.move_to_end(weights.revision)
+                return found
+        module = copy.deepcopy(self.loaded.model.decoder)
+        module.load_state_dict({k.removeprefix("decoder."): v for k, v in weights.tensors.items()}, strict=True)
+        module = module.to(self.loaded.device, self.dtype).eval()
+        with self._lock:
+            self._decoders[weights.revision] = module
+            while len(self._decoders) > self.max_decoders:
+                self._decoders.popitem(last=False)
+        return module
 
     def _text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         lm = self.loaded
@@ -334,8 +393,11 @@ class FastEngine:
         """One text-model pass for every distinct phrasing (one embedding per label, ensembled), and
         one vision pass for the example images, as `get_conditional_embeddings` computes them."""
         out: list[torch.Tensor | None] = [None] * len(labels)
-        texts = [(i, label) for i, label in enumerate(labels) if not isinstance(label, VisualPrompt)]
+        texts = [(i, label) for i, label in enumerate(labels) if isinstance(label, tuple)]
         visuals = [(i, label) for i, label in enumerate(labels) if isinstance(label, VisualPrompt)]
+        for i, label in enumerate(labels):
+            if isinstance(label, LearnedLabel):
+                out[i] = label.embedding.to(self.loaded.device, self.dtype)
         if texts:
             phrases = list(dict.fromkeys(p for _, label in texts for p in label))
             embeddings = self._text_embeddings(phrases)
@@ -359,9 +421,12 @@ class FastEngine:
 
     @torch.inference_mode()
     def logits_from_pixels(self, pixels: torch.Tensor, labels: Sequence[list[str]] | Sequence[list[LabelKey]],
-                           activations: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                           activations: list[torch.Tensor] | None = None,
+                           decoders: Sequence[Decoder | None] | None = None) -> list[torch.Tensor]:
         """The model part alone, from normalised (B, 3, S, S) pixel values. Per image, its labels:
-        prompt strings, tuples of phrasings (ensembled) or visual prompts."""
+        prompt strings, tuples of phrasings (ensembled), visual prompts or learned embeddings, and
+        its decoder (`decoders`; None: the base's). The vision pass is one for the whole batch;
+        only the decoder step is grouped by decoder."""
         pixels = pixels.to(self.loaded.device, self.dtype)
         if activations is None:
             activations = self.activations(pixels)
@@ -370,7 +435,8 @@ class FastEngine:
         none = torch.zeros((0, *pixels.shape[-2:]), device=pixels.device)
         if sum(counts) == 0:  # embedding-only requests: no decoder pass
             return [none for _ in counts]
-        flat = [label if isinstance(label, tuple | VisualPrompt) else (label,) for group in labels for label in group]
+        flat = [label if isinstance(label, tuple | VisualPrompt | LearnedLabel) else (label,)
+                for group in labels for label in group]
         with self._lock:
             conditional = self.text_cache.get_many(flat, self._label_embeddings).to(self.dtype)
         out: list[torch.Tensor] = []
@@ -383,17 +449,44 @@ class FastEngine:
                 continue
             index = torch.repeat_interleave(torch.arange(len(chunk), device=pixels.device),
                                             torch.tensor(chunk, device=pixels.device))
-            logits = self._decoder_fn([a[part] for a in activations], conditional[first:first + size], index)
+            rows = conditional[first:first + size]
+            wanted: list[Decoder | None] = [None] * len(chunk) if decoders is None else list(decoders[part])
+            if all(d is None for d in wanted):
+                logits = self._decoder_fn([a[part] for a in activations], rows, index)
+            else:
+                logits = self._decode_grouped([a[part] for a in activations], rows, index, wanted)
             out += list(torch.split(logits.float(), chunk))  # (labels, h, w): _decode keeps the label axis
             first += size
         return out
+
+    def _decode_grouped(self, activations: list[torch.Tensor], conditional: torch.Tensor, index: torch.Tensor,
+                        decoders: list[Decoder | None]) -> torch.Tensor:
+        """The decoder step per distinct decoder among the images, scattered back into label order."""
+        groups: dict[str | None, list[int]] = {}
+        for image, decoder in enumerate(decoders):
+            groups.setdefault(None if decoder is None else decoder.revision, []).append(image)
+        by_revision = {d.revision: d for d in decoders if d is not None}
+        logits: torch.Tensor | None = None
+        for revision, images in groups.items():
+            picked = torch.tensor(images, device=index.device)
+            rows = torch.isin(index, picked).nonzero().squeeze(1)
+            local = torch.searchsorted(picked, index.index_select(0, rows))  # image positions within the group
+            module = None if revision is None else self.tuned_decoder(by_revision[revision])
+            part = self._decode([a.index_select(0, picked) for a in activations], conditional.index_select(0, rows),
+                                local, module)
+            if logits is None:
+                logits = part.new_empty((index.shape[0], *part.shape[1:]))
+            logits[rows] = part
+        assert logits is not None
+        return logits
 
     @torch.inference_mode()
     def segment_batch(self, requests: Sequence[SegmentRequest]) -> list[SegmentResult]:
         arrays = [as_uint8_array(r.image) for r in requests]
         pixels = self.preprocess(arrays)
         activations = self.activations(pixels)
-        per_image = self.logits_from_pixels(pixels, [r.label_keys() for r in requests], activations)
+        per_image = self.logits_from_pixels(pixels, [r.label_keys() for r in requests], activations,
+                                            [r.decoder for r in requests])
         # embed: image continues the vision tower past the decoder's last layer, only for those asking
         wants_image = [i for i, r in enumerate(requests) if r.embed_image]
         image_vectors: dict[int, np.ndarray] = {}

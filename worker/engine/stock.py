@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from worker.engine.embed import VisualPrompt, features, masked_crop, neutral_grey, unit
-from worker.engine.fast import EmbedQuery, LabelKey, SegmentRequest, as_uint8_array, ensemble
+from worker.engine.fast import EmbedQuery, LabelKey, LearnedLabel, SegmentRequest, as_uint8_array, ensemble
 from worker.engine.loading import LoadedModel
 from worker.engine.postprocess import SegmentResult, upsample
 
@@ -50,7 +50,7 @@ class StockEngine:
 
     def _conditional(self, labels: list[LabelKey]) -> torch.Tensor:
         lm = self.loaded
-        phrases = list(dict.fromkeys(p for label in labels if not isinstance(label, VisualPrompt) for p in label))
+        phrases = list(dict.fromkeys(p for label in labels if isinstance(label, tuple) for p in label))
         row = {phrase: index for index, phrase in enumerate(phrases)}
         embeddings = None
         if phrases:
@@ -60,12 +60,15 @@ class StockEngine:
                 attention_mask=tokens["attention_mask"].to(lm.device))
         rows = []
         for label in labels:
-            if isinstance(label, VisualPrompt):
+            if isinstance(label, LearnedLabel):
+                rows.append(label.embedding.to(lm.device))
+            elif isinstance(label, VisualPrompt):
                 example = lm.processor(images=[Image.fromarray(label.pixels)], return_tensors="pt")["pixel_values"]
                 rows.append(lm.model.get_conditional_embeddings(
                     batch_size=1, conditional_pixel_values=example.to(lm.device, lm.dtype))[0])
             else:
                 assert embeddings is not None
+                assert isinstance(label, tuple)
                 rows.append(ensemble(embeddings[[row[p] for p in label]]))
         return torch.stack([r.to(lm.dtype) for r in rows])
 
@@ -96,11 +99,16 @@ class StockEngine:
             input_ids=tokens["input_ids"].to(lm.device), attention_mask=tokens["attention_mask"].to(lm.device))))
 
     def run(self, request: SegmentRequest) -> SegmentResult:
+        if request.decoder is not None:
+            from shared.errors import JobFailure
+
+            raise JobFailure("fine-tuned models run on the fast engine (CLIPMASK_ENGINE=fast)",
+                             code="model_unsupported")
         image = request.image if isinstance(request.image, Image.Image) else Image.fromarray(request.image)
         labels = request.label_keys()
         if not labels:
             logits = torch.zeros((0, 1, 1))
-        elif all(not isinstance(label, VisualPrompt) and len(label) == 1 for label in labels):
+        elif all(isinstance(label, tuple) and len(label) == 1 for label in labels):
             logits = self.stock_logits(image, [label[0] for label in labels])  # type: ignore[index]
         else:
             logits = self.ensemble_logits(image, labels)
