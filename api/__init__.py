@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import batches, deliveries, health, jobs, metrics, openapi, presets, search, web
+from api import batches, deliveries, health, jobs, metrics, models, openapi, presets, search, web
 from api.body import DrainUnreadBody
 from api.problems import refuse_long_uri, register_error_handlers
 from api.services import Services, close_db
@@ -23,7 +23,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     register_error_handlers(app)
     app.before_request(refuse_long_uri)
     metrics.install(app)
-    for module in (health, jobs, batches, presets, search, deliveries, metrics, openapi, web):
+    for module in (health, jobs, batches, presets, models, search, deliveries, metrics, openapi, web):
         app.register_blueprint(module.bp)
     # answers given before the body was read (413, 401) reach clients that write it all first
     app.wsgi_app = DrainUnreadBody(app.wsgi_app, limit=settings.drain_body_bytes)  # type: ignore[method-assign]

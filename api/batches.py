@@ -53,7 +53,7 @@ from api.schemas import (
 )
 from api.services import db, services
 from shared import batches as batchstate
-from shared import presets
+from shared import presets, tuned
 from shared.enums import BatchEvent, BatchStatus, JobEvent, JobStatus
 from shared.followups import Effects, after_commit
 from shared.models import Batch, Job
@@ -67,7 +67,7 @@ bp.before_request(require_tenant)
 bp.before_request(refuse_unstorable_ids)
 
 ITEM_FIELDS = ("image_url", "image_s3_uri", "prompts", "threshold", "metadata", "preset", "outputs", "image_prompts",
-               "embed")
+               "embed", "model")
 BATCH_CODES = {**FIELD_CODES, "items": "invalid_batch_item"}
 
 
@@ -217,6 +217,7 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
             "image_prompts": (item["image_prompts"] if item.get("image_prompts") is not None
                               else batch_image_prompts or []),
             "embed": item["embed"] if item.get("embed") is not None else (fields.embed or []),
+            "model": item["model"] if item.get("model") is not None else fields.model,
         }
         if item.get("threshold") is not None:  # (left out when neither sets one: labels keep their own)
             merged["threshold"] = item["threshold"]
@@ -236,9 +237,12 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
             labels = job_labels(resolve, params, shown)
         except presets.PresetError as exc:
             raise _item_problem(index, "preset" if exc.code == "unknown_preset" else "prompts", exc.message) from exc
+        except tuned.ModelError as exc:
+            raise _item_problem(index, "model", exc.message) from exc
         except ApiProblem as exc:
             raise _item_problem(index, "prompts", exc.detail) from exc
-        items.append(job_spec(params, labels=labels, input=image_input, image_prompts=shown, examples=stored))
+        items.append(job_spec(params, labels=labels, input=image_input, image_prompts=shown, examples=stored,
+                              model_ref=resolve.model(params.model)[0]))
     # The batch's own webhook gets batch.completed unless only job events were asked for.
     wants_completed = events is None or BatchEvent.COMPLETED in events
     return BatchSpec(items=items, metadata=fields.metadata,

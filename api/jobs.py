@@ -79,8 +79,10 @@ def _parse_json() -> tuple[JobSpec, str, str]:
                          errors=[{"field": name, "message": "only one image source"} for name in sources])
     params = JobParams.model_validate(parsed.model_dump(exclude=set(IMAGE_SOURCES)))
     shown, examples = ImagePrompts()(params)
-    labels = job_labels(LabelResolver(), params, shown)
-    extra: dict[str, Any] = {"labels": labels, "image_prompts": shown, "examples": examples}
+    resolve = LabelResolver()
+    labels = job_labels(resolve, params, shown)
+    extra: dict[str, Any] = {"labels": labels, "image_prompts": shown, "examples": examples,
+                             "model_ref": resolve.model(params.model)[0]}
     if parsed.image_s3_uri is not None:
         check_s3_input(parsed.image_s3_uri, "image_s3_uri")
         return job_spec(params, input={"image_s3_uri": parsed.image_s3_uri}, **extra), fingerprint(body), "s3"
@@ -109,12 +111,13 @@ def _parse_multipart() -> tuple[JobSpec, str, str]:
     except ValidationError as exc:
         raise validation_problem(exc) from exc
     shown, examples = ImagePrompts()(params)
-    labels = job_labels(LabelResolver(), params, shown)
+    resolve = LabelResolver()
+    labels = job_labels(resolve, params, shown)
     data = upload.read()
     check_image_bytes(data, "image")
     digest = hashlib.sha256(data).hexdigest()
     job = job_spec(params, labels=labels, input={}, image=data, filename=upload.filename or None,
-                   image_prompts=shown, examples=examples)
+                   image_prompts=shown, examples=examples, model_ref=resolve.model(params.model)[0])
     return job, fingerprint({**fields, "image": digest}), "upload"
 
 

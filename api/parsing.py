@@ -17,8 +17,9 @@ from api.auth import current_tenant
 from api.problems import ApiProblem
 from api.schemas import JobParams
 from api.services import db, services
-from shared import presets
+from shared import presets, tuned
 from shared.images import sniff
+from shared.models import ServedBase
 from shared.s3uri import input_refusal, parse_s3_uri
 from shared.storage import example_key
 from shared.submit import JobSpec
@@ -156,10 +157,35 @@ class LabelResolver:
 
     def __init__(self) -> None:
         self._presets: dict[str, presets.PresetDef] = {}
+        self._models: dict[str, tuple[dict[str, str] | None, list[dict[str, Any]]]] = {}
+
+    def model(self, model_id: str | None) -> tuple[dict[str, str] | None, list[dict[str, Any]]]:
+        """(the job's model_ref, the model's own labels) for `model`: (None, []) for the deployment's
+        base model or none; a tenant's fine-tuned model by its current revision; else 422 unknown_model."""
+        if model_id is None:
+            return None, []
+        if model_id not in self._models:
+            session, tenant = db(), current_tenant()
+            if model_id == services().settings.model or session.get(ServedBase, model_id) is not None:
+                self._models[model_id] = (None, [])
+            else:
+                row = tuned.find_model(session, tenant.id, model_id)
+                if row is None:
+                    raise tuned.UnknownModel(f"No model {model_id!r}: use the deployment's base model or one of "
+                                             "yours (GET /v1/models).")
+                labels = [{"name": label["name"], "prompts": list(label["prompts"]), "source": "model",
+                           "model_label": index,
+                           **({"threshold": label["threshold"]} if label.get("threshold") is not None else {})}
+                          for index, label in enumerate(row.labels)]
+                self._models[model_id] = ({"id": row.id, "revision": row.revision}, labels)
+        return self._models[model_id]
 
     def __call__(self, preset_id: str | None, prompts: list[str], *, field: str = "prompts",
                  image_prompts: list[dict[str, Any]] | None = None, embed: list[str] | None = None,
-                 ) -> list[dict[str, Any]]:
+                 model: str | None = None) -> list[dict[str, Any]]:
+        ref, own = self.model(model)
+        if ref is not None and not prompts and preset_id is None and not image_prompts:
+            return own  # a fine-tuned model's own labels, at their calibrated thresholds
         if not prompts and preset_id is None and not image_prompts and not embed:
             raise ApiProblem(422, "invalid_prompts", "Give prompts, a preset, image_prompts or embed.",
                              errors=[{"field": field, "message": "give prompts, a preset, image_prompts or embed"}])
@@ -226,12 +252,12 @@ class ImagePrompts:
 def job_labels(resolve: LabelResolver, params: JobParams, image_prompts: list[dict[str, Any]], *,
                field: str = "prompts") -> list[dict[str, Any]]:
     return resolve(params.preset, params.prompts, field=field, image_prompts=image_prompts,
-                   embed=[str(e) for e in params.embed])
+                   embed=[str(e) for e in params.embed], model=params.model)
 
 
 def job_spec(params: JobParams, *, labels: list[dict[str, Any]], input: dict[str, Any], image: bytes | None = None,
              filename: str | None = None, image_prompts: list[dict[str, Any]] | None = None,
-             examples: dict[str, bytes] | None = None) -> JobSpec:
+             examples: dict[str, bytes] | None = None, model_ref: dict[str, str] | None = None) -> JobSpec:
     """What the submission service takes, from validated fields and the image source. A job that gives
     its own `threshold` applies it to every label: its preset labels' own thresholds are dropped."""
     events = None if params.webhook_events is None else [str(e) for e in params.webhook_events]
@@ -240,7 +266,8 @@ def job_spec(params: JobParams, *, labels: list[dict[str, Any]], input: dict[str
     return JobSpec(prompts=params.prompts, threshold=params.threshold, input=input, metadata=params.metadata,
                    webhook_url=params.webhook_url, webhook_events=events, image=image, filename=filename,
                    labels=labels, preset=params.preset, outputs=[str(o) for o in params.outputs],
-                   image_prompts=image_prompts or [], examples=examples or {}, embed=[str(e) for e in params.embed])
+                   image_prompts=image_prompts or [], examples=examples or {}, embed=[str(e) for e in params.embed],
+                   model_ref=model_ref)
 
 
 def parse_status(allowed: Iterable[str]) -> list[str]:

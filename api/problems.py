@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from shared.errors import IdempotencyKeyReused, QueueFull, QueueUnavailable, StorageFailed
 from shared.presets import PresetError
+from shared.tuned import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,11 @@ def register_error_handlers(app: Flask) -> None:
         field = "labels" if exc.code == "too_many_labels" else "preset"
         return problem_response(ApiProblem(exc.status, exc.code, exc.message,
                                            errors=[{"field": field, "message": exc.message}]))
+
+    @app.errorhandler(ModelError)
+    def model_error(exc: ModelError) -> Response:
+        return problem_response(ApiProblem(exc.status, exc.code, exc.message,
+                                           errors=[{"field": exc.field, "message": exc.message}]))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

@@ -44,6 +44,7 @@ FIELD_CODES = {
     "outputs": "invalid_outputs",
     "image_prompts": "invalid_image_prompts",
     "embed": "invalid_embed",
+    "model": "unknown_model",
 }
 
 
@@ -132,6 +133,10 @@ class JobParams(BaseModel):
     threshold: float = Field(
         default=0.4, gt=0, lt=1, description="A pixel is in the mask where sigmoid(logit) >= threshold.",
     )
+    model: str | None = Field(default=None, description="The deployment's base model (GET /v1/models) or one of "
+                              "your fine-tuned models; without prompts, preset and image_prompts, the model's own "
+                              "labels are segmented, each at its calibrated threshold.",
+                              json_schema_extra={"minLength": 1, "maxLength": 1000})
     webhook_url: str | None = Field(default=None, description="http(s) URL that receives the job's events.",
                                     json_schema_extra=HTTP_URL)
     webhook_events: list[JobEvent] | None = Field(
@@ -251,6 +256,7 @@ class JobCreateMultipart(BaseModel):
                                       json_schema_extra={"contentMediaType": "application/json"})
     embed: list[EmbedKind] | None = Field(default=None, description="Repeat the field once per kind.")
     threshold: float = Field(default=0.4, gt=0, lt=1)
+    model: str | None = None
     webhook_url: str | None = None
     webhook_events: list[JobEvent] | None = Field(default=None, description="Repeat the field once per event.")
     metadata: str | None = Field(default=None, description='A JSON object of strings, as a string: {"sku": "123"}.',
@@ -299,7 +305,7 @@ class MaskResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(description="The preset label's name or the text prompt.")
-    source: Literal["preset", "text", "image"]
+    source: Literal["preset", "text", "image", "model"]
     mask_url: str | None = Field(default=None, description="(mask) Presigned GET URL of an 8-bit grayscale PNG, "
                                  "0 or 255, image size.")
     soft_url: str | None = Field(default=None, description="(soft) 8-bit grayscale PNG of round(255 * p).")
@@ -324,9 +330,15 @@ class JobOutputs(BaseModel):
     overlay_url: str | None = Field(default=None, description="(overlay) JPEG of the image with the labels tinted.")
 
 
+class BaseInfo(BaseModel):
+    id: str
+    revision: str | None
+
+
 class ModelInfo(BaseModel):
-    id: str = Field(description="The checkpoint: a hub id or a local folder.")
-    revision: str | None = Field(description="The hub commit, or sha256 of a local folder's weights.")
+    id: str = Field(description="The checkpoint (a hub id or a local folder), or your fine-tuned model's id.")
+    revision: str | None = Field(description="The hub commit, or sha256 of a local folder's or a model's weights.")
+    base: BaseInfo | None = Field(default=None, description="For a fine-tuned model: the backbone it ran on.")
 
 
 class JobError(BaseModel):
@@ -398,6 +410,7 @@ class BatchItem(BaseModel):
     outputs: list[OutputKind] | None = Field(default=None, description="Default: the batch's outputs.")
     image_prompts: list[ImagePrompt] | None = Field(default=None, description="Default: the batch's image prompts.")
     embed: list[EmbedKind] | None = Field(default=None, description="Default: the batch's embed.")
+    model: str | None = Field(default=None, description="Default: the batch's model.")
 
 
 class BatchCreate(BaseModel):
@@ -417,6 +430,7 @@ class BatchCreate(BaseModel):
     image_prompts: list[ImagePrompt] | None = Field(default=None, description="Image prompts for items that set none.",
                                                     json_schema_extra={"maxItems": MAX_IMAGE_PROMPTS})
     embed: list[EmbedKind] | None = Field(default=None, description="Embeddings for items that set none.")
+    model: str | None = Field(default=None, description="Model for items that set none (GET /v1/models).")
     webhook_url: str | None = Field(default=None, description="Receives the items' job events and batch.completed.",
                                     json_schema_extra=HTTP_URL)
     webhook_events: list[JobEvent | BatchEvent] | None = Field(
@@ -436,6 +450,7 @@ class BatchCreateMultipart(BaseModel):
                                       json_schema_extra={"contentMediaType": "application/json"})
     embed: list[EmbedKind] | None = Field(default=None, description="Repeat the field once per kind.")
     threshold: float | None = None
+    model: str | None = None
     webhook_url: str | None = None
     webhook_events: list[JobEvent | BatchEvent] | None = None
     metadata: str | None = Field(default=None, description="A JSON object of strings, as a string.",
@@ -610,6 +625,41 @@ class PresetObject(BaseModel):
     object: Literal["preset"]
     builtin: bool
     labels: list[PresetLabel]
+
+
+class ModelLabel(BaseModel):
+    name: str
+    prompts: list[str]
+    threshold: float | None = None
+
+
+class ModelObject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    object: Literal["model"]
+    builtin: bool = Field(description="The deployment's base model (read-only), or one of your fine-tuned ones.")
+    base: BaseInfo | None = Field(description="For a fine-tuned model: the backbone it runs on.")
+    revision: str | None = Field(description="sha256 of the weights (a fine-tuned model), or the base's revision.")
+    labels: list[ModelLabel] = Field(description="Its own labels, with calibrated thresholds; [] for a base model.")
+    metrics: dict[str, Any] = Field(description="Validation metrics from clipmask finetune (before and after).")
+    created_at: str
+
+
+class ModelList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+class ModelCreateMultipart(BaseModel):
+    """`POST /v1/models` as multipart/form-data: the folder `clipmask finetune` wrote."""
+
+    id: str = Field(description="Your id for it: 1 to 64 of a-z, 0-9, '.', '_', '-'.",
+                    json_schema_extra={"pattern": r"^[a-z0-9._-]{1,64}$"})
+    manifest: bytes = Field(description="The folder's clipmask-model.json.", json_schema_extra={"format": "binary"})
+    weights: bytes = Field(description="The folder's decoder.safetensors.", json_schema_extra={"format": "binary"})
 
 
 class PresetList(BaseModel):

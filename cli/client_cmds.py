@@ -95,7 +95,8 @@ def cmd_submit(args: argparse.Namespace, _settings: Any) -> int:
             examples = _pairs(args.image_prompt, "--image-prompt")
             job = cm.create_job(args.image, args.prompt or None, preset=args.preset, outputs=args.output or None,
                                 threshold=args.threshold, wait=60 if (args.wait or args.out) else None,
-                                image_prompts=dict(examples) if examples else None, embed=args.embed or None)
+                                image_prompts=dict(examples) if examples else None, embed=args.embed or None,
+                                model=args.model)
             print(f"job {job.id} {job.status}", file=sys.stderr)
             if args.wait or args.out:
                 job = cm.wait(job.id, timeout=args.timeout)
@@ -108,6 +109,45 @@ def cmd_submit(args: argparse.Namespace, _settings: Any) -> int:
                 print(path, file=sys.stderr)
     print(json.dumps(job.raw))
     return 0 if job.status in (*UNFINISHED_JOB, JobStatus.SUCCEEDED) else 1
+
+
+def cmd_models_push(args: argparse.Namespace, _settings: Any) -> int:
+    with _client(args) as cm:
+        try:
+            created = cm.create_model(args.folder, args.name)
+        except ClipmaskError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"error: {args.folder}: {exc} (a folder clipmask finetune wrote)", file=sys.stderr)
+            return 2
+    after = created["metrics"].get("validation_after", {}).get("miou")
+    print(f"model {created['id']} {created['revision']} on {created['base']['id']}; labels: "
+          + ", ".join(f"{label['name']} ({label.get('threshold') or 0.4})" for label in created["labels"])
+          + ("" if after is None else f"; validation mIoU {after:.3f}"), file=sys.stderr)
+    print(json.dumps(created))
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace, _settings: Any) -> int:
+    from tabulate import tabulate
+
+    with _client(args) as cm:
+        models = cm.list_models()
+    rows = [[m["id"], "base" if m["builtin"] else "fine-tuned", (m["revision"] or "")[:19],
+             ", ".join(label["name"] for label in m["labels"])] for m in models]
+    print(tabulate(rows, headers=["model", "kind", "revision", "labels"]))
+    return 0
+
+
+def cmd_models_delete(args: argparse.Namespace, _settings: Any) -> int:
+    with _client(args) as cm:
+        try:
+            cm.delete_model(args.name)
+        except ClipmaskError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def _catalog_items(path: Path) -> int:
@@ -252,6 +292,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="segment what looks like IMAGE (path or URL) as LABEL; repeat for up to 4")
     submit.add_argument("--embed", action="append", default=[], choices=["image", "masks"],
                         help="store CLIP embeddings for search: of the image, of each label's crop")
+    submit.add_argument("--model", help="one of your fine-tuned models (clipmask models list); without --prompt and "
+                                        "--preset, its own labels")
     submit.set_defaults(func=cmd_submit)
 
     find = sub.add_parser("search", help="find your most similar images or label crops (jobs run with --embed)")
@@ -268,6 +310,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     find.add_argument("--base-url", help="default $CLIPMASK_API_URL or http://127.0.0.1:8000")
     find.add_argument("--api-key", help="default $CLIPMASK_API_KEY")
     find.set_defaults(func=cmd_search)
+
+    models = sub.add_parser("models", help="your fine-tuned models: push a clipmask finetune folder, list, delete")
+    verbs = models.add_subparsers(dest="models_command", required=True)
+    push = verbs.add_parser("push", help="upload a folder clipmask finetune wrote")
+    push.add_argument("folder")
+    push.add_argument("--name", required=True, help="its id: 1 to 64 of a-z, 0-9, '.', '_', '-'")
+    push.set_defaults(func=cmd_models_push)
+    listing = verbs.add_parser("list", help="the base model(s) and yours")
+    listing.set_defaults(func=cmd_models_list)
+    drop = verbs.add_parser("delete", help="delete one of yours")
+    drop.add_argument("name")
+    drop.set_defaults(func=cmd_models_delete)
+    for parser in (push, listing, drop):
+        parser.add_argument("--base-url", help="default $CLIPMASK_API_URL or http://127.0.0.1:8000")
+        parser.add_argument("--api-key", help="default $CLIPMASK_API_KEY")
 
     batch = sub.add_parser("batch", help="submit a CSV/JSONL catalog, follow it, download masks (resumable)")
     batch.add_argument("catalog")

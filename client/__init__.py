@@ -184,17 +184,19 @@ class Clipmask:
                    outputs: list[str] | None = None, threshold: float | None = None, webhook_url: str | None = None,
                    webhook_events: list[str] | None = None, metadata: dict[str, str] | None = None,
                    idempotency_key: str | None = None, wait: int | None = None,
-                   image_prompts: dict[str, str | Path | bytes] | None = None, embed: list[str] | None = None) -> Job:
+                   image_prompts: dict[str, str | Path | bytes] | None = None, embed: list[str] | None = None,
+                   model: str | None = None) -> Job:
         """`image`: an http(s) URL (the worker fetches it), an s3:// URI from a bucket your tenant may
         read, a file path, or the image bytes. `wait` (1 to 60 s) asks the API to answer once the job
         is final, if it gets there within that time (Prefer: wait). `image_prompts`: label -> example
-        image (URL, path or bytes), segmented by look. `embed`: "image" and/or "masks"."""
+        image (URL, path or bytes), segmented by look. `embed`: "image" and/or "masks". `model`: one
+        of your fine-tuned models (list_models); without prompts and preset, its own labels."""
         fields: dict[str, Any] = {}
         examples = None if image_prompts is None else [image_prompt(label, ex) for label, ex in image_prompts.items()]
         for name, value in (("prompts", prompts), ("preset", preset), ("outputs", outputs),
                             ("threshold", threshold), ("webhook_url", webhook_url),
                             ("webhook_events", webhook_events), ("metadata", metadata),
-                            ("image_prompts", examples), ("embed", embed)):
+                            ("image_prompts", examples), ("embed", embed), ("model", model)):
             if value is not None:
                 fields[name] = value
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
@@ -296,6 +298,23 @@ class Clipmask:
             body["metadata"] = metadata
         data: list[dict[str, Any]] = self._request("POST", "/v1/search", json=body)["data"]
         return data
+
+    # ---- models ------------------------------------------------------------------------------
+    def create_model(self, folder: str | Path, model_id: str) -> dict[str, Any]:
+        """Upload the folder `clipmask finetune` wrote (clipmask-model.json, decoder.safetensors)."""
+        root = Path(folder)
+        files = {"manifest": ("clipmask-model.json", (root / "clipmask-model.json").read_bytes()),
+                 "weights": ("decoder.safetensors", (root / "decoder.safetensors").read_bytes())}
+        return self._request("POST", "/v1/models", data={"id": model_id}, files=files)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self._request("GET", "/v1/models")["data"]
+        return data
+
+    def delete_model(self, model_id: str) -> None:
+        resp = self._http.delete(f"/v1/models/{model_id}")
+        if resp.status_code != 204:
+            raise _problem(resp)
 
     # ---- presets -----------------------------------------------------------------------------
     def list_presets(self) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -111,6 +112,8 @@ class Job(Base):
     embed: Mapped[list[str] | None] = mapped_column(JSONType)  # subset of ["image", "masks"]
     embedding: Mapped[list[float] | None] = mapped_column(JSONType)  # the image's, with embed: image
     embedding_model: Mapped[str | None] = mapped_column(Text)
+    # the tenant's fine-tuned model asked for, as it was at creation: {"id", "revision"}
+    model_ref: Mapped[dict[str, str] | None] = mapped_column(JSONType)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # A running job belongs to a worker until this time; the worker's heartbeat extends it.
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -175,6 +178,36 @@ class Preset(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     labels: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)  # [{"name", "prompts": [...]}]
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ServedBase(Base):
+    """A base checkpoint a worker of this deployment loaded: what a fine-tuned decoder must fit."""
+
+    __tablename__ = "served_bases"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)  # as CLIPMASK_MODEL names it
+    revision: Mapped[str | None] = mapped_column(Text)
+    decoder: Mapped[dict[str, list[int]]] = mapped_column(JSONType)  # "decoder.<name>" -> shape
+    projection_dim: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class TunedModel(Base):
+    """A tenant's fine-tuned decoder (`clipmask finetune`, `POST /v1/models`); weights in object storage."""
+
+    __tablename__ = "tuned_models"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revision: Mapped[str] = mapped_column(String(80))  # sha256 of the weights file
+    base_id: Mapped[str] = mapped_column(Text)
+    base_revision: Mapped[str | None] = mapped_column(Text)
+    labels: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)  # [{"name", "prompts", "threshold"}]
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    prompt_tuning: Mapped[bool] = mapped_column(Boolean)
+    weights_key: Mapped[str] = mapped_column(Text)
+    bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 

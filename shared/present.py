@@ -50,9 +50,11 @@ def job_object(job: Job, storage: ObjectStorage, *, long_urls: bool = False) -> 
         results = [result_entry(item, storage, long_urls=long_urls) for item in job.results or []]
         for name, key in (job.output_keys or {}).items():
             outputs[JOB_OUTPUT_URLS[name]] = storage.presign_get(key, long=long_urls)
-    model = None
+    model: dict[str, Any] | None = None
     if job.model_id is not None and job.status != JobStatus.QUEUED:
         model = {"id": job.model_id, "revision": job.model_revision}
+        if job.model_ref:  # a fine-tuned decoder on that backbone
+            model = {"id": job.model_ref["id"], "revision": job.model_ref["revision"], "base": model}
     return {
         "id": job.id,
         "object": "job",

@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     # rate_limit_burst (0 turns it off). A tenant row may override both.
     rate_limit_per_s: float = Field(default=50, ge=0)
     rate_limit_burst: int = Field(default=200, ge=1)
+    # A tenant's fine-tuned models (POST /v1/models past it: 409 model_limit_reached)
+    max_models_per_tenant: int = Field(default=20, ge=0)
     # A tenant's own presets (POST /v1/presets past it: 409 preset_limit_reached)
     max_presets_per_tenant: int = Field(default=100, ge=0)
     # `Prefer: wait` requests one API process holds at once, and one tenant within it; past either

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+from sqlalchemy.exc import DBAPIError
 
-from shared.db import make_engine, make_session_factory
+from shared.db import make_engine, make_session_factory, session_scope
 from shared.fetch import policy_from_settings
 from shared.followups import Effects, after_commit
 from shared.queue import make_celery
@@ -26,8 +27,9 @@ class LazySegmenter:
     """Loads the model once per worker process, on first use, in the process that uses it
     (never before a fork; with the threads pool nothing forks at all)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_load: Callable[[Any], None] | None = None) -> None:
         self.settings = settings
+        self.on_load = on_load
         self._lock = threading.Lock()
         self._segmenter: Any = None
 
@@ -44,6 +46,8 @@ class LazySegmenter:
                         text_cache_size=s.text_cache_size, torch_compile=s.torch_compile,
                         on_batch=metrics.on_batch,
                     )
+                    if self.on_load is not None:
+                        self.on_load(self._segmenter)
         segmenter: Segments = self._segmenter
         return segmenter
 
@@ -56,7 +60,21 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
     def follow_up(effects: Effects) -> None:
         after_commit(celery, sessions, effects)
 
-    return RunnerDeps(sessions, storage, LazySegmenter(settings), policy_from_settings(settings),
+    def served(segmenter: Any) -> None:
+        """Record the base this worker serves, so uploads of fine-tuned decoders can be checked against it."""
+        from shared.tuned import record_base
+        from worker.engine.finetuned import decoder_tensors
+
+        model = segmenter.loaded.model
+        shapes = {name: list(t.shape) for name, t in decoder_tensors(model).items()}
+        try:
+            with session_scope(sessions) as session:
+                record_base(session, model_id=settings.model, revision=segmenter.model_revision, decoder=shapes,
+                            projection_dim=int(model.config.projection_dim))
+        except DBAPIError as exc:  # the next start records it; jobs don't depend on it
+            log.warning("could not record the served base model: %s", exc)
+
+    return RunnerDeps(sessions, storage, LazySegmenter(settings, on_load=served), policy_from_settings(settings),
                       settings.max_image_pixels, settings.model, on_stage=metrics.on_stage, on_finish=metrics.on_finish,
                       lease_s=settings.job_lease_s, leases=LeaseKeeper(sessions, lease_s=settings.job_lease_s),
                       follow_up=follow_up)

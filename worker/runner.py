@@ -36,8 +36,9 @@ from shared.models import Job, Tenant
 from shared.presets import labels_of
 from shared.s3uri import input_refusal, parse_s3_uri
 from shared.storage import ObjectStorage, job_object_keys, mask_key, output_key
+from worker.decoders import DecoderCache
 from worker.engine.embed import VisualPrompt
-from worker.engine.fast import LabelKey, SegmentRequest
+from worker.engine.fast import LabelKey, LearnedLabel, SegmentRequest
 from worker.engine.postprocess import SegmentResult, Wanted
 from worker.examples import ExampleCache
 from worker.leases import LeaseKeeper
@@ -91,6 +92,8 @@ class RunnerDeps:
     reduced_decode: bool = True
     # visual-prompt examples by URL, fetched once a while per process (worker/examples.py)
     examples: ExampleCache = field(default_factory=ExampleCache)
+    # tenants' fine-tuned decoders, by revision (worker/decoders.py)
+    decoders: DecoderCache = field(default_factory=DecoderCache)
 
 
 @dataclass
@@ -264,6 +267,13 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         with stages.time("fetch"):
             data = _fetch(job, deps)
             conditions = label_conditions(labels, job, deps, size=model_input)
+            tuned = None if not job.model_ref else deps.decoders.get(job.model_ref, job.tenant_id,
+                                                                     sessions=deps.sessions, storage=deps.storage)
+        if tuned is not None and tuned.label_embeddings is not None:  # its labels' learned embeddings
+            conditions = [LearnedLabel(f"{tuned.decoder.revision}:{label['model_label']}",
+                                       tuned.label_embeddings[label["model_label"]])
+                          if label.get("source") == "model" else condition
+                          for label, condition in zip(labels, conditions, strict=True)]
         if (stopped := _stopped(deps, job.id)) is not None:
             log.info("job %s during the fetch; stopped before decoding", _why(stopped), extra=ctx)
             return _finish(deps, started, stopped)
@@ -289,6 +299,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         threshold: float | list[float] = thresholds if len(set(thresholds)) > 1 else job.threshold
         request = SegmentRequest(image, [label["name"] for label in labels], threshold,
                                  phrasings=conditions, wanted=wanted, size=(width, height),
+                                 decoder=None if tuned is None else tuned.decoder,
                                  embed_image="image" in embed, embed_masks="masks" in embed)
         with stages.time("infer"):
             result = segmenter.run(request)

@@ -1,0 +1,98 @@
+"""/v1/models: the deployment's base model(s) and the tenant's fine-tuned decoders (shared/tuned.py)."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, jsonify, request
+from sqlalchemy import select
+
+from api.auth import current_tenant, require_tenant
+from api.openapi import Answers, spec
+from api.parsing import is_multipart_request, refuse_unstorable_ids
+from api.problems import ApiProblem
+from api.schemas import ModelCreateMultipart, ModelList, ModelObject
+from api.services import db, services
+from shared import tuned
+from shared.models import ServedBase, TunedModel
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("models", __name__, url_prefix="/v1/models")
+bp.before_request(require_tenant)
+bp.before_request(refuse_unstorable_ids)
+
+
+@bp.get("")
+@spec.validate(resp=Answers(200, ModelList, "The base model(s) first, then yours by id."), operation_id="listModels",
+               tags=["models"], skip_validation=True)
+def list_models() -> Response:
+    """List models
+
+    The deployment's base model(s), read-only, then your fine-tuned decoders.
+    """
+    session = db()
+    bases = session.execute(select(ServedBase).order_by(ServedBase.id)).scalars()
+    own = session.execute(select(TunedModel).where(TunedModel.tenant_id == current_tenant().id)
+                          .order_by(TunedModel.id)).scalars()
+    data = [tuned.base_object(b) for b in bases] + [tuned.model_object(m) for m in own]
+    return jsonify({"object": "list", "data": data})
+
+
+@bp.get("/<path:model_id>")
+@spec.validate(resp=Answers(200, ModelObject, "The model.", 404), operation_id="getModel", tags=["models"],
+               skip_validation=True)
+def get_model(model_id: str) -> Response:
+    """Get a model"""
+    session = db()
+    base = session.get(ServedBase, model_id)
+    if base is not None:
+        return jsonify(tuned.base_object(base))
+    found = tuned.find_model(session, current_tenant().id, model_id)
+    if found is None:
+        raise ApiProblem(404, "not_found", f"No model {model_id!r}.")
+    return jsonify(tuned.model_object(found))
+
+
+@bp.post("")
+@spec.validate(form=ModelCreateMultipart, resp=Answers(201, ModelObject, "Stored; jobs may name it.", 400, 409, 413,
+                                                       415, 422), operation_id="createModel", tags=["models"],
+               skip_validation=True)
+def create_model() -> Response:
+    """Upload a fine-tuned model
+
+    Multipart: `id`, and the folder `clipmask finetune` wrote as file parts `manifest`
+    (clipmask-model.json) and `weights` (decoder.safetensors). Checked before it is stored: format
+    version, a base this deployment serves (422 unsupported_base_model), tensors exactly that base's
+    decoder (422 invalid_model_weights); a taken id is 409 model_exists, past the per-tenant limit
+    409 model_limit_reached.
+    """
+    if not is_multipart_request():
+        raise ApiProblem(415, "unsupported_media_type",
+                         "Send multipart/form-data with the id field and the manifest and weights file parts.")
+    missing = [name for name in ("manifest", "weights") if name not in request.files]
+    if missing or not request.form.get("id"):
+        fields = missing + ([] if request.form.get("id") else ["id"])
+        raise ApiProblem(422, "invalid_model_upload", f"Missing: {', '.join(fields)}.",
+                         errors=[{"field": name, "message": "required"} for name in fields])
+    tenant = current_tenant()
+    svc = services()
+    created = tuned.create_model(db(), svc.storage, tenant_id=tenant.id, model_id=request.form["id"],
+                                 manifest=request.files["manifest"].read(), weights=request.files["weights"].read(),
+                                 cap=svc.settings.max_models_per_tenant)
+    log.info("model created", extra={"tenant_id": tenant.id, "model": created.id, "revision": created.revision})
+    resp = jsonify(tuned.model_object(created))
+    resp.status_code = 201
+    resp.headers["Location"] = f"/v1/models/{created.id}"
+    return resp
+
+
+@bp.delete("/<path:model_id>")
+@spec.validate(resp=Answers(204, None, "Deleted; finished jobs keep what they ran; queued ones naming it fail with "
+                                       "model_not_found.", 404, 409), operation_id="deleteModel", tags=["models"],
+               skip_validation=True)
+def delete_model(model_id: str) -> Response:
+    """Delete a fine-tuned model (the base: 409 model_read_only)"""
+    if not tuned.delete_model(db(), services().storage, current_tenant().id, model_id):
+        raise ApiProblem(404, "not_found", f"No model {model_id!r}.")
+    return Response(status=204)

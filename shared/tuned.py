@@ -1,0 +1,233 @@
+"""Fine-tuned models as a tenant resource: the bases this deployment serves, and tenants' decoders.
+
+A worker that loads its checkpoint records it as a served base (`served_bases`: id, revision, the
+decoder's tensor names and shapes, the projection size). `POST /v1/models` checks an upload
+against that record before anything is stored: a known format version, a base this deployment
+serves, a safetensors file whose tensors are exactly that decoder's names and shapes (read from
+the file's header; no tensor is loaded in the API), at most `max_models_per_tenant` per tenant.
+The weights go to object storage under the tenant's prefix, keyed by their digest (the model's
+revision), so a job that asked for a revision keeps it and a worker never mixes weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.clock import isoformat, utcnow
+from shared.errors import ClipmaskError
+from shared.models import ServedBase, TunedModel
+from shared.storage import ObjectStorage
+
+FORMAT_VERSION = 1
+MODEL_ID = re.compile(r"^[a-z0-9._-]{1,64}$")
+LABEL_EMBEDDINGS = "label_embeddings"
+MAX_LABELS = 32
+
+
+class ModelError(ClipmaskError):
+    status = 422
+    field = "model"
+
+
+class InvalidModelId(ModelError):
+    code, field = "invalid_model_id", "id"
+
+
+class InvalidManifest(ModelError):
+    code, field = "invalid_model_manifest", "manifest"
+
+
+class UnsupportedBase(ModelError):
+    code, field = "unsupported_base_model", "manifest"
+
+
+class InvalidWeights(ModelError):
+    code, field = "invalid_model_weights", "weights"
+
+
+class ModelExists(ModelError):
+    code, status, field = "model_exists", 409, "id"
+
+
+class ModelLimitReached(ModelError):
+    code, status, field = "model_limit_reached", 409, "id"
+
+
+class ModelReadOnly(ModelError):
+    code, status = "model_read_only", 409
+
+
+class UnknownModel(ModelError):
+    code = "unknown_model"
+
+
+def weights_key(*, tenant_id: str, revision: str) -> str:
+    return f"models/{tenant_id}/{revision.removeprefix('sha256:')}.safetensors"
+
+
+# ---- served bases --------------------------------------------------------------------------------
+
+def record_base(session: Session, *, model_id: str, revision: str | None, decoder: dict[str, list[int]],
+                projection_dim: int) -> None:
+    """Upsert what a worker loaded (each worker does so at start; the last one wins, all agree)."""
+    row = {"id": model_id, "revision": revision, "decoder": decoder, "projection_dim": projection_dim,
+           "updated_at": utcnow()}
+    session.execute(insert(ServedBase).values(row).on_conflict_do_update(index_elements=["id"], set_=row))
+
+
+def base_object(base: ServedBase) -> dict[str, Any]:
+    return {"id": base.id, "object": "model", "builtin": True, "base": None, "revision": base.revision,
+            "labels": [], "metrics": {}, "created_at": isoformat(base.updated_at)}
+
+
+# ---- uploads ---------------------------------------------------------------------------------------
+
+def safetensors_header(data: bytes) -> dict[str, Any]:
+    """The tensors a safetensors file declares ({name: {"dtype", "shape", "data_offsets"}}), checked
+    against the file's length; InvalidWeights for anything else."""
+    if len(data) < 8:
+        raise InvalidWeights("weights: not a safetensors file (too short)")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8 or size > 100 << 20:
+        raise InvalidWeights("weights: not a safetensors file (its header length runs past the file)")
+    try:
+        header = json.loads(data[8:8 + size])
+    except ValueError as exc:
+        raise InvalidWeights("weights: not a safetensors file (its header is not JSON)") from exc
+    if not isinstance(header, dict):
+        raise InvalidWeights("weights: not a safetensors file (its header is not an object)")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        if not (isinstance(info, dict) and isinstance(info.get("shape"), list)
+                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2):
+            raise InvalidWeights(f"weights: tensor {name!r} is not described as safetensors describes tensors")
+        end = max(end, int(info["data_offsets"][1]))
+    if 8 + size + end != len(data):
+        raise InvalidWeights("weights: the file's length does not match its tensors (truncated or padded)")
+    return header
+
+
+@dataclass(frozen=True)
+class Upload:
+    manifest: dict[str, Any]
+    labels: list[dict[str, Any]]
+    revision: str
+    prompt_tuning: bool
+
+
+def check_upload(session: Session, manifest_bytes: bytes, weights: bytes) -> Upload:
+    """The upload as it will be stored, or the ModelError that says what is wrong with it."""
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError as exc:
+        raise InvalidManifest("manifest: not JSON (upload the folder's clipmask-model.json)") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise InvalidManifest(f"manifest: format {found!r} is not {FORMAT_VERSION}")
+    base = manifest.get("base")
+    if not isinstance(base, dict) or not isinstance(base.get("id"), str):
+        raise InvalidManifest("manifest: no base model id")
+    labels = manifest.get("labels")
+    if not isinstance(labels, list) or not 1 <= len(labels) <= MAX_LABELS:
+        raise InvalidManifest(f"manifest: labels must be a list of 1 to {MAX_LABELS} {{name, prompts}}")
+    clean = []
+    for i, label in enumerate(labels):
+        ok = (isinstance(label, dict) and isinstance(label.get("name"), str) and 0 < len(label["name"]) <= 200
+              and isinstance(label.get("prompts"), list) and 1 <= len(label["prompts"]) <= 8
+              and all(isinstance(p, str) and 0 < len(p) <= 200 for p in label["prompts"]))
+        threshold = label.get("threshold") if isinstance(label, dict) else None
+        if not ok or (threshold is not None and not (isinstance(threshold, int | float) and 0 < threshold < 1)):
+            raise InvalidManifest(f"manifest: labels[{i}] must be {{name, prompts: 1 to 8 strings, threshold?}}")
+        clean.append({"name": label["name"], "prompts": list(label["prompts"]),
+                      **({"threshold": float(threshold)} if threshold is not None else {})})
+    served = session.get(ServedBase, base["id"])
+    if served is None:
+        names = ", ".join(session.execute(select(ServedBase.id)).scalars()) or "none yet: start a worker"
+        raise UnsupportedBase(f"manifest: base {base['id']!r} is not a model this deployment serves ({names})")
+    if base.get("revision") and served.revision and base["revision"] != served.revision:
+        raise UnsupportedBase(f"manifest: trained on revision {base['revision']} of {base['id']}, this deployment "
+                              f"serves {served.revision}")
+    header = safetensors_header(weights)
+    embeddings = header.pop(LABEL_EMBEDDINGS, None)
+    want = {name: list(shape) for name, shape in served.decoder.items()}
+    got = {name: list(info["shape"]) for name, info in header.items()}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise InvalidWeights(f"weights: the tensors are not {base['id']}'s decoder (missing {missing[:3]}, "
+                             f"unexpected {extra[:3]})")
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise InvalidWeights(f"weights: {name} is {got[name]}, {base['id']}'s decoder has {shape}")
+    if embeddings is not None and list(embeddings["shape"]) != [len(clean), served.projection_dim]:
+        raise InvalidWeights(f"weights: label_embeddings are {embeddings['shape']}, expected "
+                             f"{[len(clean), served.projection_dim]}")
+    return Upload(manifest, clean, "sha256:" + hashlib.sha256(weights).hexdigest(), embeddings is not None)
+
+
+def create_model(session: Session, storage: ObjectStorage, *, tenant_id: str, model_id: str, manifest: bytes,
+                 weights: bytes, cap: int) -> TunedModel:
+    if not MODEL_ID.match(model_id):
+        raise InvalidModelId("id: 1 to 64 of a-z, 0-9, '.', '_' and '-'")
+    if session.get(ServedBase, model_id) is not None:
+        raise ModelExists(f"{model_id!r} is a base model of this deployment; choose another id")
+    upload = check_upload(session, manifest, weights)
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtext("clipmask.models:" + tenant_id))))
+    if session.get(TunedModel, (tenant_id, model_id)) is not None:
+        raise ModelExists(f"you already have a model {model_id!r}; delete it first or choose another id")
+    count = session.execute(select(func.count()).select_from(TunedModel)
+                            .where(TunedModel.tenant_id == tenant_id)).scalar_one()
+    if count >= cap:
+        raise ModelLimitReached(f"you have {count} models, the most a tenant may have; delete one first")
+    key = weights_key(tenant_id=tenant_id, revision=upload.revision)
+    storage.put(key, weights, content_type="application/octet-stream")  # content-addressed: harmless if kept
+    metrics = upload.manifest.get("metrics") if isinstance(upload.manifest.get("metrics"), dict) else {}
+    row = TunedModel(tenant_id=tenant_id, id=model_id, revision=upload.revision, base_id=upload.manifest["base"]["id"],
+                     base_revision=upload.manifest["base"].get("revision"), labels=upload.labels,
+                     metrics=metrics, prompt_tuning=upload.prompt_tuning, weights_key=key,
+                     bytes=len(weights), created_at=utcnow())
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        raise ModelExists(f"you already have a model {model_id!r}") from exc
+    return row
+
+
+def model_object(model: TunedModel) -> dict[str, Any]:
+    return {"id": model.id, "object": "model", "builtin": False,
+            "base": {"id": model.base_id, "revision": model.base_revision}, "revision": model.revision,
+            "labels": [dict(label) for label in model.labels], "metrics": model.metrics,
+            "created_at": isoformat(model.created_at)}
+
+
+def find_model(session: Session, tenant_id: str, model_id: str) -> TunedModel | None:
+    return session.get(TunedModel, (tenant_id, model_id))
+
+
+def delete_model(session: Session, storage: ObjectStorage, tenant_id: str, model_id: str) -> bool:
+    """Delete a tenant's model (and its weights, when no other model of the tenant has the same)."""
+    if session.get(ServedBase, model_id) is not None:
+        raise ModelReadOnly(f"{model_id!r} is a base model of this deployment; it can't be deleted")
+    row = session.get(TunedModel, (tenant_id, model_id))
+    if row is None:
+        return False
+    key = row.weights_key
+    session.delete(row)
+    session.commit()
+    shared = session.execute(select(func.count()).select_from(TunedModel).where(
+        TunedModel.tenant_id == tenant_id, TunedModel.weights_key == key)).scalar_one()
+    if not shared:
+        storage.delete([key])
+    return True
