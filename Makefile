@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export VENV
 
-.PHONY: install install-browser up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs bench-pipeline bench-search bench-manifest gpu-check clean
+.PHONY: install install-browser up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs bench-pipeline bench-search bench-manifest bench-decoders gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -65,6 +65,10 @@ bench-wait: install
 # peak RSS of writing a 100k-item batch manifest with embeddings: built in memory (before) vs streamed
 bench-manifest: install
 	scripts/bench_stack.sh bench/manifest.py $(BENCH_ARGS)
+
+# a batch whose images use different fine-tuned decoders against one decoder, and a decoder's first use
+bench-decoders: install
+	$(PY) bench/decoders.py $(BENCH_ARGS)
 
 # the worker's host side with an instant model stand-in: the ceiling a GPU worker can't pass
 bench-pipeline: install
