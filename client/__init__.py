@@ -307,6 +307,9 @@ class Clipmask:
                  "weights": ("decoder.safetensors", (root / "decoder.safetensors").read_bytes())}
         return self._request("POST", "/v1/models", data={"id": model_id}, files=files)
 
+    def get_model(self, model_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/models/{model_id}")
+
     def list_models(self) -> list[dict[str, Any]]:
         data: list[dict[str, Any]] = self._request("GET", "/v1/models")["data"]
         return data

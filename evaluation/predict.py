@@ -85,13 +85,14 @@ class ApiPredictor:
     `Prefer: wait`), `parallel` in flight, the soft masks downloaded from their URLs."""
 
     def __init__(self, base_url: str, api_key: str, *, preset: str | None, prompts: list[str],
-                 labels: list[Label], threshold: float = 0.4, parallel: int = 8) -> None:
+                 labels: list[Label], threshold: float = 0.4, parallel: int = 8, model: str | None = None) -> None:
         from client import Clipmask
 
         self.client = Clipmask(base_url, api_key)
         self.preset, self.prompts, self.labels, self.threshold = preset, prompts, labels, threshold
+        self.model = model
         self.pool = ThreadPoolExecutor(max_workers=parallel)
-        self.description = f"the deployment at {base_url}"
+        self.description = f"the deployment at {base_url}" + (f" (model {model})" if model else "")
         self.seconds = 0.0
 
     def _one(self, image: Image.Image) -> np.ndarray:
@@ -100,7 +101,7 @@ class ApiPredictor:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         job = self.client.create_job(buf.getvalue(), self.prompts or None, preset=self.preset, outputs=["soft"],
-                                     threshold=self.threshold, wait=60)
+                                     threshold=self.threshold, wait=60, model=self.model)
         if job.status not in ("succeeded", "failed", "canceled"):
             job = self.client.wait(job.id, timeout=600)
         if job.status != "succeeded":

@@ -87,6 +87,18 @@ def evaluate(dataset: Dataset, predictor: Predictor, labels: list[Label], lookup
     return scores, stats, time.perf_counter() - started
 
 
+def deployment_labels(base_url: str, api_key: str, model: str) -> list[Label]:
+    """A model's own labels as the deployment lists them (GET /v1/models/{id})."""
+    from client import Clipmask, ClipmaskError
+
+    try:
+        with Clipmask(base_url, api_key) as cm:
+            found = cm.get_model(model)
+    except ClipmaskError as exc:
+        raise DatasetError(f"--model {model}: {exc}") from exc
+    return [Label(str(label["name"]), [str(p) for p in label["prompts"]]) for label in found["labels"]]
+
+
 def folder_labels(model: str | None) -> list[Label]:
     """A fine-tuned model folder's own labels (what a job naming it segments without prompts)."""
     from worker.engine.finetuned import InvalidModel, is_model_folder, read_model_folder
@@ -102,7 +114,13 @@ def folder_labels(model: str | None) -> list[Label]:
 def run(args: argparse.Namespace) -> int:
     try:
         dataset = open_dataset(args.dataset)
-        own = [] if args.preset or args.prompt else folder_labels(args.model)
+        key = args.api_key or os.environ.get("CLIPMASK_API_KEY")
+        if args.preset or args.prompt or not args.model:
+            own = []
+        elif args.api and key:  # a model the deployment serves (`clipmask models push`)
+            own = deployment_labels(args.api, key, args.model)
+        else:
+            own = folder_labels(args.model)
         asked = own or model_labels(args.preset, args.prompt or [])
         labels, lookup = evaluated(asked, dataset)
     except DatasetError as exc:
@@ -110,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     predictor: Predictor
     if args.api:
-        key = args.api_key or os.environ.get("CLIPMASK_API_KEY")
         if not key:
             print("clipmask eval: --api needs --api-key or CLIPMASK_API_KEY", file=sys.stderr)
             return 2
@@ -120,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                   " give its labels as --prompt instead", file=sys.stderr)
             return 2
         predictor = ApiPredictor(args.api, key, preset=preset, prompts=args.prompt or [], labels=asked,
-                                 threshold=args.threshold, parallel=args.batch)
+                                 threshold=args.threshold, parallel=args.batch, model=args.model)
     else:
         from shared.settings import Settings
 
@@ -204,7 +221,8 @@ def add_command(sub: Any) -> None:
     p.add_argument("--threshold", type=float, default=0.4)
     p.add_argument("--model", help="hub id, folder, or a `clipmask finetune` model folder (its decoder on its base, "
                                    "its labels unless --preset/--prompt; default: CLIPMASK_MODEL, else "
-                                   "CIDAS/clipseg-rd64-refined)")
+                                   "CIDAS/clipseg-rd64-refined); with --api, a model id the deployment serves "
+                                   "(clipmask models list)")
     p.add_argument("--calibrate", metavar="OUT.json",
                    help="write each label's best threshold of the sweep ({labels: [{name, prompts, threshold}]})")
     p.add_argument("--device", help="auto, cpu or cuda (default: CLIPMASK_DEVICE, else auto)")

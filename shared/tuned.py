@@ -32,6 +32,19 @@ FORMAT_VERSION = 1
 MODEL_ID = re.compile(r"^[a-z0-9._-]{1,64}$")
 LABEL_EMBEDDINGS = "label_embeddings"
 MAX_LABELS = 32
+MAX_MANIFEST_BYTES = 1 << 20
+# Postgres stores neither NUL in text/jsonb nor lone UTF-16 surrogates
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: Any) -> bool:
+    if isinstance(value, str):
+        return not UNSTORABLE.search(value)
+    if isinstance(value, dict):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_storable(v) for v in value)
+    return True
 
 
 class ModelError(ClipmaskError):
@@ -102,7 +115,7 @@ def safetensors_header(data: bytes) -> dict[str, Any]:
         raise InvalidWeights("weights: not a safetensors file (its header length runs past the file)")
     try:
         header = json.loads(data[8:8 + size])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidWeights("weights: not a safetensors file (its header is not JSON)") from exc
     if not isinstance(header, dict):
         raise InvalidWeights("weights: not a safetensors file (its header is not an object)")
@@ -110,9 +123,11 @@ def safetensors_header(data: bytes) -> dict[str, Any]:
     end = 0
     for name, info in header.items():
         if not (isinstance(info, dict) and isinstance(info.get("shape"), list)
-                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2):
+                and all(type(n) is int and n >= 0 for n in info["shape"])
+                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+                and all(type(n) is int and n >= 0 for n in info["data_offsets"])):
             raise InvalidWeights(f"weights: tensor {name!r} is not described as safetensors describes tensors")
-        end = max(end, int(info["data_offsets"][1]))
+        end = max(end, info["data_offsets"][1])
     if 8 + size + end != len(data):
         raise InvalidWeights("weights: the file's length does not match its tensors (truncated or padded)")
     return header
@@ -128,13 +143,17 @@ class Upload:
 
 def check_upload(session: Session, manifest_bytes: bytes, weights: bytes) -> Upload:
     """The upload as it will be stored, or the ModelError that says what is wrong with it."""
+    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+        raise InvalidManifest(f"manifest: larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         manifest = json.loads(manifest_bytes)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidManifest("manifest: not JSON (upload the folder's clipmask-model.json)") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise InvalidManifest(f"manifest: format {found!r} is not {FORMAT_VERSION}")
+    if not _storable(manifest):
+        raise InvalidManifest("manifest: holds a NUL character or a lone surrogate")
     base = manifest.get("base")
     if not isinstance(base, dict) or not isinstance(base.get("id"), str):
         raise InvalidManifest("manifest: no base model id")

@@ -4,7 +4,7 @@ A job canceled meanwhile stops at the next stage boundary (after the fetch, afte
 before each upload): nothing more is uploaded, and masks this run already wrote are deleted.
 A job that another run of it finished meanwhile (a lease that expired under a paused worker, and
 the reconciler's second run) also stops there, but deletes nothing: the keys are deterministic, so
-what this run wrote is what the finished row points at. `_canceled` is the one place that decides.
+what this run wrote is what the finished row points at. `_outcome` is the one place that decides.
 
 A plain function over its collaborators (sessions, storage, segmenter), so it is tested without
 a broker. It is idempotent: a redelivered message re-runs a running job to the same object keys

@@ -104,6 +104,9 @@ def test_bad_uploads_get_their_codes(client, tenant, folder):
         ({"manifest": json.dumps({**manifest, "format": 2}).encode()}, 422, "invalid_model_manifest"),
         ({"manifest": json.dumps({**manifest, "base": {"id": "someone/else"}}).encode()}, 422,
          "unsupported_base_model"),
+        ({"manifest": b"[" * 100_000}, 422, "invalid_model_manifest"),  # nested past the parser's depth
+        ({"manifest": json.dumps({**manifest, "labels": [{"name": "a\u0000b", "prompts": ["x"]}]}).encode()}, 422,
+         "invalid_model_manifest"),  # text Postgres can't store
         ({"weights": b"\x00" * 64}, 422, "invalid_model_weights"),
         ({"weights": (folder / "decoder.safetensors").read_bytes()[:-10]}, 422, "invalid_model_weights"),
         ({"weights": weights_with({**tensors, name: torch.zeros(3, 3)})}, 422, "invalid_model_weights"),
@@ -159,3 +162,25 @@ def test_a_queued_job_whose_model_was_deleted_fails_with_model_not_found(setting
     assert run_job(job_id, deps=build_deps(settings, make_celery(settings))) == "failed"
     job = idle.get(f"/v1/jobs/{job_id}", headers=tenant.headers).get_json()
     assert job["error"]["code"] == "model_not_found" and "soon-gone" in job["error"]["message"]
+
+
+def test_eval_through_the_api_with_the_model_agrees_with_eval_of_the_folder(settings, tenant, folder, tmp_path,
+                                                                             monkeypatch):
+    """The before/after numbers a user gets from `clipmask eval --model DIR` are what the deployment
+    serves once the folder is pushed: one code path."""
+    from tests.support.services import serving
+
+    client = create_app(settings).test_client()
+    assert push(client, tenant, folder, "garments-eval").status_code == 201
+    data = write_folder(tmp_path / "data", 4, seed=3)
+    monkeypatch.setenv("CLIPMASK_CPU_DTYPE", settings.cpu_dtype)
+    assert main(["eval", str(data), "--model", str(folder), "--quiet", "--out", str(tmp_path / "local")]) == 0
+    monkeypatch.setenv("CLIPMASK_API_KEY", tenant.api_key)
+    with serving(create_app(settings)) as url:
+        assert main(["eval", str(data), "--api", url, "--model", "garments-eval", "--quiet",
+                     "--out", str(tmp_path / "remote")]) == 0
+    here, there = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("local", "remote"))
+    assert there["predictor"].endswith("(model garments-eval)") and list(there["classes"]) == CLASSES
+    for name in CLASSES:
+        for key in ("iou", "mask_iou", "precision", "recall"):
+            assert there["classes"][name][key] == pytest.approx(here["classes"][name][key], abs=0.01), (name, key)
