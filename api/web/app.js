@@ -16,6 +16,8 @@ const PLAIN = {
   missing_image: 'Choose an image first: drop one, pick a file, or paste a URL.',
   invalid_prompts: 'Type at least one prompt, or choose a preset.',
   unknown_preset: 'That preset does not exist (any more).',
+  unknown_model: 'That model does not exist (any more).',
+  model_not_found: 'That model was deleted after the job was made.',
   dependency_unavailable: 'The service is having trouble reaching its database or storage. Try again shortly.',
   image_fetch_failed: 'The service could not download the image from that URL.',
   image_invalid: 'The image could not be decoded.',
@@ -99,6 +101,25 @@ async function loadPresets() {
   }
 }
 
+async function loadModels() {
+  const select = $('model');
+  const chosen = select.value;
+  if (!apiKey()) return;
+  try {
+    const list = await api('GET', '/v1/models');
+    select.length = 1;
+    for (const model of list.data.filter((m) => !m.builtin)) {  // the tenant's fine-tuned models
+      const opt = document.createElement('option');
+      opt.value = model.id;
+      opt.textContent = `${model.id} (${model.labels.map((l) => l.name).join(', ')})`;
+      select.append(opt);
+    }
+    if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
+  } catch (err) {
+    showProblem(err.message);
+  }
+}
+
 function chosenFile() {
   const files = $('file').files;
   return files && files.length ? files[0] : null;
@@ -117,6 +138,7 @@ function onFileChosen() {
 function buildRequest() {
   const prompts = $('prompts').value.split(',').map((p) => p.trim()).filter(Boolean);
   const preset = $('preset').value;
+  const model = $('model').value;
   const threshold = $('threshold').value;
   const outputs = ['mask', 'cutout', 'overlay'];
   const file = chosenFile();
@@ -125,12 +147,14 @@ function buildRequest() {
     form.append('image', file, file.name);
     prompts.forEach((p) => form.append('prompts', p));
     if (preset) form.append('preset', preset);
+    if (model) form.append('model', model);
     outputs.forEach((o) => form.append('outputs', o));
     form.append('threshold', threshold);
     return form;
   }
   const body = { prompts, threshold: Number(threshold), outputs };
   if (preset) body.preset = preset;
+  if (model) body.model = model;
   const url = $('url').value.trim();
   if (url) body.image_url = url;
   return body;
@@ -226,6 +250,7 @@ async function submitJob(event) {
 document.addEventListener('DOMContentLoaded', () => {
   showKeyState();
   loadPresets();
+  loadModels();
   $('key-form').addEventListener('submit', (e) => {
     e.preventDefault();
     const key = $('key').value.trim();
@@ -233,6 +258,7 @@ document.addEventListener('DOMContentLoaded', () => {
     $('key').value = '';
     showKeyState();
     loadPresets();
+    loadModels();
   });
   $('forget-key').addEventListener('click', () => { localStorage.removeItem(KEY); showKeyState(); });
   $('file').addEventListener('change', onFileChosen);
