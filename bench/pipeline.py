@@ -11,11 +11,15 @@ It starts what it needs: a private Postgres database (dropped at the end), moto'
 an image server, each in its own process (so they don't share this process's GIL or its CPU
 clock).
 
-Each round runs twice in the same process: "before" (full-resolution JPEG decodes and Pillow's
-PNG encoder, as the worker did until 2026-11-22) and "now".
+The stand-in's masks come in two kinds, each a row: "realistic" (a few smooth garment-like regions
+per image, as a trained model gives them: a torso, legs, a bag, shoes, with concave outlines), and
+"speckled" (what the random-weight dev model gives: noise on the decoder's 22x22 grid, upsampled;
+PNG compresses it badly and no trained model produces it). With --before, each round also runs
+"before" (full-resolution JPEG decodes and Pillow's PNG encoder, as the worker did until 2026-11-22).
 
   python bench/pipeline.py                       # 1024x1536 JPEGs, 4 labels, mask alone, then all outputs
-  python bench/pipeline.py --jobs 400 --threads 16 --outputs mask
+  python bench/pipeline.py --jobs 400 --threads 16 --outputs mask --masks realistic
+  python bench/pipeline.py --json                # last line: {"realistic": {"mask": {"cpu_ms_per_image", ...}}}
 """
 
 from __future__ import annotations
@@ -80,13 +84,39 @@ def baseline(deps: RunnerDeps):  # type: ignore[no-untyped-def]
         deps.reduced_decode = True
 
 
+def realistic_logits(labels: int, side: int = 88) -> torch.Tensor:
+    """Garment-like regions on a person-shaped layout (logits of +-6 with soft 1-2 cell edges): a
+    torso with sleeves, trousers split into legs, a bag on a strap, shoes, in turn per label."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
+
+    def box(x0: float, y0: float, x1: float, y1: float) -> torch.Tensor:
+        return torch.minimum(torch.minimum(xx - x0, x1 - xx), torch.minimum(yy - y0, y1 - yy))
+
+    shapes = [
+        torch.maximum(box(0.3, 0.2, 0.7, 0.55), torch.maximum(box(0.18, 0.22, 0.32, 0.45),
+                                                              box(0.68, 0.22, 0.82, 0.45))),  # top with sleeves
+        torch.maximum(box(0.33, 0.53, 0.48, 0.92), box(0.52, 0.53, 0.67, 0.92)),  # trousers: two legs
+        torch.maximum(box(0.72, 0.45, 0.9, 0.62), torch.minimum(box(0.62, 0.2, 0.78, 0.47),
+                                                                (0.03 - ((xx - yy * 0.6 - 0.45).abs())))),  # bag
+        torch.maximum(box(0.3, 0.92, 0.47, 0.98), box(0.53, 0.92, 0.7, 0.98)),  # shoes
+    ]
+    return torch.stack([shapes[i % len(shapes)] * 300 for i in range(labels)]).clamp(-6, 6)
+
+
+def speckled_logits(labels: int, side: int = 22) -> torch.Tensor:
+    """The random-weight model's kind: independent noise per decoder cell, around the threshold."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(labels, side, side, generator=gen) * 1.5
+
+
 class InstantSegmenter:
     """The model's stand-in: per (size, labels, wanted), one result computed once and returned at
-    once afterwards (the logits are a smooth blob per label, so masks look like garments)."""
+    once afterwards; `masks` says which kind (realistic_logits or speckled_logits)."""
 
     model_revision = "stand-in"
 
-    def __init__(self) -> None:
+    def __init__(self, masks: str = "realistic") -> None:
+        self.masks = masks
         self._cache: dict[tuple[object, ...], SegmentResult] = {}
         self._lock = threading.Lock()
 
@@ -94,12 +124,11 @@ class InstantSegmenter:
         # outputs come at the picture's size (request.size), whatever scale the JPEG was decoded at
         width, height = request.size or (request.image.size if hasattr(request.image, "size")
                                          else request.image.shape[1::-1])
-        key = (width, height, tuple(request.prompts), request.wanted)
+        key = (width, height, tuple(request.prompts), request.wanted, self.masks)
         with self._lock:
             if key not in self._cache:
-                yy, xx = torch.meshgrid(torch.linspace(-1, 1, 88), torch.linspace(-1, 1, 88), indexing="ij")
-                logits = torch.stack([4 - 12 * ((xx - 0.3 * (i % 3 - 1)) ** 2 + (yy - 0.25 * (i - 1.5)) ** 2)
-                                      for i in range(len(request.prompts))])
+                kind = realistic_logits if self.masks == "realistic" else speckled_logits
+                logits = kind(len(request.prompts))
                 masks, label_map = upsample(logits, prompts=request.prompts, height=height, width=width,
                                             threshold=request.threshold, wanted=request.wanted)
                 self._cache[key] = SegmentResult(masks, logits, label_map)
@@ -158,6 +187,8 @@ def main() -> int:
     parser.add_argument("--size", default="1024x1536")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--outputs", choices=[*OUTPUT_SETS, "both"], default="both")
+    parser.add_argument("--masks", choices=["realistic", "speckled", "both"], default="both")
+    parser.add_argument("--before", action="store_true", help="also the pipeline as it was before 2026-11-22")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
@@ -191,21 +222,26 @@ def main() -> int:
             stand_in = InstantSegmenter()  # one for the process, as the worker's engine: its cache holds
             deps = RunnerDeps(sessions, storage, lambda: stand_in, FetchPolicy(allow_private=True),
                               settings.max_image_pixels, "stand-in")
+            kinds = ["realistic", "speckled"] if args.masks == "both" else [args.masks]
             urls = [f"http://127.0.0.1:{image_port}/{i % 8}.jpg" for i in range(args.jobs)]
             run_round(deps, sessions, tenant_id, urls[: args.threads * 2], labels, ["mask"], args.threads)  # warm
             print(f"size={width}x{height} labels={len(labels)} threads={args.threads} jobs={args.jobs} "
                   f"cpus={os.cpu_count()} (the model is an instant stand-in)", flush=True)
-            for name in (["mask", "all"] if args.outputs == "both" else [args.outputs]):
-                for variant in ("before", "now"):
-                    with baseline(deps) if variant == "before" else contextlib.nullcontext():
-                        figures = run_round(deps, sessions, tenant_id, urls, labels, OUTPUT_SETS[name],
-                                            args.threads)
-                    report[f"{name}_{variant}"] = figures
-                    stages = "  ".join(f"{k} {v:.1f}" for k, v in figures["stage_ms_per_image"].items())  # type: ignore[union-attr]
-                    print(f"outputs={name:<4} {variant:<6}: {figures['images_per_s']:6.1f} images/s  "
-                          f"{figures['images_per_cpu_s']:6.1f} images per CPU-second (per core)  "
-                          f"{figures['cpu_ms_per_image']:6.1f} CPU ms/image", flush=True)
-                    print(f"  stage ms per image (wall, summed over threads): {stages}", flush=True)
+            for kind in kinds:
+                stand_in.masks = kind
+                rows: dict[str, object] = {}
+                for name in (["mask", "all"] if args.outputs == "both" else [args.outputs]):
+                    for variant in (("before", "now") if args.before else ("now",)):
+                        with baseline(deps) if variant == "before" else contextlib.nullcontext():
+                            figures = run_round(deps, sessions, tenant_id, urls, labels, OUTPUT_SETS[name],
+                                                args.threads)
+                        rows[name if variant == "now" else f"{name}_before"] = figures
+                        stages = "  ".join(f"{k} {v:.1f}" for k, v in figures["stage_ms_per_image"].items())  # type: ignore[union-attr]
+                        print(f"masks={kind:<9} outputs={name:<4} {variant:<6}: {figures['images_per_s']:6.1f} "
+                              f"images/s  {figures['images_per_cpu_s']:6.1f} images per CPU-second (per core)  "
+                              f"{figures['cpu_ms_per_image']:6.1f} CPU ms/image", flush=True)
+                        print(f"  stage ms per image (wall, summed over threads): {stages}", flush=True)
+                report[kind] = rows
     finally:
         for proc in procs:
             proc.terminate()
