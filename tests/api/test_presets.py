@@ -194,3 +194,10 @@ def test_presets_per_tenant_are_capped_and_listed_in_pages(settings, storage, ma
 def test_bad_preset_pages_get_their_codes(client, tenant, query, status, code):
     resp = client.get(f"/v1/presets?{query}", headers=tenant.headers)
     assert resp.status_code == status and resp.get_json()["code"] == code
+
+
+@pytest.mark.parametrize("model", [123, "", "no-such-model", "x" * 5000, "a\u0000b", ["m"]])
+def test_a_bad_model_on_a_job_is_422(client, tenant, model):
+    resp = client.post("/v1/jobs", json={"image_url": "https://example.com/a.jpg", "prompts": ["x"], "model": model},
+                       headers=tenant.headers)
+    assert resp.status_code == 422 and resp.get_json()["code"] == "unknown_model", resp.get_json()
