@@ -40,6 +40,7 @@ class EnginePredictor:
     def __init__(self, model: str, labels: list[Label], *, device: str = "auto", dtype: str = "bf16",
                  cpu_dtype: str = "auto", threshold: float = 0.4) -> None:
         from worker.engine import FastEngine, SegmentRequest, Wanted, load_clipseg
+        from worker.engine.fast import LearnedLabel
         from worker.engine.finetuned import apply_decoder, is_model_folder, read_model_folder
 
         self._request, self._wanted = SegmentRequest, Wanted(soft=True)
@@ -48,12 +49,15 @@ class EnginePredictor:
         self.loaded = load_clipseg(base, device=device, dtype=dtype, cpu_dtype=cpu_dtype)
         self.engine = FastEngine(self.loaded)
         what = model
+        # the folder's own labels (by name and phrasings) answered with their learned embeddings, as
+        # the worker answers a model's labels (worker/runner.py)
+        self._learned: dict[tuple[str, tuple[str, ...]], LearnedLabel] = {}
         if tuned is not None:  # a fine-tuned folder: its decoder on the frozen base, its learned labels
             apply_decoder(self.loaded.model, tuned)
             self.loaded.model.decoder.to(self.loaded.device, self.loaded.dtype)
             if tuned.label_embeddings is not None:
-                for label, embedding in zip(tuned.labels, tuned.label_embeddings, strict=True):
-                    self.engine.text_cache.pin(tuple(label.prompts), embedding.to(self.loaded.device))
+                for index, (label, embedding) in enumerate(zip(tuned.labels, tuned.label_embeddings, strict=True)):
+                    self._learned[(label.name, tuple(label.prompts))] = LearnedLabel(f"{model}:{index}", embedding)
             what = f"{model} (fine-tuned on {base})"
         self.labels = labels
         self.threshold = threshold
@@ -63,7 +67,8 @@ class EnginePredictor:
 
     def predict(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
         names = [label.name for label in self.labels]
-        phrasings: list[Any] = [tuple(label.phrasings) for label in self.labels]
+        phrasings: list[Any] = [self._learned.get((label.name, tuple(label.phrasings)), tuple(label.phrasings))
+                                for label in self.labels]
         requests = [self._request(image, names, self.threshold, phrasings=phrasings, wanted=self._wanted)
                     for image in images]
         started = time.perf_counter()

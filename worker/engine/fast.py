@@ -150,7 +150,6 @@ class TextEmbeddingCache:
         self.capacity = capacity
         self.max_bytes = max_bytes
         self._items: OrderedDict[CacheKey, torch.Tensor] = OrderedDict()
-        self._pinned: dict[CacheKey, torch.Tensor] = {}  # never evicted: a fine-tuned model's learned labels
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -159,17 +158,10 @@ class TextEmbeddingCache:
     def _size(key: CacheKey, emb: torch.Tensor) -> int:
         return emb.numel() * emb.element_size() + _key_bytes(key)
 
-    def pin(self, label: LabelKey, embedding: torch.Tensor) -> None:
-        """Answer `label` with `embedding` from now on, whatever its phrasings would embed to."""
-        self._pinned[cache_key(label)] = embedding.detach().clone()
-
     def get_many(self, prompts: Sequence[LabelKey],
                  compute: Callable[[list[LabelKey]], torch.Tensor]) -> torch.Tensor:
-        if self._pinned and all(cache_key(p) in self._pinned for p in prompts):
-            return torch.stack([self._pinned[cache_key(p)] for p in prompts])
         keys = [cache_key(p) for p in prompts]
-        missing = list({k: p for k, p in zip(keys, prompts, strict=True)
-                        if k not in self._items and k not in self._pinned}.items())
+        missing = list({k: p for k, p in zip(keys, prompts, strict=True) if k not in self._items}.items())
         self.misses += len(missing)
         self.hits += len(prompts) - len(missing)
         fresh: dict[CacheKey, torch.Tensor] = {}
@@ -178,9 +170,7 @@ class TextEmbeddingCache:
             fresh = dict(zip([k for k, _ in missing], embeddings, strict=True))
         rows = []
         for key in keys:
-            if key in self._pinned:
-                rows.append(self._pinned[key])
-            elif key in fresh:
+            if key in fresh:
                 rows.append(fresh[key])
             else:
                 self._items.move_to_end(key)
@@ -188,8 +178,6 @@ class TextEmbeddingCache:
         if self.capacity > 0:
             for key, emb in fresh.items():
                 emb = emb.detach().clone()  # (not a view that keeps the whole batch's tensor alive)
-                if key in self._items:
-                    self.bytes -= self._size(key, self._items[key])
                 self._items[key] = emb
                 self.bytes += self._size(key, emb)
                 self._items.move_to_end(key)
