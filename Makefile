@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export VENV
 
-.PHONY: install install-browser up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs bench-pipeline bench-search bench-manifest bench-decoders gpu-check clean
+.PHONY: install install-browser up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs bench-pipeline bench-search bench-manifest bench-decoders bench-refine gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -69,6 +69,10 @@ bench-manifest: install
 # a batch whose images use different fine-tuned decoders against one decoder, and a decoder's first use
 bench-decoders: install
 	$(PY) bench/decoders.py $(BENCH_ARGS)
+
+# refine: none (bilinear) against guided and matting on synthetic garments, and their cost per image
+bench-refine: install
+	$(PY) bench/refine.py $(BENCH_ARGS)
 
 # the worker's host side with an instant model stand-in: the ceiling a GPU worker can't pass
 bench-pipeline: install

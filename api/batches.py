@@ -67,7 +67,7 @@ bp.before_request(require_tenant)
 bp.before_request(refuse_unstorable_ids)
 
 ITEM_FIELDS = ("image_url", "image_s3_uri", "prompts", "threshold", "metadata", "preset", "outputs", "image_prompts",
-               "embed", "model")
+               "embed", "model", "refine")
 BATCH_CODES = {**FIELD_CODES, "items": "invalid_batch_item"}
 
 
@@ -106,9 +106,10 @@ def _parse_csv(text: str) -> list[dict[str, Any]]:
                 value = clean.pop(name, "")
                 if value:
                     item[name] = value.split("|")
-            preset = clean.pop("preset", "")
-            if preset:
-                item["preset"] = preset
+            for name in ("preset", "refine"):
+                value = clean.pop(name, "")
+                if value:
+                    item[name] = value
             metadata = {k: v for k, v in clean.items() if k and v}
             if metadata:
                 item["metadata"] = metadata
@@ -218,6 +219,7 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
                               else batch_image_prompts or []),
             "embed": item["embed"] if item.get("embed") is not None else (fields.embed or []),
             "model": item["model"] if item.get("model") is not None else fields.model,
+            "refine": item["refine"] if item.get("refine") is not None else fields.refine,
         }
         if item.get("threshold") is not None:  # (left out when neither sets one: labels keep their own)
             merged["threshold"] = item["threshold"]

@@ -267,7 +267,7 @@ def job_spec(params: JobParams, *, labels: list[dict[str, Any]], input: dict[str
                    webhook_url=params.webhook_url, webhook_events=events, image=image, filename=filename,
                    labels=labels, preset=params.preset, outputs=[str(o) for o in params.outputs],
                    image_prompts=image_prompts or [], examples=examples or {}, embed=[str(e) for e in params.embed],
-                   model_ref=model_ref)
+                   model_ref=model_ref, refine=str(params.refine))
 
 
 def parse_status(allowed: Iterable[str]) -> list[str]:

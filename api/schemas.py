@@ -15,6 +15,12 @@ from shared.s3uri import parse_s3_uri
 
 OutputKind = Literal["mask", "soft", "rle", "cutout", "label_map", "overlay"]
 OUTPUT_KINDS: tuple[str, ...] = ("mask", "soft", "rle", "cutout", "label_map", "overlay")
+RefineMethod = Literal["none", "guided", "matting"]
+REFINE_DESCRIPTION = (
+    "How each label's prediction is brought to the image's size: none (bilinear upsampling), guided (edge-aware "
+    "upsampling with the image as guide; every output follows it), matting (guided, then soft maps and cutouts "
+    "from an alpha matte around the outline; labels past the deployment's matting bound stay guided, and their "
+    "result says refine: guided).")
 
 
 def default_outputs() -> list[OutputKind]:
@@ -45,6 +51,7 @@ FIELD_CODES = {
     "image_prompts": "invalid_image_prompts",
     "embed": "invalid_embed",
     "model": "unknown_model",
+    "refine": "invalid_refine",
 }
 
 
@@ -137,6 +144,7 @@ class JobParams(BaseModel):
                               "your fine-tuned models; without prompts, preset and image_prompts, the model's own "
                               "labels are segmented, each at its calibrated threshold.",
                               json_schema_extra={"minLength": 1, "maxLength": 1000})
+    refine: RefineMethod = Field(default="none", description=REFINE_DESCRIPTION)
     webhook_url: str | None = Field(default=None, description="http(s) URL that receives the job's events.",
                                     json_schema_extra=HTTP_URL)
     webhook_events: list[JobEvent] | None = Field(
@@ -257,6 +265,7 @@ class JobCreateMultipart(BaseModel):
     embed: list[EmbedKind] | None = Field(default=None, description="Repeat the field once per kind.")
     threshold: float = Field(default=0.4, gt=0, lt=1)
     model: str | None = None
+    refine: RefineMethod = "none"
     webhook_url: str | None = None
     webhook_events: list[JobEvent] | None = Field(default=None, description="Repeat the field once per event.")
     metadata: str | None = Field(default=None, description='A JSON object of strings, as a string: {"sku": "123"}.',
@@ -318,6 +327,9 @@ class MaskResult(BaseModel):
     )
     area_fraction: float
     score: float = Field(description="Highest probability anywhere in the image for this label.")
+    refine: RefineMethod | None = Field(default=None, description="How this label's outputs were refined: the "
+                                        "job's refine, except guided where matting fell back (over the bound, or "
+                                        "no outline to matte). Absent on jobs from before refine existed.")
     embedding: list[float] | None = Field(default=None, description="(embed: masks) L2-normalised CLIP image "
                                           "embedding of the label's masked crop; null for an empty mask.")
 
@@ -368,6 +380,7 @@ class JobObject(BaseModel):
     preset: str | None
     outputs_requested: list[OutputKind]
     outputs: JobOutputs
+    refine: RefineMethod = Field(description="The refinement asked for (each result says what it got).")
     model: ModelInfo | None = Field(description="The checkpoint that ran the job, once running.")
     image_prompts: list[dict[str, Any]]
     embed: list[str]
@@ -411,6 +424,7 @@ class BatchItem(BaseModel):
     image_prompts: list[ImagePrompt] | None = Field(default=None, description="Default: the batch's image prompts.")
     embed: list[EmbedKind] | None = Field(default=None, description="Default: the batch's embed.")
     model: str | None = Field(default=None, description="Default: the batch's model.")
+    refine: RefineMethod | None = Field(default=None, description="Default: the batch's refine.")
 
 
 class BatchCreate(BaseModel):
@@ -431,6 +445,8 @@ class BatchCreate(BaseModel):
                                                     json_schema_extra={"maxItems": MAX_IMAGE_PROMPTS})
     embed: list[EmbedKind] | None = Field(default=None, description="Embeddings for items that set none.")
     model: str | None = Field(default=None, description="Model for items that set none (GET /v1/models).")
+    refine: RefineMethod = Field(default="none",
+                                 description="Refinement for items that set none: " + REFINE_DESCRIPTION)
     webhook_url: str | None = Field(default=None, description="Receives the items' job events and batch.completed.",
                                     json_schema_extra=HTTP_URL)
     webhook_events: list[JobEvent | BatchEvent] | None = Field(
@@ -440,7 +456,7 @@ class BatchCreate(BaseModel):
 
 
 class BatchCreateMultipart(BaseModel):
-    items: bytes = Field(description="JSONL (item objects) or CSV (header with image_url; optional preset, and "
+    items: bytes = Field(description="JSONL (item objects) or CSV (header with image_url; optional preset, refine, and "
                                      "prompts and outputs separated by |; other columns to metadata).",
                          json_schema_extra={"format": "binary"})
     prompts: list[str] | None = None
@@ -451,6 +467,7 @@ class BatchCreateMultipart(BaseModel):
     embed: list[EmbedKind] | None = Field(default=None, description="Repeat the field once per kind.")
     threshold: float | None = None
     model: str | None = None
+    refine: RefineMethod | None = None
     webhook_url: str | None = None
     webhook_events: list[JobEvent | BatchEvent] | None = None
     metadata: str | None = Field(default=None, description="A JSON object of strings, as a string.",

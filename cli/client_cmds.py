@@ -96,7 +96,7 @@ def cmd_submit(args: argparse.Namespace, _settings: Any) -> int:
             job = cm.create_job(args.image, args.prompt or None, preset=args.preset, outputs=args.output or None,
                                 threshold=args.threshold, wait=60 if (args.wait or args.out) else None,
                                 image_prompts=dict(examples) if examples else None, embed=args.embed or None,
-                                model=args.model)
+                                model=args.model, refine=args.refine)
             print(f"job {job.id} {job.status}", file=sys.stderr)
             if args.wait or args.out:
                 job = cm.wait(job.id, timeout=args.timeout)
@@ -175,6 +175,8 @@ def cmd_batch(args: argparse.Namespace, _settings: Any) -> int:
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE
     options = [args.prompt, args.threshold, args.preset, args.output]
+    if args.refine is not None:  # (a digest from before --refine existed still resumes)
+        options.append(args.refine)
     digest = hashlib.sha256(catalog.read_bytes() + json.dumps(options).encode()).hexdigest()
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     with _client(args) as cm:
@@ -185,7 +187,7 @@ def cmd_batch(args: argparse.Namespace, _settings: Any) -> int:
                 total = _catalog_items(catalog)
                 batch = cm.create_batch(file=catalog, prompts=args.prompt or None, preset=args.preset,
                                         outputs=args.output or None, threshold=args.threshold,
-                                        idempotency_key=f"clipmask-cli-{digest[:48]}")
+                                        refine=args.refine, idempotency_key=f"clipmask-cli-{digest[:48]}")
                 state = {"catalog_sha256": digest, "batch_id": batch.id, "total": total, "order": None}
                 _save(state_path, state)
                 print(f"submitted batch {batch.id} ({total} items)", file=sys.stderr)
@@ -280,6 +282,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         parser.add_argument("--output", action="append", default=[], choices=OUTPUT_CHOICES,
                             help="repeat for several; default mask")
         parser.add_argument("--threshold", type=float)
+        parser.add_argument("--refine", choices=["none", "guided", "matting"],
+                            help="edges: none (default), guided (follow the photo's edges), matting (soft maps and "
+                                 "cutouts from an alpha matte)")
 
     submit = sub.add_parser("submit", help="segment one image (path, URL or s3:// URI); --wait/--out to get the "
                             "outputs")

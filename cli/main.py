@@ -13,6 +13,7 @@
   clipmask batch CATALOG.csv --out DIR [--prompt P]             a catalog, with progress, resumable
   clipmask tenant limits ID [--rate-limit R] [--burst N] [--max-queued N]
   clipmask eval DATASET --preset human_parsing --out report/   mask quality, plots, HTML report
+  clipmask refine IMAGE MASK --method guided|matting --out OUT.png   sharpen any coarse mask with the photo
 """
 
 from __future__ import annotations
@@ -48,6 +49,43 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from shared.migrate import upgrade
 
     upgrade(settings.database_url)
+    return 0
+
+
+def cmd_refine(args: argparse.Namespace, settings: Settings) -> int:
+    """A coarse mask or probability map from any model (8-bit grayscale, any size) refined with the
+    photo's edges, as a job's `refine` does it; writes an 8-bit grayscale PNG of the photo's size."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from shared.errors import JobFailure
+    from shared.images import decode_image
+    from worker.engine.refine import refine_map
+
+    try:
+        photo = np.asarray(decode_image(Path(args.image).read_bytes(), max_pixels=settings.max_image_pixels))
+    except (OSError, JobFailure) as exc:
+        print(f"error: {args.image}: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    try:
+        with Image.open(args.mask) as picture:
+            if picture.mode not in ("L", "1", "P", "LA"):
+                print(f"error: {args.mask}: expected an 8-bit grayscale mask, got mode {picture.mode}",
+                      file=sys.stderr)
+                return 2
+            coarse = np.asarray(picture.convert("L"))
+    except (OSError, UnidentifiedImageError) as exc:
+        print(f"error: {args.mask}: {exc}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    refined, applied = refine_map(photo, coarse, args.method, device=device,
+                                  max_matte_pixels=None if args.method == "guided" else settings.matting_max_pixels)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(refined, mode="L").save(args.out, format="PNG")
+    print(json.dumps({"out": args.out, "width": refined.shape[1], "height": refined.shape[0], "method": applied,
+                      "mask_size": [coarse.shape[1], coarse.shape[0]]}))
     return 0
 
 
@@ -101,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_commands(sub)
     add_eval_command(sub)
     add_finetune_command(sub)
+
+    refine = sub.add_parser("refine", help="refine a coarse mask or probability map (any model's, 8-bit grayscale, "
+                            "any size) with the photo's edges; writes round(255 p) at the photo's size")
+    refine.add_argument("image")
+    refine.add_argument("mask")
+    refine.add_argument("--method", choices=["guided", "matting"], default="guided")
+    refine.add_argument("--out", required=True, help="the refined map, an 8-bit grayscale PNG")
+    refine.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    refine.set_defaults(func=cmd_refine)
 
     sub.add_parser("migrate", help="alembic upgrade head").set_defaults(func=cmd_migrate)
     sub.add_parser("init-storage", help="create the bucket if missing").set_defaults(func=cmd_init_storage)

@@ -52,6 +52,7 @@ class MaskResult:
     soft_url: str | None = None
     cutout_url: str | None = None
     rle: dict[str, Any] | None = None
+    refine: str | None = None  # none, guided or matting: how this label's outputs were refined
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> MaskResult:
@@ -79,6 +80,7 @@ class Job:
     outputs_requested: list[str] | None
     outputs: dict[str, str] | None  # label_map_url, overlay_url
     model: dict[str, str | None] | None
+    refine: str | None  # as asked: none, guided or matting
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -185,18 +187,19 @@ class Clipmask:
                    webhook_events: list[str] | None = None, metadata: dict[str, str] | None = None,
                    idempotency_key: str | None = None, wait: int | None = None,
                    image_prompts: dict[str, str | Path | bytes] | None = None, embed: list[str] | None = None,
-                   model: str | None = None) -> Job:
+                   model: str | None = None, refine: str | None = None) -> Job:
         """`image`: an http(s) URL (the worker fetches it), an s3:// URI from a bucket your tenant may
         read, a file path, or the image bytes. `wait` (1 to 60 s) asks the API to answer once the job
         is final, if it gets there within that time (Prefer: wait). `image_prompts`: label -> example
         image (URL, path or bytes), segmented by look. `embed`: "image" and/or "masks". `model`: one
-        of your fine-tuned models (list_models); without prompts and preset, its own labels."""
+        of your fine-tuned models (list_models); without prompts and preset, its own labels. `refine`:
+        none, guided (edges that follow the photo) or matting (soft maps and cutouts from a matte)."""
         fields: dict[str, Any] = {}
         examples = None if image_prompts is None else [image_prompt(label, ex) for label, ex in image_prompts.items()]
         for name, value in (("prompts", prompts), ("preset", preset), ("outputs", outputs),
                             ("threshold", threshold), ("webhook_url", webhook_url),
                             ("webhook_events", webhook_events), ("metadata", metadata),
-                            ("image_prompts", examples), ("embed", embed), ("model", model)):
+                            ("image_prompts", examples), ("embed", embed), ("model", model), ("refine", refine)):
             if value is not None:
                 fields[name] = value
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
@@ -260,12 +263,13 @@ class Clipmask:
                      prompts: list[str] | None = None, preset: str | None = None, outputs: list[str] | None = None,
                      threshold: float | None = None, webhook_url: str | None = None,
                      webhook_events: list[str] | None = None, metadata: dict[str, str] | None = None,
-                     idempotency_key: str | None = None) -> Batch:
+                     idempotency_key: str | None = None, model: str | None = None,
+                     refine: str | None = None) -> Batch:
         """Items as a list of dicts, or `file`: a JSONL or CSV catalog uploaded as is. `prompts`,
         `preset`, `outputs` and the rest are the defaults for items that set none."""
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         fields: dict[str, Any] = {k: v for k, v in (("prompts", prompts), ("preset", preset), ("outputs", outputs),
-                                                    ("threshold", threshold),
+                                                    ("threshold", threshold), ("model", model), ("refine", refine),
                                                     ("webhook_url", webhook_url), ("webhook_events", webhook_events),
                                                     ("metadata", metadata)) if v is not None}
         if file is None:

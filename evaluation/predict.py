@@ -38,7 +38,8 @@ class EnginePredictor:
     hardware), so "in process" is what the deployment runs."""
 
     def __init__(self, model: str, labels: list[Label], *, device: str = "auto", dtype: str = "bf16",
-                 cpu_dtype: str = "auto", threshold: float = 0.4) -> None:
+                 cpu_dtype: str = "auto", threshold: float = 0.4, refine: str = "none",
+                 matting_max_pixels: int = 4_000_000) -> None:
         from worker.engine import FastEngine, SegmentRequest, Wanted, load_clipseg
         from worker.engine.fast import LearnedLabel
         from worker.engine.finetuned import apply_decoder, is_model_folder, read_model_folder
@@ -61,18 +62,25 @@ class EnginePredictor:
             what = f"{model} (fine-tuned on {base})"
         self.labels = labels
         self.threshold = threshold
+        self.refine, self.matting_max_pixels = refine, matting_max_pixels
         dtype_name = str(self.loaded.dtype).removeprefix("torch.")
-        self.description = f"{what} in process on {self.loaded.device} ({dtype_name})"
+        self.description = f"{what} in process on {self.loaded.device} ({dtype_name})" + (
+            f", refine {refine}" if refine != "none" else "")
         self.seconds = 0.0
 
     def predict(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
         names = [label.name for label in self.labels]
         phrasings: list[Any] = [self._learned.get((label.name, tuple(label.phrasings)), tuple(label.phrasings))
                                 for label in self.labels]
-        requests = [self._request(image, names, self.threshold, phrasings=phrasings, wanted=self._wanted)
-                    for image in images]
+        requests = [self._request(image, names, self.threshold, phrasings=phrasings, wanted=self._wanted,
+                                  refine=self.refine) for image in images]
         started = time.perf_counter()
         results = self.engine.segment_batch(requests)
+        if self.refine == "matting":  # as the worker does after the engine (worker/runner.py)
+            from worker.engine.refine import apply_mattes
+
+            for image, result in zip(images, results, strict=True):
+                apply_mattes(np.asarray(image), result.masks, max_pixels=self.matting_max_pixels)
         self.seconds += time.perf_counter() - started
         out = []
         for image, result in zip(images, results, strict=True):
@@ -90,14 +98,16 @@ class ApiPredictor:
     `Prefer: wait`), `parallel` in flight, the soft masks downloaded from their URLs."""
 
     def __init__(self, base_url: str, api_key: str, *, preset: str | None, prompts: list[str],
-                 labels: list[Label], threshold: float = 0.4, parallel: int = 8, model: str | None = None) -> None:
+                 labels: list[Label], threshold: float = 0.4, parallel: int = 8, model: str | None = None,
+                 refine: str = "none") -> None:
         from client import Clipmask
 
         self.client = Clipmask(base_url, api_key)
         self.preset, self.prompts, self.labels, self.threshold = preset, prompts, labels, threshold
-        self.model = model
+        self.model, self.refine = model, refine
         self.pool = ThreadPoolExecutor(max_workers=parallel)
-        self.description = f"the deployment at {base_url}" + (f" (model {model})" if model else "")
+        self.description = f"the deployment at {base_url}" + (f" (model {model})" if model else "") + (
+            f", refine {refine}" if refine != "none" else "")
         self.seconds = 0.0
 
     def _one(self, image: Image.Image) -> np.ndarray:
@@ -106,7 +116,8 @@ class ApiPredictor:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         job = self.client.create_job(buf.getvalue(), self.prompts or None, preset=self.preset, outputs=["soft"],
-                                     threshold=self.threshold, wait=60, model=self.model)
+                                     threshold=self.threshold, wait=60, model=self.model,
+                                     refine=None if self.refine == "none" else self.refine)
         if job.status not in ("succeeded", "failed", "canceled"):
             job = self.client.wait(job.id, timeout=600)
         if job.status != "succeeded":

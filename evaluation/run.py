@@ -137,14 +137,15 @@ def run(args: argparse.Namespace) -> int:
                   " give its labels as --prompt instead", file=sys.stderr)
             return 2
         predictor = ApiPredictor(args.api, key, preset=preset, prompts=args.prompt or [], labels=asked,
-                                 threshold=args.threshold, parallel=args.batch, model=args.model)
+                                 threshold=args.threshold, parallel=args.batch, model=args.model, refine=args.refine)
     else:
         from shared.settings import Settings
 
         deployment = Settings()  # the worker's settings from the environment, as a deployment reads them
         predictor = EnginePredictor(args.model or deployment.model, asked, device=args.device or deployment.device,
                                     dtype=args.dtype or deployment.dtype,
-                                    cpu_dtype=args.cpu_dtype or deployment.cpu_dtype, threshold=args.threshold)
+                                    cpu_dtype=args.cpu_dtype or deployment.cpu_dtype, threshold=args.threshold,
+                                    refine=args.refine, matting_max_pixels=deployment.matting_max_pixels)
     try:
         scores, stats, seconds = evaluate(dataset, predictor, labels, lookup, threshold=args.threshold,
                                           batch=args.batch, limit=args.limit, progress=not args.quiet, asked=asked)
@@ -157,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     metrics["dataset"] = {"path": str(args.dataset), **stats.summary()}
     metrics["predictor"] = predictor.description
     metrics["preset"] = args.preset
+    metrics["refine"] = args.refine
     metrics["prompts"] = args.prompt or []
     metrics["skipped_labels"] = [label.name for label in asked if label not in labels]
     metrics["timing"] = {"seconds": seconds, "images_per_s": scores.images / seconds if seconds else None,
@@ -235,4 +237,6 @@ def add_command(sub: Any) -> None:
     p.add_argument("--api", help="evaluate a running deployment at this URL instead of the engine in process")
     p.add_argument("--api-key", help="with --api (default: CLIPMASK_API_KEY)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--refine", choices=["none", "guided", "matting"], default="none",
+                   help="edges as a job's refine makes them (compare boundary F across runs)")
     p.set_defaults(func=lambda args, settings: run(args))

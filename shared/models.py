@@ -114,6 +114,7 @@ class Job(Base):
     embedding_model: Mapped[str | None] = mapped_column(Text)
     # the tenant's fine-tuned model asked for, as it was at creation: {"id", "revision"}
     model_ref: Mapped[dict[str, str] | None] = mapped_column(JSONType)
+    refine: Mapped[str | None] = mapped_column(String(16))  # none | guided | matting; None: none
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # A running job belongs to a worker until this time; the worker's heartbeat extends it.
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

@@ -26,6 +26,8 @@ def result_entry(item: dict[str, Any], storage: ObjectStorage, *, long_urls: boo
             key = item[key_field]
             entry[url_field] = None if key is None else storage.presign_get(key, long=long_urls)
     entry.update(bbox=item["bbox"], area_fraction=item["area_fraction"], score=item["score"])
+    if "refine" in item:
+        entry["refine"] = item["refine"]
     if "rle" in item:
         entry["rle"] = item["rle"]
     if "embedding" in item:
@@ -75,6 +77,7 @@ def job_object(job: Job, storage: ObjectStorage, *, long_urls: bool = False) -> 
         "preset": job.preset,
         "outputs_requested": list(job.outputs_requested or ["mask"]),
         "outputs": outputs,
+        "refine": job.refine or "none",
         "model": model,
         "image_prompts": image_prompts_shown(job.image_prompts),
         "embed": list(job.embed or []),

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     drain_body_bytes: int = Field(default=256 * MIB, ge=0)
     max_fetch_bytes: int = 25 * MIB
     max_image_pixels: int = 50_000_000
+    # refine: matting solves each label's alpha matte on the CPU over the box around its outline; a
+    # job's labels are matted in order while their boxes add up to at most this many pixels (about 4 s
+    # of one core on the 2-core dev machine, bench/README.md), the rest stay guided
+    matting_max_pixels: int = Field(default=4_000_000, ge=0)
 
     # --- image fetching ----------------------------------------------------------------------
     allow_private_networks: bool = False

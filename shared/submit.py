@@ -85,6 +85,7 @@ class JobSpec:
     examples: dict[str, bytes] = field(default_factory=dict)  # base64 image prompts' bytes by object key
     embed: list[str] = field(default_factory=list)
     model_ref: dict[str, str] | None = None  # a tenant's fine-tuned model: {"id", "revision"}
+    refine: str = "none"  # none | guided | matting (worker/engine/refine.py)
 
     @classmethod
     def again(cls, job: Job) -> JobSpec:
@@ -96,7 +97,8 @@ class JobSpec:
                    webhook_events=None if job.webhook_events is None else list(job.webhook_events),
                    copy_upload_from=job.upload_key, labels=job.labels, preset=job.preset,
                    outputs=list(job.outputs_requested or ["mask"]), image_prompts=list(job.image_prompts or []),
-                   embed=list(job.embed or []), model_ref=None if job.model_ref is None else dict(job.model_ref))
+                   embed=list(job.embed or []), model_ref=None if job.model_ref is None else dict(job.model_ref),
+                   refine=job.refine or "none")
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,7 @@ class Submitter:
             "labels": spec.labels if spec.labels is not None else expand(None, spec.prompts), "preset": spec.preset,
             "outputs_requested": list(spec.outputs), "output_keys": {},
             "image_prompts": spec.image_prompts, "embed": list(spec.embed), "model_ref": spec.model_ref,
+            "refine": spec.refine,
         }
 
     def _submit(self, session: Session, *, tenant: Tenant, idempotency: Idempotency | None, adding: int,

@@ -52,3 +52,29 @@ def test_dev_model_is_loadable_by_from_pretrained(settings, tmp_path):
 def test_migrate_is_idempotent(settings):
     assert clipmask(settings, "migrate").returncode == 0
     assert clipmask(settings, "migrate").returncode == 0
+
+
+def test_refine_sharpens_a_coarse_mask_to_the_photos_size(settings, tmp_path):
+    """`clipmask refine IMAGE MASK`: a small soft mask from any model comes back at the photo's size
+    with its outline on the photo's edge; a colour "mask" is refused with a clear message."""
+    import numpy as np
+    from PIL import Image
+
+    photo = np.zeros((360, 640, 3), dtype=np.uint8)
+    photo[:, 320:] = (230, 60, 40)  # a red garment from column 320
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=95)
+    coarse = np.clip((np.arange(40) - 20) * 60 + 128, 0, 255).astype(np.uint8)  # soft, 8 px off at full size
+    Image.fromarray(np.tile(coarse, (20, 1))).save(tmp_path / "coarse.png")
+    for method in ("guided", "matting"):
+        out = clipmask(settings, "refine", str(tmp_path / "photo.jpg"), str(tmp_path / "coarse.png"),
+                       "--method", method, "--out", str(tmp_path / f"{method}.png"))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["method"] == method
+        with Image.open(tmp_path / f"{method}.png") as refined:
+            assert (refined.mode, refined.size) == ("L", (640, 360))
+            row = np.asarray(refined)[180]
+        assert abs(int(np.argmax(row >= 128)) - 320) <= 3
+    Image.new("RGB", (10, 10), (1, 2, 3)).save(tmp_path / "colour.png")
+    out = clipmask(settings, "refine", str(tmp_path / "photo.jpg"), str(tmp_path / "colour.png"), "--out",
+                   str(tmp_path / "x.png"))
+    assert out.returncode == 2 and "8-bit grayscale" in out.stderr

@@ -77,7 +77,7 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
     return RunnerDeps(sessions, storage, LazySegmenter(settings, on_load=served), policy_from_settings(settings),
                       settings.max_image_pixels, settings.model, on_stage=metrics.on_stage, on_finish=metrics.on_finish,
                       lease_s=settings.job_lease_s, leases=LeaseKeeper(sessions, lease_s=settings.job_lease_s),
-                      follow_up=follow_up)
+                      follow_up=follow_up, matting_max_pixels=settings.matting_max_pixels)
 
 
 def build_worker_app(settings: Settings) -> tuple[Celery, Callable[[], RunnerDeps]]:

@@ -40,6 +40,7 @@ from worker.decoders import DecoderCache
 from worker.engine.embed import VisualPrompt
 from worker.engine.fast import LabelKey, LearnedLabel, SegmentRequest
 from worker.engine.postprocess import SegmentResult, Wanted
+from worker.engine.refine import apply_mattes
 from worker.examples import ExampleCache
 from worker.leases import LeaseKeeper
 from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, png_gray
@@ -82,7 +83,7 @@ class RunnerDeps:
     fetch_policy: FetchPolicy
     max_pixels: int
     model_id: str
-    on_stage: Callable[[str, float], None] = _no_stage  # (fetch|decode|infer|encode|upload, seconds)
+    on_stage: Callable[[str, float], None] = _no_stage  # (fetch|decode|infer|matte|encode|upload, seconds)
     on_finish: Callable[[str, str | None, float], None] = _no_finish  # (status, error code, seconds)
     lease_s: float = 60.0
     leases: LeaseKeeper | None = None  # the process's heartbeat; None: leases are not renewed
@@ -94,6 +95,8 @@ class RunnerDeps:
     examples: ExampleCache = field(default_factory=ExampleCache)
     # tenants' fine-tuned decoders, by revision (worker/decoders.py)
     decoders: DecoderCache = field(default_factory=DecoderCache)
+    # refine: matting - the pixels a job's mattes may solve in all (settings.matting_max_pixels)
+    matting_max_pixels: int = 4_000_000
 
 
 @dataclass
@@ -119,7 +122,7 @@ def encode_outputs(job: Job, labels: list[dict[str, Any]], outputs: list[str], i
     for index, (label, item) in enumerate(zip(labels, result.masks, strict=True)):
         entry: dict[str, Any] = {
             "prompt": item.prompt, "source": label.get("source", "text"), "bbox": item.bbox,
-            "area_fraction": round(item.area_fraction, 6), "score": round(item.score, 6),
+            "area_fraction": round(item.area_fraction, 6), "score": round(item.score, 6), "refine": item.refine,
         }
         if "mask" in outputs:
             key = mask_key(tenant_id=job.tenant_id, job_id=job.id, index=index)
@@ -278,9 +281,11 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             log.info("job %s during the fetch; stopped before decoding", _why(stopped), extra=ctx)
             return _finish(deps, started, stopped)
         outputs = list(job.outputs_requested or ["mask"])
+        refine = job.refine or "none"
         with stages.time("decode"):
-            # masks come from logits and need only the picture's size; cutouts and overlays need its pixels
-            full_pixels = bool({"cutout", "overlay"} & set(outputs)) or not deps.reduced_decode
+            # masks come from logits and need only the picture's size; cutouts, overlays and a refine
+            # (the photo is the guide) need its pixels
+            full_pixels = bool({"cutout", "overlay"} & set(outputs)) or not deps.reduced_decode or refine != "none"
             decoded = decode(data, max_pixels=deps.max_pixels, at_least=None if full_pixels else model_input)
         del data
         image, (width, height) = decoded.image, decoded.size
@@ -300,9 +305,14 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         request = SegmentRequest(image, [label["name"] for label in labels], threshold,
                                  phrasings=conditions, wanted=wanted, size=(width, height),
                                  decoder=None if tuned is None else tuned.decoder,
-                                 embed_image="image" in embed, embed_masks="masks" in embed)
+                                 embed_image="image" in embed, embed_masks="masks" in embed, refine=refine)
         with stages.time("infer"):
             result = segmenter.run(request)
+        if refine == "matting" and wanted.soft:  # on the CPU, in this job's thread: not the device's
+            with stages.time("matte"):
+                solved = apply_mattes(np.asarray(image), result.masks, max_pixels=deps.matting_max_pixels)
+            log.info("matted %d of %d labels (%d pixels solved)", sum(m.refine == "matting" for m in result.masks),
+                     len(result.masks), solved, extra=ctx)
         with stages.time("encode"):
             encoded = encode_outputs(job, labels, outputs, image, result)
         image_embedding = None if result.image_embedding is None else vector_list(result.image_embedding)

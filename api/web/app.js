@@ -17,6 +17,7 @@ const PLAIN = {
   invalid_prompts: 'Type at least one prompt, or choose a preset.',
   unknown_preset: 'That preset does not exist (any more).',
   unknown_model: 'That model does not exist (any more).',
+  invalid_refine: 'Edges must be none, guided or matting.',
   model_not_found: 'That model was deleted after the job was made.',
   dependency_unavailable: 'The service is having trouble reaching its database or storage. Try again shortly.',
   image_fetch_failed: 'The service could not download the image from that URL.',
@@ -140,6 +141,7 @@ function buildRequest() {
   const preset = $('preset').value;
   const model = $('model').value;
   const threshold = $('threshold').value;
+  const refine = $('refine').value;
   const outputs = ['mask', 'cutout', 'overlay'];
   const file = chosenFile();
   if (file) {
@@ -150,9 +152,11 @@ function buildRequest() {
     if (model) form.append('model', model);
     outputs.forEach((o) => form.append('outputs', o));
     form.append('threshold', threshold);
+    if (refine !== 'none') form.append('refine', refine);
     return form;
   }
   const body = { prompts, threshold: Number(threshold), outputs };
+  if (refine !== 'none') body.refine = refine;
   if (preset) body.preset = preset;
   if (model) body.model = model;
   const url = $('url').value.trim();
@@ -197,7 +201,8 @@ function render(job) {
     const facts = document.createElement('p');
     facts.className = 'hint';
     facts.textContent = `score ${r.score.toFixed(2)}, ${(100 * r.area_fraction).toFixed(1)}% of the image` +
-      (r.bbox ? '' : ' (nothing found above the threshold)');
+      (r.bbox ? '' : ' (nothing found above the threshold)') +
+      (r.refine && r.refine !== 'none' ? `, edges: ${r.refine}` : '');
     const pair = document.createElement('div');
     pair.className = 'pair';
     const downloads = document.createElement('p');

@@ -220,7 +220,7 @@ def test_encode_outputs_keys_are_deterministic_and_complete(everything):
     assert entry["rle"]["size"] == [image.height, image.width]
     only_rle = encode_outputs(Row(), labels, ["rle"], image, result)  # type: ignore[arg-type]
     assert only_rle.uploads == [] and only_rle.output_keys == {}
-    assert set(only_rle.results[0]) == {"prompt", "source", "bbox", "area_fraction", "score", "rle"}
+    assert set(only_rle.results[0]) == {"prompt", "source", "bbox", "area_fraction", "score", "rle", "refine"}
 
 
 @given(st.integers(1, 30), st.integers(1, 30), st.sampled_from([None, 3, 4]), st.booleans(),

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from worker.engine import refine as refine_methods
 from worker.engine.embed import VisualPrompt, masked_crop, neutral_grey, unit
 from worker.engine.loading import LoadedModel
 from worker.engine.postprocess import SegmentResult, Wanted, upsample
@@ -88,9 +89,22 @@ class SegmentRequest:
     embed_image: bool = False  # the whole image's CLIP embedding
     embed_masks: bool = False  # each label's masked crop's CLIP embedding
     decoder: Decoder | None = None  # a fine-tuned decoder; None: the base model's
+    # none: bilinear upsampling; guided (and matting, whose matte the caller makes from the guided
+    # masks, refine.matte): the guided filter with the image as guide, at the output size
+    refine: str = "none"
 
     def output_size(self, arr: np.ndarray) -> tuple[int, int]:
         return self.size if self.size is not None else (arr.shape[1], arr.shape[0])
+
+    def guide(self, arr: np.ndarray, device: torch.device) -> torch.Tensor | None:
+        """The guided filter's guide on `device` at the output size, or None for `refine: none`. An
+        image decoded smaller than the outputs (it shouldn't be: the runner decodes refined jobs in
+        full) is brought up to their size."""
+        if self.refine == "none":
+            return None
+        if self.refine not in refine_methods.METHODS:
+            raise ValueError(f"unknown refine method {self.refine!r}")
+        return refine_methods.guide_of(arr, device=device, size=self.output_size(arr))
 
     def label_keys(self) -> list[LabelKey]:
         if self.phrasings is None:
@@ -486,7 +500,8 @@ class FastEngine:
         for i, (req, arr, logits) in enumerate(zip(requests, arrays, per_image, strict=True)):
             width, height = req.output_size(arr)
             masks, label_map = upsample(logits, prompts=req.prompts, height=height, width=width,
-                                        threshold=req.threshold, wanted=req.wanted)
+                                        threshold=req.threshold, wanted=req.wanted,
+                                        guide=req.guide(arr, self.loaded.device))
             results.append(SegmentResult(masks, logits.cpu(), label_map, image_vectors.get(i)))
         self._embed_masks(requests, arrays, results)
         return results

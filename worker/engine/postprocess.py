@@ -1,6 +1,7 @@
 """Low-resolution logits -> everything a job returns at the image's size, on the model's device.
 
-One upsampling per label gives the probability map p; from it come the binary mask (p >= t),
+One upsampling per label gives the probability map p (bilinear, or refined with the photo as
+guide: refine.py); from it come the binary mask (p >= t),
 the soft map (round(255 * p)), the label map (1 + the most probable label where it reaches t,
 else 0), the score, the box and the area. Only what the job asked for leaves the device.
 """
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from worker.engine import refine
 
 # Upsample at most this many output pixels at once (prompts x H x W), to bound device memory
 # on 50-megapixel images: 64M float32 values = 256 MiB.
@@ -27,6 +30,7 @@ class PromptMask:
     bbox: list[int] | None  # [x0, y0, x1, y1], exclusive end
     area_fraction: float
     soft: np.ndarray | None = None  # (H, W) uint8 round(255 * p), when asked for
+    refine: str = "none"  # what made p: none (bilinear), guided; matting when its soft map is a matte
 
 
 @dataclass
@@ -69,10 +73,11 @@ def _bboxes(mask: torch.Tensor) -> list[list[int] | None]:
 
 def upsample(
     logits: torch.Tensor, *, prompts: list[str], height: int, width: int, threshold: float | Sequence[float],
-    wanted: Wanted = Wanted(),
+    wanted: Wanted = Wanted(), guide: torch.Tensor | None = None,
 ) -> tuple[list[PromptMask], np.ndarray | None]:
-    """Bilinear upsampling of (P, h, w) logits to (H, W), sigmoid, then masks (and soft maps, and the
-    label map, if wanted) with their stats, in chunks that bound device memory. `threshold` is one
+    """Bilinear upsampling of (P, h, w) logits to (H, W), sigmoid, refined by the guided filter
+    with `guide` ((1, 3, H, W) in [0, 1]) if given, then masks (and soft maps, and the label map, if
+    wanted) with their stats, in chunks that bound device memory. `threshold` is one
     for every label or one per label; a label map pixel goes to the most probable of the labels
     that reach their threshold there (with one threshold: the most probable, if it reaches it)."""
     if len(prompts) > 254:
@@ -81,7 +86,8 @@ def upsample(
     if not prompts:  # an embedding-only job
         empty = np.zeros((height, width), dtype=np.uint8) if wanted.label_map else None
         return out, empty
-    step = max(1, MAX_UPSAMPLE_ELEMENTS // (height * width))
+    held = 1 if guide is None else refine.GUIDED_VALUES_PER_PIXEL
+    step = max(1, MAX_UPSAMPLE_ELEMENTS // (height * width * held))
     logits = logits.float()
     single, per_label = 0.0, None
     if isinstance(threshold, int | float):
@@ -99,6 +105,8 @@ def upsample(
         up = F.interpolate(chunk, size=(height, width), mode="bilinear", align_corners=False).squeeze(1)
         prob = up.sigmoid_()  # in place: one full-size buffer fewer to allocate and fault in
         del up
+        if guide is not None:
+            prob = refine.guided(prob, guide)
         scores = prob.amax(dim=(1, 2)).tolist()
         mask = prob >= (single if per_label is None else per_label[start : start + step].view(-1, 1, 1))
         soft = (prob * 255).round_().to(torch.uint8).cpu().numpy() if wanted.soft else None
@@ -116,7 +124,7 @@ def upsample(
         areas = [np.count_nonzero(p) / (height * width) for p in pixels]
         for i in range(mask.shape[0]):
             out.append(PromptMask(prompts[start + i], pixels[i], float(scores[i]), boxes[i], float(areas[i]),
-                                  None if soft is None else soft[i]))
+                                  None if soft is None else soft[i], "none" if guide is None else "guided"))
     label_map = None
     if best is not None and best_index is not None:
         label_map = torch.where(best >= 0, best_index, 0).cpu().numpy()

@@ -114,7 +114,8 @@ class StockEngine:
             logits = self.ensemble_logits(image, labels)
         width, height = request.size or image.size
         masks, label_map = upsample(logits, prompts=request.prompts, height=height, width=width,
-                                    threshold=request.threshold, wanted=request.wanted)
+                                    threshold=request.threshold, wanted=request.wanted,
+                                    guide=request.guide(np.asarray(image), self.loaded.device))
         result = SegmentResult(masks, logits.cpu(), label_map)
         if request.embed_image:
             result.image_embedding = self.image_embeddings([image])[0]
