@@ -158,3 +158,20 @@ def test_bad_datasets_get_a_clear_message(folder_dataset, tmp_path, tiny_model_d
                  "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "none of the labels (a scarf) is in the dataset's labels" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_refine_is_evaluated_as_a_job_would_refine(folder_dataset, tiny_model_dir, tmp_path, capsys):
+    """`--refine guided|matting` predicts the soft maps a job with that refine gets; the report says
+    which, with boundary F beside IoU, and the maps differ from the unrefined run's."""
+    plain = tmp_path / "none"
+    assert run_eval(folder_dataset, plain, tiny_model_dir) == 0
+    base = json.loads((plain / "metrics.json").read_text())
+    assert base["refine"] == "none"
+    for method in ("guided", "matting"):
+        out = tmp_path / method
+        assert run_eval(folder_dataset, out, tiny_model_dir, "--refine", method) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["refine"] == method and f"refine {method}" in metrics["predictor"]
+        assert 0.0 <= metrics["mean_boundary_f"] <= 1.0
+        assert metrics["sweep"] != base["sweep"]  # other probability maps
+    capsys.readouterr()
