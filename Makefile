@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export VENV
 
-.PHONY: install install-browser up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs bench-pipeline bench-search bench-manifest bench-decoders bench-refine gpu-check clean
+.PHONY: install install-browser up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs bench-pipeline bench-search bench-manifest bench-decoders bench-refine compose-test gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,11 @@ install-browser:
 	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }; }
 	@chromium --version
+
+# docker-compose.yml for real: the production images built and the stack run end to end, with
+# docker-compose.ci.yml swapping in what can't be pulled here (README "Docker compose")
+compose-test: install
+	$(PY) scripts/compose_test.py $(COMPOSE_TEST_ARGS)
 
 # the tests that need no Postgres, Redis, S3 or worker process (marker `unit`)
 test-unit: install

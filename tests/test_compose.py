@@ -60,3 +60,59 @@ def test_dockerfiles_exist_and_flower_has_basic_auth():
 def test_env_example_lists_every_setting():
     keys = set(re.findall(r"^(CLIPMASK_[A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
     assert keys == SETTINGS
+
+
+CI = yaml.safe_load((ROOT / "docker-compose.ci.yml").read_text())["services"]
+PRODUCTION_SERVICES = ("migrate", "api", "worker", "beat", "flower")
+
+
+def test_images_build_anywhere_and_run_as_non_root():
+    for name in ("api", "worker"):
+        text = (ROOT / "docker" / f"{name}.Dockerfile").read_text()
+        assert "ARG BASE_IMAGE=python:3.11-slim" in text and "FROM ${BASE_IMAGE}" in text
+        assert "$PIP_INSTALL_OPTS" in text
+        users = re.findall(r"^USER (\S+)", text, re.M)
+        assert users and users[-1] != "root"
+    assert 'ARG TORCH_SPEC="torch>=2.4"' in (ROOT / "docker" / "worker.Dockerfile").read_text()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", ".run"} <= set(ignored)
+
+
+def test_services_stop_cleanly_and_databases_stay_unpublished():
+    for name in PRODUCTION_SERVICES:
+        assert SERVICES[name].get("init") is True, name
+    for name in ("postgres", "redis"):
+        assert "ports" not in SERVICES[name], f"{name} must not collide with the host's own"
+
+
+def test_the_ci_override_swaps_only_what_cannot_be_pulled():
+    assert set(CI) == {"postgres", "redis", "minio", "minio-init", "images", "worker"}
+    for name in PRODUCTION_SERVICES:  # built from the project's Dockerfiles, as in production
+        assert not {"image", "build", "command", "entrypoint"} & set(CI.get(name, {})), name
+    assert set(CI["worker"]) == {"environment", "volumes"}
+    assert CI["worker"]["environment"]["CLIPMASK_DEVICE"] == "cpu"
+    assert (ROOT / "docker" / "ci" / "postgres.sh").is_file()
+
+
+def test_beat_flower_and_the_api_start_without_torch():
+    """The API image has no torch: what it runs (gunicorn's app, beat and Flower's Celery app, the
+    CLI's migrate) must import without it. Beat and Flower once loaded worker.celery_app, which
+    imports the engine, and died in the container (found by `make compose-test`)."""
+    import subprocess
+    import sys
+
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers', 'kornia', 'pymatting', 'numba'):\n"
+        "            raise ImportError('not in the API image: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import shared.celery_app, api.wsgi, cli.main\n"
+        "assert set(shared.celery_app.app.conf.beat_schedule) == {'retention', 'reconcile', 'webhooks'}\n"
+    )
+    for service in ("beat", "flower"):
+        assert "shared.celery_app" in " ".join(SERVICES[service]["command"]), service
+    out = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "CLIPMASK_LOG_FORMAT": "text"})
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -84,7 +84,8 @@ def test_default_is_masks_alone(client, tenant, image_server):
     job = run(client, tenant, image_server, prompts=["shirt", "pants"])
     assert job["outputs_requested"] == ["mask"] and job["outputs"] == {} and job["preset"] is None
     assert [set(r) for r in job["results"]] == [
-        {"prompt", "source", "mask_url", "bbox", "area_fraction", "score"}] * 2
+        {"prompt", "source", "mask_url", "bbox", "area_fraction", "score", "refine"}] * 2
+    assert job["refine"] == "none" and [r["refine"] for r in job["results"]] == ["none", "none"]
 
 
 def test_rle_alone_writes_no_objects(client, tenant, image_server, storage):
