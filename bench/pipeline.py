@@ -84,6 +84,19 @@ def baseline(deps: RunnerDeps):  # type: ignore[no-untyped-def]
         deps.reduced_decode = True
 
 
+@contextlib.contextmanager
+def deflating(name: str):  # type: ignore[no-untyped-def]
+    """The PNG writer with another deflate (worker.outputs.DEFLATERS) for a round."""
+    import worker.outputs
+
+    saved = worker.outputs.DEFLATE
+    worker.outputs.DEFLATE = name
+    try:
+        yield
+    finally:
+        worker.outputs.DEFLATE = saved
+
+
 def realistic_logits(labels: int, side: int = 88) -> torch.Tensor:
     """Garment-like regions on a person-shaped layout (logits of +-6 with soft 1-2 cell edges): a
     torso with sleeves, trousers split into legs, a bag on a strap, shoes, in turn per label."""
@@ -189,6 +202,8 @@ def main() -> int:
     parser.add_argument("--outputs", choices=[*OUTPUT_SETS, "both"], default="both")
     parser.add_argument("--masks", choices=["realistic", "speckled", "both"], default="both")
     parser.add_argument("--before", action="store_true", help="also the pipeline as it was before 2026-11-22")
+    parser.add_argument("--compare-deflate", action="store_true",
+                        help="also each round with zlib as the PNG writer's deflate (row suffix _zlib)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
@@ -231,11 +246,13 @@ def main() -> int:
                 stand_in.masks = kind
                 rows: dict[str, object] = {}
                 for name in (["mask", "all"] if args.outputs == "both" else [args.outputs]):
-                    for variant in (("before", "now") if args.before else ("now",)):
-                        with baseline(deps) if variant == "before" else contextlib.nullcontext():
+                    variants = (("before",) if args.before else ()) + (("zlib",) if args.compare_deflate else ())
+                    for variant in (*variants, "now"):
+                        with (baseline(deps) if variant == "before" else deflating("zlib") if variant == "zlib"
+                              else contextlib.nullcontext()):
                             figures = run_round(deps, sessions, tenant_id, urls, labels, OUTPUT_SETS[name],
                                                 args.threads)
-                        rows[name if variant == "now" else f"{name}_before"] = figures
+                        rows[name if variant == "now" else f"{name}_{variant}"] = figures
                         stages = "  ".join(f"{k} {v:.1f}" for k, v in figures["stage_ms_per_image"].items())  # type: ignore[union-attr]
                         print(f"masks={kind:<9} outputs={name:<4} {variant:<6}: {figures['images_per_s']:6.1f} "
                               f"images/s  {figures['images_per_cpu_s']:6.1f} images per CPU-second (per core)  "

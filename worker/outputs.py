@@ -16,6 +16,7 @@ import colorsys
 import io
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,24 @@ OVERLAY_ALPHA = 0.5
 OVERLAY_QUALITY = 85
 
 
+def _deflaters() -> dict[str, Callable[[Any, int], bytes]]:
+    out: dict[str, Callable[[Any, int], bytes]] = {"zlib": lambda data, level: zlib.compress(data, level)}
+    try:
+        from isal import isal_zlib  # ISA-L's igzip; levels 0 to 3
+
+        out["isal"] = lambda data, level: isal_zlib.compress(data, min(level, 3))
+    except ImportError:  # (a worker installed without it still writes the same PNGs, slower)
+        pass
+    return out
+
+
+# The PNG writer's deflate: ISA-L where installed. On 1024x1536 masks shaped like a trained model's,
+# level 1 takes 0.25 ms a mask against zlib's 2.59 and writes 3.8 KiB against 10.3 (soft maps:
+# 0.24 ms and 17.7 KiB against 2.78 ms and 21.9 KiB); zlib-ng was 0.55 ms and larger than zlib
+# (bench/README.md, `python bench/deflate.py`). Any of them is a zlib stream every PNG reader takes.
+DEFLATERS = _deflaters()
+DEFLATE = "isal" if "isal" in DEFLATERS else "zlib"
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLOR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grayscale, RGB, RGBA
 
@@ -34,11 +53,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def encode_png(pixels: np.ndarray, *, sub_filter: bool = False, level: int = 1) -> bytes:
+def encode_png(pixels: np.ndarray, *, sub_filter: bool = False, level: int = 1, deflate: str | None = None) -> bytes:
     """An 8-bit PNG of an (H, W) or (H, W, C) uint8 array, written directly: one filter for every
     row, then zlib at `level`. Pillow's encoder tries filters per row; for our images one fixed
     choice is as small and 2 to 3 times faster (bench/README.md): no filter for binary masks (long
-    runs), Sub for soft maps and photos (smooth along rows). zlib releases the GIL while it works."""
+    runs), Sub for soft maps and photos (smooth along rows). `deflate`: "isal" or "zlib"
+    (None: the module's DEFLATE, isal where installed); both release the GIL while they work."""
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
         raise ValueError("encode_png takes (H, W) or (H, W, C) uint8 arrays")
     height, width = pixels.shape[:2]
@@ -55,7 +75,7 @@ def encode_png(pixels: np.ndarray, *, sub_filter: bool = False, level: int = 1) 
         raw[:, 0] = 0
         raw[:, 1:] = rows
     header = struct.pack(">IIBBBBB", width, height, 8, COLOR_TYPES[channels], 0, 0, 0)
-    return (PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw.data, level))
+    return (PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", DEFLATERS[deflate or DEFLATE](raw.data, level))
             + _chunk(b"IEND", b""))
 
 

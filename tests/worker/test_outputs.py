@@ -224,15 +224,34 @@ def test_encode_outputs_keys_are_deterministic_and_complete(everything):
 
 
 @given(st.integers(1, 30), st.integers(1, 30), st.sampled_from([None, 3, 4]), st.booleans(),
-       st.integers(0, 2**32 - 1))
-def test_our_png_encoder_round_trips_through_pillow(height, width, channels, sub_filter, seed):
+       st.integers(0, 2**32 - 1), st.sampled_from(["isal", "zlib"]))
+def test_our_png_encoder_round_trips_through_pillow(height, width, channels, sub_filter, seed, deflate):
     from worker.outputs import encode_png
 
     shape = (height, width) if channels is None else (height, width, channels)
     pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-    png = Image.open(io.BytesIO(encode_png(pixels, sub_filter=sub_filter)))
+    png = Image.open(io.BytesIO(encode_png(pixels, sub_filter=sub_filter, deflate=deflate)))
     assert png.format == "PNG" and png.mode == {None: "L", 3: "RGB", 4: "RGBA"}[channels]
     assert np.array_equal(np.asarray(png), pixels)
+
+
+def test_the_worker_deflates_with_isal_and_masks_decode_the_same():
+    """ISA-L is the worker's deflate (a worker dependency); a 1024x1536 mask shaped like a real one
+    decodes to the same pixels as zlib's, and is no larger."""
+    from evaluation.edges import garment, logits_of
+    from worker.engine.postprocess import Wanted, upsample
+    from worker.outputs import DEFLATE, encode_png
+
+    assert DEFLATE == "isal"
+    g = garment(0)
+    masks, _ = upsample(logits_of(g.coarse), prompts=["garment"], height=1536, width=1024, threshold=0.4,
+                        wanted=Wanted(soft=True))
+    for item in masks:
+        for pixels, sub_filter in ((item.mask, False), (item.soft, True)):
+            fast, plain = (encode_png(pixels, sub_filter=sub_filter, deflate=d) for d in ("isal", "zlib"))
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(fast))), pixels)
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(plain))), pixels)
+            assert len(fast) <= len(plain)
 
 
 def test_png_encoder_refuses_what_it_cannot_write():
