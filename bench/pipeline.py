@@ -97,6 +97,17 @@ def deflating(name: str):  # type: ignore[no-untyped-def]
         worker.outputs.DEFLATE = saved
 
 
+@contextlib.contextmanager
+def putting(storage: ObjectStorage, client: str):  # type: ignore[no-untyped-def]
+    """The PUTs through another client (shared.storage: obstore or boto3) for a round."""
+    saved = storage.put_client
+    storage.put_client = client
+    try:
+        yield
+    finally:
+        storage.put_client = saved
+
+
 def realistic_logits(labels: int, side: int = 88) -> torch.Tensor:
     """Garment-like regions on a person-shaped layout (logits of +-6 with soft 1-2 cell edges): a
     torso with sleeves, trousers split into legs, a bag on a strap, shoes, in turn per label."""
@@ -204,6 +215,8 @@ def main() -> int:
     parser.add_argument("--before", action="store_true", help="also the pipeline as it was before 2026-11-22")
     parser.add_argument("--compare-deflate", action="store_true",
                         help="also each round with zlib as the PNG writer's deflate (row suffix _zlib)")
+    parser.add_argument("--compare-puts", action="store_true",
+                        help="also each round with boto3 for the PUTs (row suffix _boto3)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
@@ -246,10 +259,11 @@ def main() -> int:
                 stand_in.masks = kind
                 rows: dict[str, object] = {}
                 for name in (["mask", "all"] if args.outputs == "both" else [args.outputs]):
-                    variants = (("before",) if args.before else ()) + (("zlib",) if args.compare_deflate else ())
+                    variants = ((("before",) if args.before else ()) + (("zlib",) if args.compare_deflate else ())
+                                + (("boto3",) if args.compare_puts else ()))
                     for variant in (*variants, "now"):
                         with (baseline(deps) if variant == "before" else deflating("zlib") if variant == "zlib"
-                              else contextlib.nullcontext()):
+                              else putting(storage, "boto3") if variant == "boto3" else contextlib.nullcontext()):
                             figures = run_round(deps, sessions, tenant_id, urls, labels, OUTPUT_SETS[name],
                                                 args.threads)
                         rows[name if variant == "now" else f"{name}_{variant}"] = figures

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     s3_connect_timeout_s: float = 5.0
     s3_read_timeout_s: float = 30.0
     s3_max_attempts: int = 4
+    # The client of single-object PUTs (masks, uploads): obstore (a Rust S3 client, a fifth of
+    # boto3's CPU per PUT, bench/README.md) or boto3; auto: obstore when installed and keys are set
+    # (it doesn't read ~/.aws files), else boto3. Everything else goes through boto3.
+    s3_put_client: Literal["auto", "obstore", "boto3"] = "auto"
     presign_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     # Lifetime of URLs frozen into webhook bodies and batch manifests (SigV4's maximum: 7 days)
     result_url_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, le=7 * 24 * 3600)

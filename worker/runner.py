@@ -1,7 +1,8 @@
 """The job runner: mark running -> fetch -> decode -> segment -> encode outputs -> store -> record.
 
 A job canceled meanwhile stops at the next stage boundary (after the fetch, after the decode,
-before each upload): nothing more is uploaded, and masks this run already wrote are deleted.
+before its uploads, which go up together): nothing more is uploaded, and masks this run already
+wrote are deleted (a cancel during the uploads is seen by the final commit, which then deletes them).
 A job that another run of it finished meanwhile (a lease that expired under a paused worker, and
 the reconciler's second run) also stops there, but deletes nothing: the keys are deterministic, so
 what this run wrote is what the finished row points at. `_outcome` is the one place that decides.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -317,17 +319,12 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             encoded = encode_outputs(job, labels, outputs, image, result)
         image_embedding = None if result.image_embedding is None else vector_list(result.image_embedding)
         del result
-        uploaded: list[str] = []
-        for index, (key, data, content_type) in enumerate(encoded.uploads):
-            if (stopped := _stopped(deps, job.id)) is not None:
-                log.info("job %s before upload %d of %d; nothing more is uploaded", _why(stopped), index + 1,
-                         len(encoded.uploads), extra=ctx)
-                if stopped == JobStatus.CANCELED:
-                    deps.storage.delete(uploaded)
-                return _finish(deps, started, stopped)
-            with stages.time("upload"):
-                deps.storage.put(key, data, content_type=content_type)
-            uploaded.append(key)
+        if encoded.uploads and (stopped := _stopped(deps, job.id)) is not None:
+            log.info("job %s before its %d uploads; nothing is uploaded", _why(stopped), len(encoded.uploads),
+                     extra=ctx)
+            return _finish(deps, started, stopped)
+        with stages.time("upload"):  # together; a cancel meanwhile is seen by mark_succeeded below
+            upload_all(deps.storage, encoded.uploads)
         with session_scope(deps.sessions) as session:
             done = jobstate.mark_succeeded(session, job.id, results=encoded.results, storage=deps.storage,
                                            output_keys=encoded.output_keys, embedding=image_embedding,
@@ -359,6 +356,23 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         log.exception("job failed with an unexpected error", extra=ctx)
         return _fail(job, deps=deps, ctx=ctx, code="internal", message=f"{type(exc).__name__}: {exc}",
                      started=started)
+
+
+# A job's objects go up together (their PUTs wait on the network, not the CPU); one pool per process.
+_UPLOADS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="upload")
+
+
+def upload_all(storage: ObjectStorage, uploads: list[tuple[str, bytes, str]]) -> None:
+    """PUT every (key, bytes, content type) at once; the first failure (StorageFailed) is raised
+    once all have ended, so no PUT of this job is still running when the caller goes on."""
+    if len(uploads) <= 1:
+        for key, data, content_type in uploads:
+            storage.put(key, data, content_type=content_type)
+        return
+    futures = [_UPLOADS.submit(storage.put, key, data, content_type=kind) for key, data, kind in uploads]
+    wait(futures)
+    for future in futures:
+        future.result()
 
 
 def _fetch(job: Job, deps: RunnerDeps) -> bytes:

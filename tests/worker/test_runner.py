@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 import uuid
 from unittest import mock
 
@@ -99,19 +101,47 @@ def test_cancel_during_inference_is_not_overwritten(deps, sessions, storage, ten
     assert storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/") == []
 
 
-def test_cancel_between_uploads_uploads_nothing_more(deps, sessions, storage, tenant):
+def test_a_cancel_during_the_uploads_leaves_no_masks(deps, sessions, storage, tenant):
+    """A job's uploads go up together; a cancel that lands while they run is seen by the final
+    commit, and every mask they wrote is deleted."""
     job_id = new_upload_job(sessions, storage, tenant)
     real_put = deps.storage.put
+    canceled = threading.Lock()
 
     def put_then_cancel(key, data, **kwargs):
         real_put(key, data, **kwargs)
-        with session_scope(sessions) as session:  # the user cancels after the first mask went up
-            jobstate.cancel(session, job_id, storage=storage)
+        if canceled.acquire(blocking=False):  # the user cancels after the first mask went up
+            with session_scope(sessions) as session:
+                jobstate.cancel(session, job_id, storage=storage)
 
     with mock.patch.object(deps.storage, "put", side_effect=put_then_cancel) as put:
         assert run_job(job_id, deps=deps) == "canceled"
-    assert put.call_count == 1  # the second mask was never uploaded
-    assert storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/") == []  # and the first was removed
+    assert put.call_count == 2
+    assert load(sessions, job_id).status == "canceled"
+    assert storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/") == []
+
+
+def test_a_jobs_uploads_run_at_once_and_a_failure_waits_for_the_rest(storage):
+    """upload_all: the PUTs overlap (4 PUTs of 0.3 s take well under 1.2 s), and a failing one is
+    raised only after the others ended."""
+    from worker.runner import upload_all
+
+    ended: list[str] = []
+
+    def slow_put(key, data, **kwargs):
+        time.sleep(0.3)
+        if key == "bad":
+            raise StorageFailed("S3 said no")
+        ended.append(key)
+
+    with mock.patch.object(storage, "put", side_effect=slow_put):
+        started = time.monotonic()
+        upload_all(storage, [(f"k{i}", b"x", "image/png") for i in range(4)])
+        assert time.monotonic() - started < 0.9 and sorted(ended) == ["k0", "k1", "k2", "k3"]
+        ended.clear()
+        with pytest.raises(StorageFailed):
+            upload_all(storage, [("bad", b"x", "image/png"), ("k1", b"x", "image/png"), ("k2", b"x", "image/png")])
+        assert sorted(ended) == ["k1", "k2"]
 
 
 def test_storage_failure_fails_the_job_with_storage_failed(deps, sessions, storage, tenant):
@@ -265,8 +295,8 @@ def test_a_run_whose_job_was_requeued_stops_without_deleting(deps, sessions, sto
 
     with mock.patch.object(deps.storage, "put", side_effect=put_then_requeue) as put:
         assert run_job(job_id, deps=deps) == "superseded"
-    assert put.call_count == 1
-    assert len(storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/")) == 1  # not deleted
+    assert put.call_count == 2  # (the job's uploads go up together)
+    assert len(storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/")) == 2  # not deleted
     assert load(sessions, job_id).status == "queued"
 
 
