@@ -266,4 +266,3 @@ def _obstore_putter(settings: Settings) -> Callable[[str, bytes, str], None]:
             raise StorageFailed(f"could not write {key}: {str(exc).splitlines()[0]}") from exc
 
     return put
-
