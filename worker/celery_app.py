@@ -4,6 +4,9 @@ Settings come from CLIPMASK_* variables. The model is loaded when the worker is 
 first job doesn't pay for it), in the worker process itself.
 """
 
+import logging
+import threading
+
 from celery.signals import worker_ready
 
 from shared.logs import configure_logging
@@ -11,6 +14,7 @@ from shared.settings import Settings
 from worker import metrics
 from worker.bootstrap import build_worker_app
 
+log = logging.getLogger(__name__)
 settings = Settings()
 configure_logging(settings.log_level, settings.log_format)
 app, get_deps = build_worker_app(settings)
@@ -22,3 +26,14 @@ def _load_model(**_kwargs: object) -> None:
     deps = get_deps()
     deps.storage.ensure_bucket()
     deps.segmenter()
+    threading.Thread(target=_warm_matting, name="warm-matting", daemon=True).start()
+
+
+def _warm_matting() -> None:
+    """refine: matting's kernels compiled in the background at start, not by the first such job."""
+    from worker.engine.refine import warm_up
+
+    try:
+        log.info("matting kernels ready in %.1f s", warm_up())
+    except Exception:  # a worker without them still serves every other job
+        log.exception("matting kernels could not be prepared")

@@ -231,3 +231,11 @@ def test_refine_map_takes_any_models_mask_at_any_size():
     assert refine_map(image, coarse, "matting", max_matte_pixels=10)[1] == "guided"
     with pytest.raises(ValueError, match="guided or matting"):
         refine_map(image, coarse, "none")
+
+
+def test_warm_up_leaves_the_matting_kernels_ready():
+    """The worker calls warm_up at start (in the background): afterwards a matte costs no compile."""
+    from worker.engine.refine import warm_up
+
+    assert warm_up() >= 0.0
+    assert warm_up() < 2.0
