@@ -30,7 +30,9 @@ def test_storage_down_jobs_retry_then_fail_and_recover_when_it_is_back(
     own = settings.model_copy(update={
         "s3_endpoint_url": f"http://127.0.0.1:{port}", "s3_bucket": f"fault-{uuid.uuid4().hex[:8]}",
         "interactive_queue": f"{settings.interactive_queue}-s3down", "worker_metrics_port": 0,
-        "job_max_retries": 3, "job_retry_backoff_s": 0.5, "s3_connect_timeout_s": 1.0,
+        # backoff 2, 4, 8 s: a PUT to a dead server fails within a second, and the gap after the
+        # second attempt must outlast restarting the S3 server below
+        "job_max_retries": 3, "job_retry_backoff_s": 2.0, "s3_connect_timeout_s": 1.0,
     })
     tenant = make_tenant()
     client = create_app(own).test_client()
