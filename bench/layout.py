@@ -16,9 +16,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.engine import CLOTHES, catalog_jpegs
-from bench.pipeline import InstantSegmenter, free_port, wait_port
+from bench.engine import CLOTHES
+from bench.pipeline import InstantSegmenter, start_servers
 from shared.db import make_engine, make_session_factory, session_scope
 from shared.fetch import FetchPolicy
 from shared.models import Job
@@ -119,21 +117,9 @@ def main() -> int:
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     labels = CLOTHES[: args.prompts]
-    work = Path(tempfile.mkdtemp(prefix="clipmask-layout-"))
-    for i, data in enumerate(catalog_jpegs(8, width, height)):
-        (work / f"{i}.jpg").write_bytes(data)
-    image_port, s3_port = free_port(), free_port()
-    bin_dir = Path(sys.executable).parent
-    servers = [
-        subprocess.Popen([sys.executable, "-m", "http.server", str(image_port), "--bind", "127.0.0.1",
-                          "--directory", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-    ]
+    servers, image_port, s3_port = start_servers(width, height, "layout")
     rows: list[dict[str, float]] = []
     try:
-        wait_port(image_port)
-        wait_port(s3_port)
         with migrated_database(f"clipmask_layout_{uuid.uuid4().hex[:8]}") as url:
             settings = Settings(database_url=url, s3_endpoint_url=f"http://127.0.0.1:{s3_port}",
                                 s3_bucket=f"layout-{uuid.uuid4().hex[:8]}", s3_access_key_id="x",

@@ -176,6 +176,25 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def start_servers(width: int, height: int, name: str) -> tuple[list[subprocess.Popen[bytes]], int, int]:
+    """The benchmarks' image server (8 catalog JPEGs of width x height) and moto's S3 server, each a
+    process of its own, answering: (processes, image port, S3 port)."""
+    work = Path(tempfile.mkdtemp(prefix=f"clipmask-{name}-"))
+    for i, data in enumerate(catalog_jpegs(8, width, height)):
+        (work / f"{i}.jpg").write_bytes(data)
+    image_port, s3_port = free_port(), free_port()
+    bin_dir = Path(sys.executable).parent
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "http.server", str(image_port), "--bind", "127.0.0.1",
+                          "--directory", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    wait_port(image_port)
+    wait_port(s3_port)
+    return procs, image_port, s3_port
+
+
 def run_round(deps: RunnerDeps, sessions, tenant_id: str, urls: list[str], labels: list[str], outputs: list[str],
               threads: int) -> dict[str, object]:
     stage_totals: dict[str, float] = {}
@@ -222,22 +241,10 @@ def main() -> int:
     width, height = (int(v) for v in args.size.split("x"))
     labels = CLOTHES[: args.prompts]
 
-    work = Path(tempfile.mkdtemp(prefix="clipmask-pipeline-"))
-    for i, data in enumerate(catalog_jpegs(8, width, height)):
-        (work / f"{i}.jpg").write_bytes(data)
-    image_port, s3_port = free_port(), free_port()
-    bin_dir = Path(sys.executable).parent
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "http.server", str(image_port), "--bind", "127.0.0.1",
-                          "--directory", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-    ]
+    procs, image_port, s3_port = start_servers(width, height, "pipeline")
     report: dict[str, object] = {"size": f"{width}x{height}", "labels": len(labels), "threads": args.threads,
                                  "jobs": args.jobs, "cpus": os.cpu_count()}
     try:
-        wait_port(image_port)
-        wait_port(s3_port)
         with migrated_database(f"clipmask_pipeline_{uuid.uuid4().hex[:8]}") as url:
             settings = Settings(database_url=url, s3_endpoint_url=f"http://127.0.0.1:{s3_port}",
                                 s3_bucket=f"pipeline-{uuid.uuid4().hex[:8]}", s3_access_key_id="x",

@@ -319,7 +319,7 @@ def checks(stack: Stack, api: str, flower: str) -> None:
             raise SystemExit("[compose-test] Flower refused its own credentials")
     with step("the worker container stopped mid-batch and started again: nothing lost"):
         # enough items that the tiny model on the CPU is still busy with them when the worker stops
-        items = [{"image_url": "http://images:8080/sample.jpg", "metadata": {"row": str(i)}} for i in range(600)]
+        items = [{"image_url": "http://images:8080/sample.jpg", "metadata": {"row": str(i)}} for i in range(300)]
         resp = requests.post(f"{api}/v1/batches", headers=headers, timeout=60,
                              json={"items": items, "prompts": ["shirt", "pants", "shoes"], "outputs": ["mask"]})
         if resp.status_code != 202:
