@@ -195,10 +195,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+WHEELHOUSE_PORT = 47653  # fixed: the URL is a build argument, and a new one would miss every cached layer
+
+
+def port_for(host: str) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind((host, WHEELHOUSE_PORT))
+            return WHEELHOUSE_PORT
+        except OSError:  # taken: any free port works, at the cost of rebuilding the layers
+            return free_port()
+
+
 @contextmanager
 def serve(directory: Path, host: str) -> Iterator[str]:
     """The wheelhouse over HTTP on the Docker bridge's gateway, where builds reach the host."""
-    port = free_port()
+    port = port_for(host)
     proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", host, "--directory",
                              str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
