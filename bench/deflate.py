@@ -16,25 +16,11 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.pipeline import realistic_logits, speckled_logits
 from worker.engine.postprocess import Wanted, upsample
-
-
-def filtered(pixels: np.ndarray, sub_filter: bool) -> bytes:
-    """The PNG scanlines the writer deflates (worker/outputs.py: no filter for masks, Sub for soft maps)."""
-    height, width = pixels.shape
-    raw = np.empty((height, width + 1), dtype=np.uint8)
-    raw[:, 0] = 1 if sub_filter else 0
-    if sub_filter:
-        raw[:, 1] = pixels[:, 0]
-        np.subtract(pixels[:, 1:], pixels[:, :-1], out=raw[:, 2:])
-    else:
-        raw[:, 1:] = pixels
-    return raw.tobytes()
+from worker.outputs import scanlines
 
 
 def compressors() -> dict[str, Callable[[bytes], bytes]]:
@@ -67,7 +53,7 @@ def main() -> int:
                             wanted=Wanted(soft=True))
         for what, maps, sub_filter in (("mask", [m.mask for m in masks], False),
                                        ("soft", [m.soft for m in masks], True)):
-            raws = [filtered(p, sub_filter) for p in maps if p is not None]
+            raws = [scanlines(p, sub_filter=sub_filter).tobytes() for p in maps if p is not None]
             for name, compress in compressors().items():
                 best = float("inf")
                 for _ in range(args.repeats):

@@ -65,18 +65,27 @@ def encode_png(pixels: np.ndarray, *, sub_filter: bool = False, level: int = 1, 
     channels = 1 if pixels.ndim == 2 else pixels.shape[2]
     if channels not in COLOR_TYPES:
         raise ValueError("encode_png writes grayscale, RGB or RGBA")
+    raw = scanlines(pixels, sub_filter=sub_filter)
+    header = struct.pack(">IIBBBBB", width, height, 8, COLOR_TYPES[channels], 0, 0, 0)
+    return (PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", DEFLATERS[deflate or DEFLATE](raw.data, level))
+            + _chunk(b"IEND", b""))
+
+
+def scanlines(pixels: np.ndarray, *, sub_filter: bool) -> np.ndarray:
+    """The filtered PNG rows encode_png deflates: each row's filter byte, then its bytes (Sub: each
+    byte minus the byte one pixel to its left, modulo 256; else as they are)."""
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
     rows = pixels.reshape(height, width * channels)
     raw = np.empty((height, width * channels + 1), dtype=np.uint8)
-    if sub_filter:  # each byte minus the byte one pixel to its left, modulo 256
+    if sub_filter:
         raw[:, 0] = 1
         raw[:, 1 : channels + 1] = rows[:, :channels]
         np.subtract(rows[:, channels:], rows[:, :-channels], out=raw[:, channels + 1 :])
     else:
         raw[:, 0] = 0
         raw[:, 1:] = rows
-    header = struct.pack(">IIBBBBB", width, height, 8, COLOR_TYPES[channels], 0, 0, 0)
-    return (PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", DEFLATERS[deflate or DEFLATE](raw.data, level))
-            + _chunk(b"IEND", b""))
+    return raw
 
 
 def png_gray(pixels: np.ndarray, *, sub_filter: bool = False) -> bytes:
