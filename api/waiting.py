@@ -2,7 +2,7 @@
 
 Every transition into a final state sends `NOTIFY clipmask_job_finished, '<job id>'` in its own
 transaction (shared/jobs.py), so Postgres delivers it exactly when the change is visible. Each
-API process keeps one LISTEN connection in a background thread and wakes the requests waiting
+API process keeps one LISTEN connection in a background thread (shared/finished.py) and wakes the requests waiting
 for that id. A waiting request holds no database connection and no CPU: it sleeps on a
 threading.Event in one of gunicorn's gthread threads (api/gunicorn_conf.py), and reads the job
 again only when woken: by its notification, by the listener (re)connecting (anything sent while
@@ -18,17 +18,15 @@ server ignore a preference), never refused.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from sqlalchemy.engine import make_url
 from werkzeug.datastructures import Headers
 
-from shared.jobs import JOB_FINISHED_CHANNEL
+from shared.finished import FinishedListener
 
 log = logging.getLogger(__name__)
 
@@ -57,28 +55,20 @@ class FinishedJobs:
     """The process's one LISTEN connection and the requests waiting on it, by job id."""
 
     def __init__(self, database_url: str, *, max_waiters: int = 64, max_per_tenant: int = 32) -> None:
-        self._dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
         self._lock = threading.Lock()
         self._waiters: dict[str, set[threading.Event]] = {}
         self.max_waiters, self.max_per_tenant = max_waiters, max_per_tenant
         self._admitted: dict[str, int] = {}  # tenant id -> requests waiting now, in this process
-        self._thread: threading.Thread | None = None
-        self._pid: int | None = None
-        self.listening = threading.Event()
-
-    def _ensure_listener(self) -> None:
-        with self._lock:  # started on first use, in the process that serves (gunicorn forks workers)
-            if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._listen, name="clipmask-job-finished", daemon=True)
-            self._thread.start()
+        # started on first use, in the process that serves (gunicorn forks workers); on (re)connect
+        # every waiter reads again: whatever finished while nobody listened
+        self._listener = FinishedListener(database_url, on_finished=self._wake, on_connected=lambda: self._wake(None))
+        self.listening = self._listener.listening
 
     @contextmanager
     def watching(self, job_id: str) -> Iterator[threading.Event]:
         """An event set when `job_id` may have finished; register before reading the job, so that a
         finish between the read and the wait is not missed."""
-        self._ensure_listener()
+        self._listener.ensure_started()
         event = threading.Event()
         with self._lock:
             self._waiters.setdefault(job_id, set()).add(event)
@@ -128,28 +118,6 @@ class FinishedJobs:
                 self._waiters.get(job_id, ()))
         for event in events:
             event.set()
-
-    def _listen(self) -> None:
-        import psycopg
-
-        backoff, failures = 0.5, 0
-        while True:
-            try:
-                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=3, keepalives=1,
-                                     keepalives_idle=30, keepalives_interval=10, keepalives_count=3) as conn:
-                    conn.execute(f"LISTEN {JOB_FINISHED_CHANNEL}")
-                    self.listening.set()
-                    backoff, failures = 0.5, 0
-                    self._wake(None)  # whatever finished while nobody listened: waiters read again
-                    for note in conn.notifies():
-                        self._wake(note.payload)
-            except Exception as exc:  # noqa: BLE001 - keep listening whatever happens; waits time out meanwhile
-                self.listening.clear()
-                failures += 1
-                (log.warning if failures == 1 else log.debug)(
-                    "job-finished listener has no connection (%s); retrying every %.1f s at most", exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
 
 
 def wait_until(finished: FinishedJobs, job_id: str, seconds: float, read: Callable[[], bool]) -> bool:

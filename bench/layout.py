@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine import CLOTHES
-from bench.pipeline import InstantSegmenter, start_servers
+from bench.pipeline import InstantSegmenter, listening, start_servers
 from shared.db import make_engine, make_session_factory, session_scope
 from shared.fetch import FetchPolicy
 from shared.models import Job
@@ -46,7 +46,7 @@ def worker(settings: Settings, threads: int, jobs: Any, start: Any, results: Any
     storage = ObjectStorage(settings)
     stand_in = InstantSegmenter()
     deps = RunnerDeps(sessions, storage, lambda: stand_in, FetchPolicy(allow_private=True),
-                      settings.max_image_pixels, "stand-in")
+                      settings.max_image_pixels, "stand-in", finished=listening(settings.database_url))
     warm = jobs.get()  # one job to warm the caches before the clock starts
     run_job(warm, deps=deps)
     results.put(("ready", 0.0, 0))

@@ -54,6 +54,7 @@ from tests.support.services import migrated_database
 from worker.engine.fast import SegmentRequest
 from worker.engine.postprocess import SegmentResult, upsample
 from worker.runner import RunnerDeps, run_job
+from worker.stops import FinishedWatch
 
 OUTPUT_SETS = {"mask": ["mask"], "all": ["mask", "soft", "rle", "cutout", "label_map", "overlay"]}
 
@@ -95,6 +96,17 @@ def deflating(name: str):  # type: ignore[no-untyped-def]
         yield
     finally:
         worker.outputs.DEFLATE = saved
+
+
+@contextlib.contextmanager
+def asking(deps: RunnerDeps):  # type: ignore[no-untyped-def]
+    """Every stage boundary asks the database (no finished-jobs listener), as before 2026-12-02."""
+    saved = deps.finished
+    deps.finished = None
+    try:
+        yield
+    finally:
+        deps.finished = saved
 
 
 @contextlib.contextmanager
@@ -157,6 +169,15 @@ class InstantSegmenter:
                                             threshold=request.threshold, wanted=request.wanted)
                 self._cache[key] = SegmentResult(masks, logits, label_map)
             return self._cache[key]
+
+
+def listening(database_url: str) -> FinishedWatch:
+    """The worker's finished-jobs listener, connected (as the worker starts it at worker_ready)."""
+    watch = FinishedWatch(database_url)
+    watch.start()
+    if not watch.listening.wait(30):
+        raise RuntimeError("the finished-jobs listener did not connect")
+    return watch
 
 
 def free_port() -> int:
@@ -236,6 +257,8 @@ def main() -> int:
                         help="also each round with zlib as the PNG writer's deflate (row suffix _zlib)")
     parser.add_argument("--compare-puts", action="store_true",
                         help="also each round with boto3 for the PUTs (row suffix _boto3)")
+    parser.add_argument("--compare-stops", action="store_true",
+                        help="also each round with a database query at every stage boundary (row suffix _asking)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
@@ -256,7 +279,7 @@ def main() -> int:
                 tenant_id = create_tenant(session, name="pipeline").tenant_id
             stand_in = InstantSegmenter()  # one for the process, as the worker's engine: its cache holds
             deps = RunnerDeps(sessions, storage, lambda: stand_in, FetchPolicy(allow_private=True),
-                              settings.max_image_pixels, "stand-in")
+                              settings.max_image_pixels, "stand-in", finished=listening(url))
             kinds = ["realistic", "speckled"] if args.masks == "both" else [args.masks]
             urls = [f"http://127.0.0.1:{image_port}/{i % 8}.jpg" for i in range(args.jobs)]
             run_round(deps, sessions, tenant_id, urls[: args.threads * 2], labels, ["mask"], args.threads)  # warm
@@ -267,10 +290,12 @@ def main() -> int:
                 rows: dict[str, object] = {}
                 for name in (["mask", "all"] if args.outputs == "both" else [args.outputs]):
                     variants = ((("before",) if args.before else ()) + (("zlib",) if args.compare_deflate else ())
-                                + (("boto3",) if args.compare_puts else ()))
+                                + (("boto3",) if args.compare_puts else ())
+                                + (("asking",) if args.compare_stops else ()))
                     for variant in (*variants, "now"):
                         with (baseline(deps) if variant == "before" else deflating("zlib") if variant == "zlib"
-                              else putting(storage, "boto3") if variant == "boto3" else contextlib.nullcontext()):
+                              else putting(storage, "boto3") if variant == "boto3"
+                              else asking(deps) if variant == "asking" else contextlib.nullcontext()):
                             figures = run_round(deps, sessions, tenant_id, urls, labels, OUTPUT_SETS[name],
                                                 args.threads)
                         rows[name if variant == "now" else f"{name}_{variant}"] = figures

@@ -19,6 +19,7 @@ from shared.storage import ObjectStorage
 from worker import metrics
 from worker.leases import LeaseKeeper
 from worker.runner import RunnerDeps, Segments
+from worker.stops import FinishedWatch
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,11 @@ class LazySegmenter:
         self.on_load = on_load
         self._lock = threading.Lock()
         self._segmenter: Any = None
+
+    @property
+    def loaded_revision(self) -> str | None:
+        """The loaded model's revision, None before it loads (never loads it)."""
+        return None if self._segmenter is None else getattr(self._segmenter, "model_revision", None)
 
     def __call__(self) -> Segments:
         if self._segmenter is None:
@@ -77,7 +83,8 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
     return RunnerDeps(sessions, storage, LazySegmenter(settings, on_load=served), policy_from_settings(settings),
                       settings.max_image_pixels, settings.model, on_stage=metrics.on_stage, on_finish=metrics.on_finish,
                       lease_s=settings.job_lease_s, leases=LeaseKeeper(sessions, lease_s=settings.job_lease_s),
-                      follow_up=follow_up, matting_max_pixels=settings.matting_max_pixels)
+                      follow_up=follow_up, matting_max_pixels=settings.matting_max_pixels,
+                      finished=FinishedWatch(settings.database_url))
 
 
 def build_worker_app(settings: Settings) -> tuple[Celery, Callable[[], RunnerDeps]]:

@@ -6,6 +6,9 @@ wrote are deleted (a cancel during the uploads is seen by the final commit, whic
 A job that another run of it finished meanwhile (a lease that expired under a paused worker, and
 the reconciler's second run) also stops there, but deletes nothing: the keys are deterministic, so
 what this run wrote is what the finished row points at. `_outcome` is the one place that decides.
+The boundaries learn of a cancel from Postgres' finished-jobs channel (worker/stops.py) and ask
+the database only about a job they heard of; the final commit, conditional on the job still
+running, is what makes a late cancel safe.
 
 A plain function over its collaborators (sessions, storage, segmenter), so it is tested without
 a broker. It is idempotent: a redelivered message re-runs a running job to the same object keys
@@ -46,6 +49,7 @@ from worker.engine.refine import apply_mattes
 from worker.examples import ExampleCache
 from worker.leases import LeaseKeeper
 from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, png_gray
+from worker.stops import FinishedWatch
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,9 @@ class RunnerDeps:
     decoders: DecoderCache = field(default_factory=DecoderCache)
     # refine: matting - the pixels a job's mattes may solve in all (settings.matting_max_pixels)
     matting_max_pixels: int = 4_000_000
+    # the jobs finished elsewhere, heard on Postgres' channel (worker/stops.py): a stage boundary asks
+    # the database only for a job it heard of; None: every boundary asks
+    finished: FinishedWatch | None = None
 
 
 @dataclass
@@ -222,24 +229,30 @@ def run_job(job_id: str, *, deps: RunnerDeps, retry_storage: bool = False) -> st
     """
     ctx = {"job_id": job_id}
     try:
-        with session_scope(deps.sessions) as session:
-            job = jobstate.mark_running(session, job_id, model_id=deps.model_id, lease_s=deps.lease_s)
-            started_deliveries = () if job is None else jobstate.started_event(session, job, deps.storage)
-        if started_deliveries:
-            deps.follow_up(Effects.of(delivery_ids=started_deliveries))
-        if job is None:
-            log.info("job not runnable (finished, canceled, unknown or leased elsewhere); message dropped",
-                     extra=ctx)
-            return "skipped"
-        ctx["tenant_id"] = job.tenant_id
-        if job.batch_id:
-            ctx["batch_id"] = job.batch_id
-        log.info("job started (attempt %d)", job.attempts, extra=ctx)
-        with deps.leases.holding(job.id) if deps.leases else nullcontext():
-            return _run(job, deps=deps, ctx=ctx, retry_storage=retry_storage)
+        with deps.finished.watching(job_id) if deps.finished else nullcontext():
+            return _take(job_id, deps=deps, ctx=ctx, retry_storage=retry_storage)
     except DBAPIError as exc:
         log.warning("database unavailable; job will be retried", extra=ctx | {"error": str(exc)[:300]})
         raise TransientError(str(exc)) from exc
+
+
+def _take(job_id: str, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool) -> str:
+    with session_scope(deps.sessions) as session:
+        job = jobstate.mark_running(session, job_id, model_id=deps.model_id, lease_s=deps.lease_s,
+                                    model_revision=getattr(deps.segmenter, "loaded_revision", None))
+        started_deliveries = () if job is None else jobstate.started_event(session, job, deps.storage)
+    if started_deliveries:
+        deps.follow_up(Effects.of(delivery_ids=started_deliveries))
+    if job is None:
+        log.info("job not runnable (finished, canceled, unknown or leased elsewhere); message dropped",
+                 extra=ctx)
+        return "skipped"
+    ctx["tenant_id"] = job.tenant_id
+    if job.batch_id:
+        ctx["batch_id"] = job.batch_id
+    log.info("job started (attempt %d)", job.attempts, extra=ctx)
+    with deps.leases.holding(job.id) if deps.leases else nullcontext():
+        return _run(job, deps=deps, ctx=ctx, retry_storage=retry_storage)
 
 
 class _Stages:
@@ -265,6 +278,7 @@ class _Stages:
 def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool) -> str:
     started = time.monotonic()
     stages = _Stages(deps.on_stage)
+    facts: dict[str, Any] = {}  # what the run learned about the job (the image's size, the model's revision)
     try:
         labels = labels_of(job.labels, list(job.prompts))
         segmenter = deps.segmenter()  # loads the model on the process's first job
@@ -279,7 +293,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
                                        tuned.label_embeddings[label["model_label"]])
                           if label.get("source") == "model" else condition
                           for label, condition in zip(labels, conditions, strict=True)]
-        if (stopped := _stopped(deps, job.id)) is not None:
+        if (stopped := _boundary(deps, job.id)) is not None:
             log.info("job %s during the fetch; stopped before decoding", _why(stopped), extra=ctx)
             return _finish(deps, started, stopped)
         outputs = list(job.outputs_requested or ["mask"])
@@ -291,11 +305,9 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             decoded = decode(data, max_pixels=deps.max_pixels, at_least=None if full_pixels else model_input)
         del data
         image, (width, height) = decoded.image, decoded.size
-        with session_scope(deps.sessions) as session:
-            status = jobstate.record_image_size(session, job.id, width=width, height=height)
-            jobstate.record_model(session, job.id, model_id=deps.model_id,
-                                  revision=getattr(segmenter, "model_revision", None))
-        if (stopped := _outcome(status)) is not None:
+        # written with the job's final state, in its one transaction (not a round trip of their own)
+        facts.update(image_width=width, image_height=height, model_revision=getattr(segmenter, "model_revision", None))
+        if (stopped := _boundary(deps, job.id)) is not None:
             log.info("job %s before inference; it takes no batcher slot", _why(stopped), extra=ctx)
             return _finish(deps, started, stopped)
         wanted = Wanted(soft=bool({"soft", "cutout"} & set(outputs)),
@@ -319,7 +331,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             encoded = encode_outputs(job, labels, outputs, image, result)
         image_embedding = None if result.image_embedding is None else vector_list(result.image_embedding)
         del result
-        if encoded.uploads and (stopped := _stopped(deps, job.id)) is not None:
+        if encoded.uploads and (stopped := _boundary(deps, job.id)) is not None:
             log.info("job %s before its %d uploads; nothing is uploaded", _why(stopped), len(encoded.uploads),
                      extra=ctx)
             return _finish(deps, started, stopped)
@@ -328,7 +340,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         with session_scope(deps.sessions) as session:
             done = jobstate.mark_succeeded(session, job.id, results=encoded.results, storage=deps.storage,
                                            output_keys=encoded.output_keys, embedding=image_embedding,
-                                           embedding_model=deps.model_id if embed else None)
+                                           embedding_model=deps.model_id if embed else None, facts=facts)
         stages.flush()
         if done is None:
             stopped = _stopped(deps, job.id) or SUPERSEDED
@@ -343,7 +355,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         raise
     except StorageFailed as exc:
         if not retry_storage:
-            return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message, started=started)
+            return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message, started=started, facts=facts)
         with session_scope(deps.sessions) as session:
             back = jobstate.requeue(session, job.id)
         log.warning("object storage unavailable; job requeued for a retry", extra=ctx | {"error": exc.message[:300]})
@@ -351,11 +363,11 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             return _finish(deps, started, _stopped(deps, job.id) or SUPERSEDED)
         raise TransientError(exc.message) from exc
     except JobFailure as exc:
-        return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message, started=started)
+        return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message, started=started, facts=facts)
     except Exception as exc:  # the one top-level catch: fail the job, keep the worker
         log.exception("job failed with an unexpected error", extra=ctx)
         return _fail(job, deps=deps, ctx=ctx, code="internal", message=f"{type(exc).__name__}: {exc}",
-                     started=started)
+                     started=started, facts=facts)
 
 
 # A job's objects go up together (their PUTs wait on the network, not the CPU); one pool per process.
@@ -413,6 +425,13 @@ def _why(stopped: str) -> str:
     return "canceled" if stopped == JobStatus.CANCELED else "finished or taken back by another run"
 
 
+def _boundary(deps: RunnerDeps, job_id: str) -> str | None:
+    """`_stopped` at a stage boundary: without a round trip when the listener heard nothing of the job."""
+    if deps.finished is not None and not deps.finished.may_have_finished(job_id):
+        return None
+    return _stopped(deps, job_id)
+
+
 def _stopped(deps: RunnerDeps, job_id: str) -> str | None:
     with deps.sessions() as session:
         return _outcome(jobstate.status_of(session, job_id))
@@ -423,9 +442,10 @@ def _finish(deps: RunnerDeps, started: float, status: str, code: str | None = No
     return status
 
 
-def _fail(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], code: str, message: str, started: float) -> str:
+def _fail(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], code: str, message: str, started: float,
+          facts: dict[str, Any]) -> str:
     with session_scope(deps.sessions) as session:
-        failed = jobstate.mark_failed(session, job.id, code=code, message=message, storage=deps.storage)
+        failed = jobstate.mark_failed(session, job.id, code=code, message=message, storage=deps.storage, facts=facts)
     if failed is None:
         return _finish(deps, started, _stopped(deps, job.id) or SUPERSEDED)
     log.info("job failed: %s", message, extra=ctx | {"code": code})

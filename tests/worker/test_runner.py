@@ -90,6 +90,10 @@ def test_cancel_during_inference_is_not_overwritten(deps, sessions, storage, ten
         def run(self, request):
             with session_scope(sessions) as session:  # the user cancels while the model runs
                 jobstate.cancel(session, job_id, storage=storage)
+            deadline = time.monotonic() + 10  # ... and the worker hears of it (NOTIFY) before the model is done
+            while not deps.finished.may_have_finished(job_id):
+                assert time.monotonic() < deadline, "the worker never heard of the cancel"
+                time.sleep(0.01)
             return real.run(request)
 
     with (mock.patch.object(deps, "segmenter", lambda: CancelingSegmenter()),
@@ -163,6 +167,9 @@ def test_unexpected_error_fails_with_internal(deps, sessions, storage, tenant):
         assert run_job(job_id, deps=deps) == "failed"
     job = load(sessions, job_id)
     assert job.error == {"code": "internal", "message": "RuntimeError: CUDA error: device-side assert"}
+    # the image was decoded before the model failed: its size is on the failed job (written by the
+    # transition to failed, as a succeeded job's is by its own)
+    assert (job.image_width, job.image_height) == (64, 48)
 
 
 def test_database_down_is_transient(deps, settings):
@@ -226,10 +233,20 @@ def test_job_started_only_when_asked_for(deps, sessions, storage, tenant):
 
 def test_the_job_records_the_model_that_ran_it(deps, sessions, storage, tenant):
     job_id = new_upload_job(sessions, storage, tenant)
-    run_job(job_id, deps=deps)
+    revision = deps.segmenter().model_revision
+    seen_running = []
+    real_put = deps.storage.put
+
+    def put_and_look(key, data, **kwargs):  # while the job runs: the model (and revision) is already on it
+        seen_running.append(load(sessions, job_id).model_revision)
+        real_put(key, data, **kwargs)
+
+    with mock.patch.object(deps.storage, "put", side_effect=put_and_look):
+        run_job(job_id, deps=deps)
     job = load(sessions, job_id)
     assert job.model_id == deps.model_id
-    assert job.model_revision == deps.segmenter().model_revision and job.model_revision.startswith("sha256:")
+    assert job.model_revision == revision and revision.startswith("sha256:") and seen_running[0] == revision
+    assert (job.image_width, job.image_height) == (64, 48)
 
 
 @pytest.mark.parametrize("first_finishes", ["first_run", "second_run"])
