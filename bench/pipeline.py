@@ -52,7 +52,7 @@ from shared.storage import ObjectStorage
 from shared.tenants import create_tenant
 from tests.support.services import migrated_database
 from worker.engine.fast import SegmentRequest
-from worker.engine.postprocess import SegmentResult, upsample
+from worker.engine.postprocess import SegmentResult, Wanted, upsample
 from worker.runner import RunnerDeps, run_job
 from worker.stops import FinishedWatch
 
@@ -197,12 +197,22 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def start_servers(width: int, height: int, name: str) -> tuple[list[subprocess.Popen[bytes]], int, int]:
+def start_servers(width: int, height: int, name: str, *,
+                  sink: bool = False) -> tuple[list[subprocess.Popen[bytes]], int, int]:
     """The benchmarks' image server (8 catalog JPEGs of width x height) and moto's S3 server, each a
-    process of its own, answering: (processes, image port, S3 port)."""
+    process of its own, answering: (processes, image port, S3 port). With `sink`, one process of
+    bench/sink.py serves both (the images, and PUTs it reads and drops) for a fraction of their CPU."""
     work = Path(tempfile.mkdtemp(prefix=f"clipmask-{name}-"))
+    files = []
     for i, data in enumerate(catalog_jpegs(8, width, height)):
-        (work / f"{i}.jpg").write_bytes(data)
+        files.append(work / f"{i}.jpg")
+        files[-1].write_bytes(data)
+    if sink:
+        port = free_port()
+        procs = [subprocess.Popen([sys.executable, str(Path(__file__).parent / "sink.py"), str(port),
+                                   *map(str, files)])]
+        wait_port(port)
+        return procs, port, port
     image_port, s3_port = free_port(), free_port()
     bin_dir = Path(sys.executable).parent
     procs = [
@@ -214,6 +224,76 @@ def start_servers(width: int, height: int, name: str) -> tuple[list[subprocess.P
     wait_port(image_port)
     wait_port(s3_port)
     return procs, image_port, s3_port
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (Linux /proc), for counting servers apart."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def host_steps(deps: RunnerDeps, sessions, tenant_id: str, url: str, labels: list[str], *,  # type: ignore[no-untyped-def]
+               width: int, height: int, repeat: int = 60) -> dict[str, float]:
+    """Each step of a mask-only job alone, in this thread, as the runner calls it: CPU ms per call
+    (median of `repeat` rounds of 5 calls). Where the 10 ms a job could cost goes."""
+    import statistics
+
+    from shared import jobs as jobstate
+    from shared.fetch import fetch_image_bytes
+    from shared.images import decode
+    from worker.outputs import png_gray
+    from worker.runner import MODEL_INPUT, upload_all
+
+    data = fetch_image_bytes(url, deps.fetch_policy).data
+    masks, _ = upsample(realistic_logits(len(labels)), prompts=labels, height=height, width=width, threshold=0.4,
+                        wanted=Wanted())
+    pngs = [png_gray(m.mask) for m in masks]
+    results = [{"prompt": p, "source": "text", "bbox": m.bbox, "area_fraction": 0.1, "score": 0.9, "refine": "none",
+                "mask_key": f"masks/{tenant_id}/x/{i}.png"} for i, (p, m) in enumerate(zip(labels, masks, strict=True))]
+    job_ids = [str(uuid.uuid4()) for _ in range(repeat * 5)]
+    with session_scope(sessions) as session:
+        for job_id in job_ids:
+            session.add(Job(id=job_id, tenant_id=tenant_id, status="queued", input={"image_url": url}, prompts=labels,
+                            threshold=0.4, results=[], metadata_={}, outputs_requested=["mask"],
+                            labels=[{"name": p, "prompts": [p], "source": "text"} for p in labels]))
+    running = iter(job_ids)
+    done_ids: list[str] = []  # taken and not yet finished
+
+    def take() -> None:
+        job_id = next(running)
+        with session_scope(sessions) as session:
+            job = jobstate.mark_running(session, job_id, model_id="stand-in", lease_s=60)
+            jobstate.started_event(session, job, deps.storage)
+        done_ids.append(job_id)
+
+    def finish() -> None:
+        with session_scope(sessions) as session:
+            jobstate.mark_succeeded(session, done_ids.pop(), results=results, storage=deps.storage,
+                                    facts={"image_width": width, "image_height": height})
+
+    steps = {
+        "fetch (HTTP GET)": lambda: fetch_image_bytes(url, deps.fetch_policy),
+        "decode (DCT-reduced JPEG)": lambda: decode(data, max_pixels=deps.max_pixels, at_least=MODEL_INPUT),
+        f"encode {len(pngs)} PNGs": lambda: [png_gray(m.mask) for m in masks],
+        f"{len(pngs)} PUTs (together)": lambda: upload_all(deps.storage, [(f"steps/{i}.png", b, "image/png")
+                                                                       for i, b in enumerate(pngs)]),
+        "commit: running": take,
+        "commit: succeeded": finish,
+    }
+    out: dict[str, float] = {}
+    for name, step in steps.items():
+        rounds = []
+        for _ in range(repeat):
+            cpu = time.process_time()
+            for _ in range(5):
+                step()
+            rounds.append((time.process_time() - cpu) / 5 * 1000)
+        out[name] = statistics.median(rounds)
+    return out
 
 
 def run_round(deps: RunnerDeps, sessions, tenant_id: str, urls: list[str], labels: list[str], outputs: list[str],
@@ -259,14 +339,18 @@ def main() -> int:
                         help="also each round with boto3 for the PUTs (row suffix _boto3)")
     parser.add_argument("--compare-stops", action="store_true",
                         help="also each round with a database query at every stage boundary (row suffix _asking)")
+    parser.add_argument("--sink", action="store_true",
+                        help="images and PUTs through bench/sink.py, not http.server and moto")
+    parser.add_argument("--steps", action="store_true",
+                        help="first each host step of a mask-only job alone, in one thread (CPU ms per call)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     labels = CLOTHES[: args.prompts]
 
-    procs, image_port, s3_port = start_servers(width, height, "pipeline")
+    procs, image_port, s3_port = start_servers(width, height, "pipeline", sink=args.sink)
     report: dict[str, object] = {"size": f"{width}x{height}", "labels": len(labels), "threads": args.threads,
-                                 "jobs": args.jobs, "cpus": os.cpu_count()}
+                                 "jobs": args.jobs, "cpus": os.cpu_count(), "sink": args.sink}
     try:
         with migrated_database(f"clipmask_pipeline_{uuid.uuid4().hex[:8]}") as url:
             settings = Settings(database_url=url, s3_endpoint_url=f"http://127.0.0.1:{s3_port}",
@@ -285,6 +369,12 @@ def main() -> int:
             run_round(deps, sessions, tenant_id, urls[: args.threads * 2], labels, ["mask"], args.threads)  # warm
             print(f"size={width}x{height} labels={len(labels)} threads={args.threads} jobs={args.jobs} "
                   f"cpus={os.cpu_count()} (the model is an instant stand-in)", flush=True)
+            if args.steps:
+                steps = host_steps(deps, sessions, tenant_id, urls[0], labels, width=width, height=height)
+                report["steps_cpu_ms"] = steps
+                for step, ms in steps.items():
+                    print(f"  step {step:<28} {ms:6.2f} CPU ms", flush=True)
+                print(f"  steps together {sum(steps.values()):6.2f} CPU ms", flush=True)
             for kind in kinds:
                 stand_in.masks = kind
                 rows: dict[str, object] = {}

@@ -101,7 +101,8 @@ def pct(values: list[float], p: float) -> float:
     return float(np.percentile(values, p))
 
 
-def bench_search(sizes: list[int], n_queries: int, n_exact: int, ef_values: list[int]) -> None:
+def bench_search(sizes: list[int], n_queries: int, n_exact: int, ef_values: list[int], *, m: int = 16,
+                 ef_construction: int = 64) -> None:
     port = pg_port()
     name = f"clipmask_bench_search_{uuid.uuid4().hex[:6]}"
     admin = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT")
@@ -120,7 +121,8 @@ def bench_search(sizes: list[int], n_queries: int, n_exact: int, ef_values: list
         centres = rng.normal(0, 1, (2000, DIMS)).astype(np.float32)
         have = 0
         print(f"search: Postgres on port {port}, {DIMS}-d clustered unit vectors, tenant t0 = 90% of rows, "
-              f"{n_queries} queries (recall and the exact scan on the first {n_exact}), limit 10")
+              f"{n_queries} queries (recall and the exact scan on the first {n_exact}), limit 10, "
+              f"HNSW m={m} ef_construction={ef_construction}", flush=True)
         print(f"{'vectors':>9} {'load s':>7} {'index s':>8} {'ef_search':>9} {'hnsw p50':>9} {'p99':>8} "
               f"{'exact p50':>10} {'p99':>9} {'recall@10':>9}")
         for size in sizes:
@@ -135,7 +137,8 @@ def bench_search(sizes: list[int], n_queries: int, n_exact: int, ef_values: list
                 conn.execute(text("SET maintenance_work_mem = '6GB'"))
                 conn.execute(text("SET max_parallel_maintenance_workers = 1"))
                 conn.execute(text("CREATE INDEX ix_embeddings_hnsw_512 ON embeddings USING hnsw "
-                                  "((embedding::vector(512)) vector_cosine_ops) WHERE dims = 512"))
+                                  "((embedding::vector(512)) vector_cosine_ops) "
+                                  f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) WHERE dims = 512"))
                 conn.execute(text("ANALYZE embeddings"))
                 conn.commit()
             indexed = time.perf_counter() - started
@@ -204,13 +207,15 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--exact-queries", type=int, default=100, help="recall and exact-scan timing on this many")
     parser.add_argument("--ef-search", default="40,100,200", help="hnsw.ef_search values to compare")
+    parser.add_argument("--m", type=int, default=16, help="HNSW m (pgvector's default 16)")
+    parser.add_argument("--ef-construction", type=int, default=64, help="HNSW ef_construction (default 64)")
     parser.add_argument("--embed-images", type=int, default=32)
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--skip-embed", action="store_true")
     args = parser.parse_args()
     if not args.skip_search:
         bench_search([int(s) for s in args.sizes.split(",")], args.queries, min(args.exact_queries, args.queries),
-                     [int(e) for e in args.ef_search.split(",")])
+                     [int(e) for e in args.ef_search.split(",")], m=args.m, ef_construction=args.ef_construction)
     if not args.skip_embed:
         bench_embed(args.embed_images, repeats=3)
 

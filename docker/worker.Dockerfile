@@ -31,4 +31,5 @@ USER clipmask
 EXPOSE 9808
 # Celery's warm shutdown: SIGTERM stops taking jobs and finishes the running ones
 STOPSIGNAL SIGTERM
-CMD ["celery", "-A", "worker.celery_app", "worker", "--pool", "threads", "--concurrency", "16", "-Q", "interactive,bulk,events", "-E"]
+# CLIPMASK_WORKER_PROCESSES Celery worker processes (threads pools), supervised (worker/processes.py)
+CMD ["python", "-m", "worker.processes", "--", "--concurrency", "16", "-Q", "interactive,bulk,events", "-E"]

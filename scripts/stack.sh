@@ -90,10 +90,11 @@ up() {
   if ! alive api; then rm -rf "$RUN/prometheus"; mkdir -p "$RUN/prometheus"; fi
   PROMETHEUS_MULTIPROC_DIR="$RUN/prometheus" start_bg api "$BIN/gunicorn" -c python:api.gunicorn_conf \
     --workers "${CLIPMASK_API_WORKERS:-2}" --bind "$API_BIND" --access-logfile - --graceful-timeout 20 "api.wsgi:app"
-  start_bg worker "$BIN/celery" -A worker.celery_app worker --pool threads \
+  # CLIPMASK_WORKER_PROCESSES (default 1) Celery worker processes, supervised (worker/processes.py)
+  start_bg worker "$BIN/python" -m worker.processes --name clipmask -- \
     --concurrency "${CLIPMASK_WORKER_CONCURRENCY:-8}" \
     -Q "${CLIPMASK_INTERACTIVE_QUEUE:-interactive},${CLIPMASK_BULK_QUEUE:-bulk},${CLIPMASK_EVENTS_QUEUE:-events}" \
-    -n "clipmask@%h" --loglevel INFO -E
+    --loglevel INFO -E
   start_bg beat "$BIN/celery" -A shared.celery_app beat --schedule "$RUN/celerybeat-schedule" --loglevel INFO
   start_bg flower "$BIN/celery" -A shared.celery_app flower --address=127.0.0.1 --port="$FLOWER_PORT" \
     --basic-auth="$CLIPMASK_FLOWER_USER:$CLIPMASK_FLOWER_PASSWORD" --persistent=True --db="$RUN/flower.db"

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
 
     # --- worker ----------------------------------------------------------------------------
     worker_concurrency: int = Field(default=8, ge=1)
+    # Celery worker processes per host under `python -m worker.processes` (README "A GPU worker's layout")
+    worker_processes: int = Field(default=1, ge=1, le=256)
     job_lease_s: float = Field(default=60, gt=0)  # a running job whose worker is silent this long is requeued
     reconcile_interval_s: float = Field(default=30, gt=0)
     reconcile_queued_after_s: float = Field(default=300, gt=0)  # re-enqueue jobs queued longer than this

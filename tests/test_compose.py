@@ -41,11 +41,14 @@ def test_start_order_and_health():
             assert dep in SERVICES, f"{name} depends on missing {dep}"
 
 
-def test_worker_reserves_a_gpu_and_uses_the_threads_pool():
+def test_worker_reserves_a_gpu_and_runs_the_supervised_processes():
     worker = SERVICES["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    assert "--pool" in worker["command"] and "threads" in worker["command"]
+    # N Celery processes of threads pools (worker/processes.py passes --pool threads), N from the env
+    assert worker["command"][:3] == ["python", "-m", "worker.processes"] and "--pool" not in worker["command"]
+    assert worker["environment"]["CLIPMASK_WORKER_PROCESSES"] == "${CLIPMASK_WORKER_PROCESSES:-1}"
+    assert worker["healthcheck"]["test"] == ["CMD", "python", "-m", "worker.processes", "--ping"]
     assert worker["environment"]["CLIPMASK_DEVICE"] == "cuda"
 
 
