@@ -2,7 +2,7 @@
 
 Every transition into a final state sends `NOTIFY clipmask_job_finished, '<job id>'` in its own
 transaction (shared/jobs.py), so Postgres delivers it exactly when the change is visible. Each
-API process keeps one LISTEN connection in a background thread (shared/finished.py) and wakes the requests waiting
+API process keeps one LISTEN connection in a background thread (shared/listener.py) and wakes the requests waiting
 for that id. A waiting request holds no database connection and no CPU: it sleeps on a
 threading.Event in one of gunicorn's gthread threads (api/gunicorn_conf.py), and reads the job
 again only when woken: by its notification, by the listener (re)connecting (anything sent while
@@ -26,7 +26,8 @@ from contextlib import contextmanager
 
 from werkzeug.datastructures import Headers
 
-from shared.finished import FinishedListener
+from shared.jobs import JOB_FINISHED_CHANNEL
+from shared.listener import JobsListener
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ class FinishedJobs:
         self._admitted: dict[str, int] = {}  # tenant id -> requests waiting now, in this process
         # started on first use, in the process that serves (gunicorn forks workers); on (re)connect
         # every waiter reads again: whatever finished while nobody listened
-        self._listener = FinishedListener(database_url, on_finished=self._wake, on_connected=lambda: self._wake(None))
+        self._listener = JobsListener(database_url, channel=JOB_FINISHED_CHANNEL, on_note=self._wake,
+                                      on_connected=lambda: self._wake(None))
         self.listening = self._listener.listening
 
     @contextmanager

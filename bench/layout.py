@@ -44,7 +44,7 @@ def worker(settings: Settings, threads: int, jobs: Any, start: Any, results: Any
     storage = ObjectStorage(settings)
     stand_in = InstantSegmenter()
     deps = RunnerDeps(sessions, storage, lambda: stand_in, FetchPolicy(allow_private=True),
-                      settings.max_image_pixels, "stand-in", finished=listening(settings.database_url))
+                      settings.max_image_pixels, "stand-in", cancels=listening(settings.database_url))
     warm = jobs.get()  # one job to warm the caches before the clock starts
     run_job(warm, deps=deps)
     results.put(("ready", 0.0, 0))

@@ -54,7 +54,7 @@ from tests.support.services import migrated_database
 from worker.engine.fast import SegmentRequest
 from worker.engine.postprocess import SegmentResult, Wanted, upsample
 from worker.runner import RunnerDeps, run_job
-from worker.stops import FinishedWatch
+from worker.stops import CancelWatch
 
 OUTPUT_SETS = {"mask": ["mask"], "all": ["mask", "soft", "rle", "cutout", "label_map", "overlay"]}
 
@@ -100,13 +100,13 @@ def deflating(name: str):  # type: ignore[no-untyped-def]
 
 @contextlib.contextmanager
 def asking(deps: RunnerDeps):  # type: ignore[no-untyped-def]
-    """Every stage boundary asks the database (no finished-jobs listener), as before 2026-12-02."""
-    saved = deps.finished
-    deps.finished = None
+    """Every stage boundary asks the database (no cancel listener), as before 2026-12-01."""
+    saved = deps.cancels
+    deps.cancels = None
     try:
         yield
     finally:
-        deps.finished = saved
+        deps.cancels = saved
 
 
 @contextlib.contextmanager
@@ -171,12 +171,12 @@ class InstantSegmenter:
             return self._cache[key]
 
 
-def listening(database_url: str) -> FinishedWatch:
-    """The worker's finished-jobs listener, connected (as the worker starts it at worker_ready)."""
-    watch = FinishedWatch(database_url)
+def listening(database_url: str) -> CancelWatch:
+    """The worker's cancel listener, connected (as the worker starts it at worker_ready)."""
+    watch = CancelWatch(database_url)
     watch.start()
     if not watch.listening.wait(30):
-        raise RuntimeError("the finished-jobs listener did not connect")
+        raise RuntimeError("the cancel listener did not connect")
     return watch
 
 
@@ -363,7 +363,7 @@ def main() -> int:
                 tenant_id = create_tenant(session, name="pipeline").tenant_id
             stand_in = InstantSegmenter()  # one for the process, as the worker's engine: its cache holds
             deps = RunnerDeps(sessions, storage, lambda: stand_in, FetchPolicy(allow_private=True),
-                              settings.max_image_pixels, "stand-in", finished=listening(url))
+                              settings.max_image_pixels, "stand-in", cancels=listening(url))
             kinds = ["realistic", "speckled"] if args.masks == "both" else [args.masks]
             urls = [f"http://127.0.0.1:{image_port}/{i % 8}.jpg" for i in range(args.jobs)]
             run_round(deps, sessions, tenant_id, urls[: args.threads * 2], labels, ["mask"], args.threads)  # warm

@@ -19,7 +19,7 @@ from shared.storage import ObjectStorage
 from worker import metrics
 from worker.leases import LeaseKeeper
 from worker.runner import RunnerDeps, Segments
-from worker.stops import FinishedWatch
+from worker.stops import CancelWatch
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
                       settings.max_image_pixels, settings.model, on_stage=metrics.on_stage, on_finish=metrics.on_finish,
                       lease_s=settings.job_lease_s, leases=LeaseKeeper(sessions, lease_s=settings.job_lease_s),
                       follow_up=follow_up, matting_max_pixels=settings.matting_max_pixels,
-                      finished=FinishedWatch(settings.database_url))
+                      cancels=CancelWatch(settings.database_url))
 
 
 def build_worker_app(settings: Settings) -> tuple[Celery, Callable[[], RunnerDeps]]:

@@ -24,8 +24,8 @@ app, get_deps = build_worker_app(settings)
 def _load_model(**_kwargs: object) -> None:
     metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
     deps = get_deps()
-    if deps.finished is not None:  # listening before the first job: its boundaries need not ask
-        deps.finished.start()
+    if deps.cancels is not None:  # listening before the first job: its boundaries need not ask
+        deps.cancels.start()
     deps.storage.ensure_bucket()
     deps.segmenter()
     threading.Thread(target=_warm_matting, name="warm-matting", daemon=True).start()

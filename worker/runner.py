@@ -6,7 +6,7 @@ wrote are deleted (a cancel during the uploads is seen by the final commit, whic
 A job that another run of it finished meanwhile (a lease that expired under a paused worker, and
 the reconciler's second run) also stops there, but deletes nothing: the keys are deterministic, so
 what this run wrote is what the finished row points at. `_outcome` is the one place that decides.
-The boundaries learn of a cancel from Postgres' finished-jobs channel (worker/stops.py) and ask
+The boundaries learn of a cancel from Postgres' canceled-jobs channel (worker/stops.py) and ask
 the database only about a job they heard of; the final commit, conditional on the job still
 running, is what makes a late cancel safe.
 
@@ -49,7 +49,7 @@ from worker.engine.refine import apply_mattes
 from worker.examples import ExampleCache
 from worker.leases import LeaseKeeper
 from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, png_gray
-from worker.stops import FinishedWatch
+from worker.stops import CancelWatch
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,9 @@ class RunnerDeps:
     decoders: DecoderCache = field(default_factory=DecoderCache)
     # refine: matting - the pixels a job's mattes may solve in all (settings.matting_max_pixels)
     matting_max_pixels: int = 4_000_000
-    # the jobs finished elsewhere, heard on Postgres' channel (worker/stops.py): a stage boundary asks
+    # the jobs canceled meanwhile, heard on Postgres' channel (worker/stops.py): a stage boundary asks
     # the database only for a job it heard of; None: every boundary asks
-    finished: FinishedWatch | None = None
+    cancels: CancelWatch | None = None
 
 
 @dataclass
@@ -229,7 +229,7 @@ def run_job(job_id: str, *, deps: RunnerDeps, retry_storage: bool = False) -> st
     """
     ctx = {"job_id": job_id}
     try:
-        with deps.finished.watching(job_id) if deps.finished else nullcontext():
+        with deps.cancels.watching(job_id) if deps.cancels else nullcontext():
             return _take(job_id, deps=deps, ctx=ctx, retry_storage=retry_storage)
     except DBAPIError as exc:
         log.warning("database unavailable; job will be retried", extra=ctx | {"error": str(exc)[:300]})
@@ -426,8 +426,9 @@ def _why(stopped: str) -> str:
 
 
 def _boundary(deps: RunnerDeps, job_id: str) -> str | None:
-    """`_stopped` at a stage boundary: without a round trip when the listener heard nothing of the job."""
-    if deps.finished is not None and not deps.finished.may_have_finished(job_id):
+    """`_stopped` at a stage boundary: without a round trip when the listener heard no cancel of the job.
+    (A run another run finished or the reconciler took back is not heard of: its final commit finds out.)"""
+    if deps.cancels is not None and not deps.cancels.may_be_canceled(job_id):
         return None
     return _stopped(deps, job_id)
 

@@ -91,7 +91,7 @@ def test_cancel_during_inference_is_not_overwritten(deps, sessions, storage, ten
             with session_scope(sessions) as session:  # the user cancels while the model runs
                 jobstate.cancel(session, job_id, storage=storage)
             deadline = time.monotonic() + 10  # ... and the worker hears of it (NOTIFY) before the model is done
-            while not deps.finished.may_have_finished(job_id):
+            while not deps.cancels.may_be_canceled(job_id):
                 assert time.monotonic() < deadline, "the worker never heard of the cancel"
                 time.sleep(0.01)
             return real.run(request)
