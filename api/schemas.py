@@ -368,7 +368,9 @@ class JobObject(BaseModel):
     started_at: str | None
     finished_at: str | None
     input: dict[str, Any] = Field(description='{"image_url": ...} or {"upload": {filename, content_type, bytes}}')
-    image: ImageSize | None
+    image: ImageSize | None = Field(description="The image's size after EXIF orientation; null until the job is "
+                                                "final (it is written with the final state), and on a job whose "
+                                                "image was never decoded.")
     prompts: list[str]
     threshold: float
     results: list[MaskResult]

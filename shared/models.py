@@ -239,8 +239,9 @@ class Embedding(Base):
         Index("ix_embeddings_tenant_scope", "tenant_id", "model", "dims", text("(result_index IS NULL)"), "batch_id"),
         Index("ix_embeddings_metadata", "metadata", postgresql_using="gin",
               postgresql_ops={"metadata": "jsonb_path_ops"}),
-        Index(f"ix_embeddings_hnsw_{INDEXED_EMBEDDING_DIMS}",
-              text(f"(embedding::vector({INDEXED_EMBEDDING_DIMS})) vector_cosine_ops"), postgresql_using="hnsw",
+        # half-precision copies of the vectors, re-ranked exactly by shared/search.py (migration 0009)
+        Index(f"ix_embeddings_hnsw_half_{INDEXED_EMBEDDING_DIMS}",
+              text(f"(embedding::halfvec({INDEXED_EMBEDDING_DIMS})) halfvec_cosine_ops"), postgresql_using="hnsw",
               postgresql_where=text(f"dims = {INDEXED_EMBEDDING_DIMS}")),
     )
 

@@ -5,7 +5,9 @@ someone else's nearest neighbours. Few matching rows are compared exactly; past 
 HNSW index (vectors of the production length) answers, and a selective filter can leave its scan
 short of `limit`: iterative scans (pgvector 0.8's `hnsw.iterative_scan`) keep scanning, and if
 the answer is still short, the query is run again as an exact scan over the filtered rows. A
-search never returns fewer rows than `min(limit, matching rows)`.
+search never returns fewer rows than `min(limit, matching rows)`. The index holds half-precision
+copies of the vectors (half the pages to read); a few times `limit` of its candidates are ordered
+again by their exact distance.
 
 Text and image queries need the model, which the API never loads: `request_embedding` sends a
 task on the interactive queue carrying a Redis reply key and waits on that key (BLPOP) for the
@@ -43,6 +45,9 @@ class QueryRefused(ClipmaskError):
 
 # At most this many matching rows are scanned exactly (about 4 us a row) instead of through HNSW.
 EXACT_BELOW = 1000
+# The HNSW index holds half-precision vectors; this many times `limit` of its nearest are ordered
+# again by their exact (fp32) distance, which is also the score (bench/README.md, migration 0009).
+RERANK = 4
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ def search(session: Session, tenant_id: str, query: Query) -> list[Hit]:
     columns = "job_id, result_index, prompt, metadata"
     if dims != INDEXED_EMBEDDING_DIMS:
         rows = _exact(session, columns, "embedding <=> CAST(:q AS vector)", where, params)
-    else:  # the expression the partial HNSW index is built on
+    else:
         distance = f"(embedding::vector({dims})) <=> CAST(:q AS vector({dims}))"
         matching = session.execute(text(
             f"SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE {where} LIMIT :cap) AS found"),
@@ -109,13 +114,17 @@ def search(session: Session, tenant_id: str, query: Query) -> list[Hit]:
         if matching <= EXACT_BELOW:
             rows = _exact(session, columns, distance, where, params)
         else:
+            # the expression the partial HNSW index is built on: half-precision copies, whose order
+            # is nearly the exact one; RERANK x limit candidates come back with their exact distance
+            approximate = f"(embedding::halfvec({dims})) <=> CAST(:q AS halfvec({dims}))"
             session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
             session.execute(text(f"SET LOCAL hnsw.ef_search = {max(2 * query.limit, min(1000, query.ef_search))}"))
             session.execute(text("SET LOCAL enable_sort = off"))
-            rows = list(session.execute(text(
+            candidates = list(session.execute(text(
                 f"SELECT {columns}, {distance} AS distance FROM embeddings WHERE {where} "
-                f"ORDER BY distance LIMIT :limit"), params).all())
+                f"ORDER BY {approximate} LIMIT :candidates"), params | {"candidates": RERANK * query.limit}).all())
             session.execute(text("SET LOCAL enable_sort = on"))  # the exact fallback sorts
+            rows = sorted(candidates, key=lambda r: float(r.distance))[: query.limit]
             if len(rows) < query.limit:  # more than EXACT_BELOW rows match: the index scan was starved
                 rows = _exact(session, columns, distance, where, params)
     hits = [Hit(r.job_id, r.result_index, r.prompt, 1.0 - float(r.distance), dict(r.metadata or {})) for r in rows]

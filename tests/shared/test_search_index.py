@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from shared.db import session_scope
 from shared.models import Embedding
@@ -71,3 +71,30 @@ def test_filters_narrow_the_index_scan(sessions, stored):
     assert len(hits) == 20 and all(h.metadata["group"] == "x" and h.metadata["owner"] == "mine" for h in hits)
     want = exact_top(mine, query, 20, keep=lambda i: i % 2 == 1)
     assert len({h.metadata["i"] for h in hits} & set(want)) >= 16
+
+
+def test_the_half_precision_index_serves_the_query_and_scores_are_exact(sessions, stored):
+    """The candidates come from the HNSW index over half-precision copies (migration 0009), not a
+    scan and a sort; the scores are the exact fp32 cosine, as numpy computes it."""
+    query, tenant_id, mine = stored
+    engine = sessions.kw["bind"]
+    seen: list[tuple[str, dict]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if "halfvec" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        with sessions() as session, session.begin():
+            hits = search(session, tenant_id, Query(vector=query.tolist(), model=MODEL, limit=10))
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    assert len(seen) == 1
+    statement, parameters = seen[0]
+    with engine.connect() as conn, conn.begin():
+        conn.exec_driver_sql("SET LOCAL enable_sort = off")
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + statement, parameters))
+    assert "ix_embeddings_hnsw_half_512" in plan, plan
+    for hit in hits:
+        assert hit.score == pytest.approx(float(mine[int(hit.metadata["i"])] @ query), abs=1e-5)
