@@ -152,6 +152,11 @@ def _running_statement() -> Update:
     )
 
 
+# What a run learned about its job on the way (Job columns): written by the
+# transition that finishes it, so a run costs no transaction besides its state changes.
+RUN_FACTS = frozenset({"image_width", "image_height", "model_revision"})
+
+
 @functools.cache
 def _final_statement(target: JobStatus) -> Update:
     """running -> succeeded, or queued|running -> failed, with what the run learned (RUN_FACTS)."""
@@ -186,11 +191,6 @@ def renew_leases(session: Session, job_ids: list[str], *, lease_s: float) -> int
         .execution_options(synchronize_session=False)
     )
     return int(getattr(result, "rowcount", 0) or 0)
-
-
-# What a run learned about its job on the way (Job columns): written by the
-# transition that finishes it, so a run costs no transaction besides its state changes.
-RUN_FACTS = frozenset({"image_width", "image_height", "model_revision"})
 
 
 def _facts(facts: dict[str, Any] | None) -> dict[str, Any]:
