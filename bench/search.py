@@ -109,7 +109,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 def bench_search(sizes: list[int], n_queries: int, n_exact: int, ef_values: list[int], *, m: int = 16,
-                 ef_construction: int = 64) -> None:
+                 ef_construction: int = 128) -> None:
     port = pg_port()
     name = f"clipmask_bench_search_{uuid.uuid4().hex[:6]}"
     admin = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT")
@@ -217,8 +217,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--exact-queries", type=int, default=100, help="recall and exact-scan timing on this many")
     parser.add_argument("--ef-search", default="40,100,200", help="hnsw.ef_search values to compare")
-    parser.add_argument("--m", type=int, default=16, help="HNSW m (pgvector's default 16)")
-    parser.add_argument("--ef-construction", type=int, default=64, help="HNSW ef_construction (default 64)")
+    parser.add_argument("--m", type=int, default=16, help="HNSW m (default 16, pgvector's and migration 0009's)")
+    parser.add_argument("--ef-construction", type=int, default=128,
+                        help="HNSW ef_construction (default 128, as migration 0009 builds it)")
     parser.add_argument("--embed-images", type=int, default=32)
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--skip-embed", action="store_true")

@@ -242,6 +242,7 @@ class Embedding(Base):
         # half-precision copies of the vectors, re-ranked exactly by shared/search.py (migration 0009)
         Index(f"ix_embeddings_hnsw_half_{INDEXED_EMBEDDING_DIMS}",
               text(f"(embedding::halfvec({INDEXED_EMBEDDING_DIMS})) halfvec_cosine_ops"), postgresql_using="hnsw",
+              postgresql_with={"m": 16, "ef_construction": 128},
               postgresql_where=text(f"dims = {INDEXED_EMBEDDING_DIMS}")),
     )
 
