@@ -38,11 +38,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import worker.outputs
 from bench.engine import CLOTHES, catalog_jpegs
 from shared.db import make_engine, make_session_factory, session_scope
 from shared.fetch import FetchPolicy
@@ -73,8 +75,6 @@ def pillow_png(pixels, *, sub_filter: bool = False, level: int = 1) -> bytes:  #
 @contextlib.contextmanager
 def baseline(deps: RunnerDeps):  # type: ignore[no-untyped-def]
     """Full-resolution decodes and Pillow's PNG encoder: the pipeline as it was before."""
-    import worker.outputs
-
     saved = worker.outputs.encode_png
     deps.reduced_decode = False
     worker.outputs.encode_png = pillow_png
@@ -83,41 +83,6 @@ def baseline(deps: RunnerDeps):  # type: ignore[no-untyped-def]
     finally:
         worker.outputs.encode_png = saved
         deps.reduced_decode = True
-
-
-@contextlib.contextmanager
-def deflating(name: str):  # type: ignore[no-untyped-def]
-    """The PNG writer with another deflate (worker.outputs.DEFLATERS) for a round."""
-    import worker.outputs
-
-    saved = worker.outputs.DEFLATE
-    worker.outputs.DEFLATE = name
-    try:
-        yield
-    finally:
-        worker.outputs.DEFLATE = saved
-
-
-@contextlib.contextmanager
-def asking(deps: RunnerDeps):  # type: ignore[no-untyped-def]
-    """Every stage boundary asks the database (no cancel listener), as before 2026-12-01."""
-    saved = deps.cancels
-    deps.cancels = None
-    try:
-        yield
-    finally:
-        deps.cancels = saved
-
-
-@contextlib.contextmanager
-def putting(storage: ObjectStorage, client: str):  # type: ignore[no-untyped-def]
-    """The PUTs through another client (shared.storage: obstore or boto3) for a round."""
-    saved = storage.put_client
-    storage.put_client = client
-    try:
-        yield
-    finally:
-        storage.put_client = saved
 
 
 def realistic_logits(labels: int, side: int = 88) -> torch.Tensor:
@@ -383,9 +348,12 @@ def main() -> int:
                                 + (("boto3",) if args.compare_puts else ())
                                 + (("asking",) if args.compare_stops else ()))
                     for variant in (*variants, "now"):
-                        with (baseline(deps) if variant == "before" else deflating("zlib") if variant == "zlib"
-                              else putting(storage, "boto3") if variant == "boto3"
-                              else asking(deps) if variant == "asking" else contextlib.nullcontext()):
+                        with {"before": lambda: baseline(deps),
+                              # the PNG writer's deflate, the PUTs' client, the boundaries' listener swapped back
+                              "zlib": lambda: mock.patch.object(worker.outputs, "DEFLATE", "zlib"),
+                              "boto3": lambda: mock.patch.object(storage, "put_client", "boto3"),
+                              "asking": lambda: mock.patch.object(deps, "cancels", None),
+                              "now": contextlib.nullcontext}[variant]():
                             figures = run_round(deps, sessions, tenant_id, urls, labels, OUTPUT_SETS[name],
                                                 args.threads)
                         rows[name if variant == "now" else f"{name}_{variant}"] = figures

@@ -68,14 +68,8 @@ def _transition(session: Session, job_id: str, target: JobStatus, *, source: Col
                 **values: Any) -> Job | None:
     """One conditional UPDATE; `source` narrows the allowed source statuses further."""
     condition = Job.status.in_(ALLOWED_FROM[target])
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, condition if source is None else and_(condition, source))
-        .values(status=target, **values)
-        .returning(Job)
-        # the row as RETURNING gave it, also over a copy this session already holds (no second SELECT)
-        .execution_options(synchronize_session=False, populate_existing=True)
-    )
+    stmt = _returning_job(update(Job).where(Job.id == job_id, condition if source is None else and_(condition, source))
+                          .values(status=target, **values))
     job: Job | None = session.execute(stmt).scalar_one_or_none()
     return job
 
@@ -89,10 +83,11 @@ JOB_CANCELED_CHANNEL = "clipmask_job_canceled"
 
 def notify_finished(session: Session, job_ids: Sequence[str], *, canceled: bool = False) -> None:
     """Announce final jobs to LISTENers, in the caller's transaction (nothing is sent on rollback)."""
+    if not job_ids:
+        return
     for channel in (JOB_FINISHED_CHANNEL, JOB_CANCELED_CHANNEL) if canceled else (JOB_FINISHED_CHANNEL,):
-        if job_ids:
-            session.execute(text("SELECT pg_notify(:channel, id) FROM unnest(CAST(:ids AS text[])) AS id"),
-                            {"channel": channel, "ids": list(job_ids)})
+        session.execute(text("SELECT pg_notify(:channel, id) FROM unnest(CAST(:ids AS text[])) AS id"),
+                        {"channel": channel, "ids": list(job_ids)})
 
 
 def _finished(session: Session, job: Job, storage: ObjectStorage, *, notify: bool = True) -> Finished:

@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shared.logs import configure_logging
 from shared.settings import Settings
@@ -60,7 +60,6 @@ class Child:
     started: float = 0.0
     backoff: float = BACKOFF_S
     due: float = 0.0  # when it may start again
-    restarts: int = field(default=0)
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.command, env=self.env, preexec_fn=_die_with_parent)
@@ -100,7 +99,6 @@ def supervise(kids: list[Child], *, grace_s: float = 120.0) -> int:
         for kid in kids:
             if kid.proc is None:
                 if now >= kid.due and not stopping:
-                    kid.restarts += 1
                     kid.start()
                 continue
             code = kid.proc.poll()
