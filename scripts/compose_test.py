@@ -392,7 +392,8 @@ def main() -> int:
             prepare_inputs()
         api_port, flower_port, s3_port, console_port = (free_port() for _ in range(4))
         env = {**docker_env, "COMPOSE_PROJECT_NAME": PROJECT, "CLIPMASK_FLOWER_PASSWORD": "compose-test-flower",
-               "BASE_IMAGE": PYTHON_BASE, "TORCH_SPEC": TORCH_SPEC, "CI_SERVICES_IMAGE": SERVICES_BASE,
+               "BASE_IMAGE": PYTHON_BASE, "TORCH_SPEC": TORCH_SPEC, "TORCHVISION_SPEC": "",
+               "CI_SERVICES_IMAGE": SERVICES_BASE,
                "API_PORT": f"127.0.0.1:{api_port}", "FLOWER_PORT": f"127.0.0.1:{flower_port}",
                "MINIO_PORT": f"127.0.0.1:{s3_port}", "MINIO_CONSOLE_PORT": f"127.0.0.1:{console_port}",
                "CLIPMASK_S3_PUBLIC_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}", "CLIPMASK_MODEL": "/models/dev",

@@ -53,6 +53,42 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 TRANSPOSING = frozenset({5, 6, 7, 8})
 
 
+class JpegHeader:
+    """What a JPEG's header says, read without decoding a pixel: its stored size, its EXIF
+    orientation (1-8), and the size of the upright picture (`size`, width and height swapped by a
+    transposing orientation)."""
+
+    def __init__(self, stored: tuple[int, int], orientation: int) -> None:
+        self.stored, self.orientation = stored, orientation
+        self.size = (stored[1], stored[0]) if orientation in TRANSPOSING else stored
+
+
+def jpeg_header(data: bytes, *, max_pixels: int) -> JpegHeader | None:
+    """The header of a JPEG that a decoder on the model's device can take as it is: baseline or
+    progressive, 3-channel (YCbCr) or greyscale, one frame. None for anything else (PNG, CMYK,
+    MPO, an unreadable header...), which the caller decodes on the host with `decode`, whose
+    errors it then gets. The same caps as `decode`: ImageTooLarge past `max_pixels`."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                    return None
+                width, height = img.size
+                orientation = img.getexif().get(0x0112, 1)
+    except Image.DecompressionBombError:
+        return None  # decode() says image_too_large, with its own message
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error):
+        return None
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"the image has {width}x{height} = {width * height} pixels, more than {max_pixels}")
+    if width < 1 or height < 1:
+        raise ImageInvalid("the image has no pixels")
+    return JpegHeader((width, height), orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1)
+
+
 class Decoded:
     """A decoded image and the size of the full-resolution picture it stands for (after EXIF)."""
 

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(default=5.0, ge=0)
     text_cache_size: int = Field(default=4096, ge=0)
     torch_compile: bool = False
+    # JPEGs of jobs that need no host pixels decoded on the device, a batch at a time (nvJPEG):
+    # auto where the device is CUDA and torchvision is installed; on forces it (Pillow in the
+    # inference thread where there is no nvJPEG: for tests); off decodes on the host (worker/engine/jpeg.py)
+    device_decode: Literal["auto", "on", "off"] = "auto"
 
     # --- worker ----------------------------------------------------------------------------
     worker_concurrency: int = Field(default=8, ge=1)

@@ -50,6 +50,7 @@ class LazySegmenter:
                         s.model, device=s.device, dtype=s.dtype, cpu_dtype=s.cpu_dtype, kind=s.engine,
                         max_batch_images=s.max_batch_images, max_batch_wait_ms=s.max_batch_wait_ms,
                         text_cache_size=s.text_cache_size, torch_compile=s.torch_compile,
+                        device_decode=s.device_decode,
                         on_batch=metrics.on_batch,
                     )
                     if self.on_load is not None:

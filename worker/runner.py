@@ -36,7 +36,7 @@ from shared.enums import JobStatus
 from shared.errors import ImageFetchFailed, JobFailure, StorageFailed
 from shared.fetch import FetchPolicy, fetch_image_bytes
 from shared.followups import Effects
-from shared.images import decode
+from shared.images import decode, jpeg_header
 from shared.models import Job, Tenant
 from shared.presets import labels_of
 from shared.s3uri import input_refusal, parse_s3_uri
@@ -44,6 +44,7 @@ from shared.storage import ObjectStorage, job_object_keys, mask_key, output_key
 from worker.decoders import DecoderCache
 from worker.engine.embed import VisualPrompt
 from worker.engine.fast import LabelKey, LearnedLabel, SegmentRequest
+from worker.engine.jpeg import EncodedJpeg
 from worker.engine.postprocess import SegmentResult, Wanted
 from worker.engine.refine import apply_mattes
 from worker.examples import ExampleCache
@@ -117,10 +118,15 @@ class Encoded:
     uploads: list[tuple[str, bytes, str]]  # (key, bytes, content type)
 
 
-def encode_outputs(job: Job, labels: list[dict[str, Any]], outputs: list[str], image: Image.Image,
+def encode_outputs(job: Job, labels: list[dict[str, Any]], outputs: list[str], image: Image.Image | EncodedJpeg,
                    result: SegmentResult) -> Encoded:
-    """Everything the job asked for, from one model pass, under deterministic keys."""
-    pixels = np.asarray(image) if {"cutout", "overlay"} & set(outputs) else None
+    """Everything the job asked for, from one model pass, under deterministic keys. `image` is
+    decoded (an Image) whenever the outputs need its pixels (cutout, overlay)."""
+    pixels = None
+    if {"cutout", "overlay"} & set(outputs):
+        if isinstance(image, EncodedJpeg):
+            raise ValueError("cutouts and overlays need the decoded image")
+        pixels = np.asarray(image)
     encoded = Encoded([], {}, [])
 
     def stage(name: str, data: bytes, content_type: str) -> str:
@@ -298,13 +304,22 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             return _finish(deps, started, stopped)
         outputs = list(job.outputs_requested or ["mask"])
         refine = job.refine or "none"
+        embed = set(job.embed or [])
         with stages.time("decode"):
             # masks come from logits and need only the picture's size; cutouts, overlays and a refine
-            # (the photo is the guide) need its pixels
-            full_pixels = bool({"cutout", "overlay"} & set(outputs)) or not deps.reduced_decode or refine != "none"
-            decoded = decode(data, max_pixels=deps.max_pixels, at_least=None if full_pixels else model_input)
+            # (the photo is the guide) need its pixels, and so do mask embeddings (masked crops)
+            host_pixels = bool({"cutout", "overlay"} & set(outputs)) or refine != "none" or "masks" in embed
+            full_pixels = host_pixels or not deps.reduced_decode
+            image: Image.Image | EncodedJpeg
+            # a JPEG the engine decodes with its batch on the device: only its header is read here
+            header = (jpeg_header(data, max_pixels=deps.max_pixels)
+                      if not host_pixels and getattr(segmenter, "decodes_jpeg", None) else None)
+            if header is not None:
+                image, (width, height) = EncodedJpeg(data, header, model_input), header.size
+            else:
+                decoded = decode(data, max_pixels=deps.max_pixels, at_least=None if full_pixels else model_input)
+                image, (width, height) = decoded.image, decoded.size
         del data
-        image, (width, height) = decoded.image, decoded.size
         # written with the job's final state, in its one transaction (not a round trip of their own)
         facts.update(image_width=width, image_height=height, model_revision=getattr(segmenter, "model_revision", None))
         if (stopped := _boundary(deps, job.id)) is not None:
@@ -312,7 +327,6 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             return _finish(deps, started, stopped)
         wanted = Wanted(soft=bool({"soft", "cutout"} & set(outputs)),
                         label_map=bool({"label_map", "overlay"} & set(outputs)))
-        embed = set(job.embed or [])
         # each label's own threshold (a preset's calibrated one) unless the job gave one for all
         thresholds = [float(label.get("threshold", job.threshold)) for label in labels]
         threshold: float | list[float] = thresholds if len(set(thresholds)) > 1 else job.threshold
@@ -323,6 +337,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         with stages.time("infer"):
             result = segmenter.run(request)
         if refine == "matting" and wanted.soft:  # on the CPU, in this job's thread: not the device's
+            assert not isinstance(image, EncodedJpeg)  # a refined job's image is decoded on the host
             with stages.time("matte"):
                 solved = apply_mattes(np.asarray(image), result.masks, max_pixels=deps.matting_max_pixels)
             log.info("matted %d of %d labels (%d pixels solved)", sum(m.refine == "matting" for m in result.masks),

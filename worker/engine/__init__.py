@@ -14,13 +14,14 @@ from PIL import Image
 from worker.engine.batcher import DynamicBatcher
 from worker.engine.embed import VisualPrompt
 from worker.engine.fast import EmbedQuery, FastEngine, SegmentRequest
+from worker.engine.jpeg import EncodedJpeg, jpeg_decoder_for
 from worker.engine.loading import LoadedModel, load_clipseg
 from worker.engine.postprocess import PromptMask, SegmentResult, Wanted
 from worker.engine.stock import StockEngine
 
 __all__ = [
-    "EmbedQuery", "FastEngine", "LoadedModel", "PromptMask", "SegmentRequest", "SegmentResult", "Segmenter",
-    "StockEngine", "VisualPrompt", "Wanted", "load_clipseg", "open_segmenter",
+    "EmbedQuery", "EncodedJpeg", "FastEngine", "LoadedModel", "PromptMask", "SegmentRequest", "SegmentResult",
+    "Segmenter", "StockEngine", "VisualPrompt", "Wanted", "load_clipseg", "open_segmenter",
 ]
 
 
@@ -33,6 +34,7 @@ class Segmenter:
     kind: str
     batcher: DynamicBatcher[Any, Any] | None
     stock: StockEngine | None
+    engine: FastEngine | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -43,6 +45,14 @@ class Segmenter:
     def input_size(self) -> tuple[int, int]:
         """(width, height) the model sees; an image decoded at least this large loses nothing."""
         return self.loaded.preprocessing.width, self.loaded.preprocessing.height
+
+    @property
+    def decodes_jpeg(self) -> str | None:
+        """The name of the decoder that takes requests' JPEGs undecoded (EncodedJpeg) and decodes
+        them with their batch on the device ("nvjpeg", or "pillow" where forced on); None: send
+        decoded images."""
+        decoder = None if self.engine is None else self.engine.jpeg_decoder
+        return None if decoder is None else decoder.name
 
     def run(self, request: SegmentRequest) -> SegmentResult:
         if self.batcher is not None:
@@ -77,13 +87,15 @@ def open_segmenter(
     model: str, *, device: str = "auto", dtype: str = "bf16", cpu_dtype: str = "fp32", kind: str = "fast",
     max_batch_images: int = 16,
     max_batch_wait_ms: float = 5.0, text_cache_size: int = 4096, torch_compile: bool = False,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None, device_decode: str = "auto",
 ) -> Segmenter:
-    """Load the model once and start the inference thread (kind="fast") in the calling process."""
+    """Load the model once and start the inference thread (kind="fast") in the calling process.
+    `device_decode`: auto | on | off, whether JPEGs are decoded on the device (worker/engine/jpeg.py)."""
     loaded = load_clipseg(model, device=device, dtype=dtype, cpu_dtype=cpu_dtype)
     if kind == "stock":
         return Segmenter(loaded, kind, None, StockEngine(loaded))
-    engine = FastEngine(loaded, text_cache_size=text_cache_size, compile=torch_compile)
+    engine = FastEngine(loaded, text_cache_size=text_cache_size, compile=torch_compile,
+                        jpeg_decoder=jpeg_decoder_for(device_decode, loaded.device))
     batcher: DynamicBatcher[SegmentRequest | EmbedQuery, SegmentResult | np.ndarray] = DynamicBatcher(
         engine.run_batch, max_batch=max_batch_images, max_wait_ms=max_batch_wait_ms, on_batch=on_batch)
-    return Segmenter(loaded, kind, batcher, None)
+    return Segmenter(loaded, kind, batcher, None, engine)

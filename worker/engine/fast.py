@@ -36,6 +36,7 @@ from PIL import Image
 
 from worker.engine import refine as refine_methods
 from worker.engine.embed import VisualPrompt, masked_crop, neutral_grey, unit
+from worker.engine.jpeg import EncodedJpeg, JpegDecoder
 from worker.engine.loading import LoadedModel
 from worker.engine.postprocess import SegmentResult, Wanted, upsample
 
@@ -77,7 +78,9 @@ LabelKey = Phrasings | VisualPrompt | LearnedLabel
 
 @dataclass
 class SegmentRequest:
-    image: Image.Image | np.ndarray  # RGB; an (H, W, 3) uint8 array is used as is
+    # RGB; an (H, W, 3) uint8 array is used as is; an EncodedJpeg is decoded with its batch on the
+    # device (engine.jpeg_decoder), for requests that need no host pixels (no guide, no mask embeddings)
+    image: Image.Image | np.ndarray | EncodedJpeg
     prompts: list[str]  # one name per label (a text prompt is its own name)
     threshold: float | Sequence[float]  # one for every label, or one per label
     # per label its phrasings, or a VisualPrompt; None: each prompt is its label's one phrasing
@@ -93,10 +96,12 @@ class SegmentRequest:
     # masks, refine.matte): the guided filter with the image as guide, at the output size
     refine: str = "none"
 
-    def output_size(self, arr: np.ndarray) -> tuple[int, int]:
-        return self.size if self.size is not None else (arr.shape[1], arr.shape[0])
+    def output_size(self, arr: np.ndarray | EncodedJpeg) -> tuple[int, int]:
+        if self.size is not None:
+            return self.size
+        return arr.size if isinstance(arr, EncodedJpeg) else (arr.shape[1], arr.shape[0])
 
-    def guide(self, arr: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    def guide(self, arr: np.ndarray | EncodedJpeg, device: torch.device) -> torch.Tensor | None:
         """The guided filter's guide on `device` at the output size, or None for `refine: none`. An
         image decoded smaller than the outputs (it shouldn't be: the runner decodes refined jobs in
         full) is brought up to their size."""
@@ -104,6 +109,8 @@ class SegmentRequest:
             return None
         if self.refine not in refine_methods.METHODS:
             raise ValueError(f"unknown refine method {self.refine!r}")
+        if isinstance(arr, EncodedJpeg):
+            raise ValueError("a refined request needs the decoded image, not an EncodedJpeg")
         return refine_methods.guide_of(arr, device=device, size=self.output_size(arr))
 
     def label_keys(self) -> list[LabelKey]:
@@ -134,7 +141,9 @@ def ensemble(embeddings: torch.Tensor) -> torch.Tensor:
     return direction / direction.norm() * norms.mean()
 
 
-def as_uint8_array(image: Image.Image | np.ndarray) -> np.ndarray:
+def as_uint8_array(image: Image.Image | np.ndarray | EncodedJpeg) -> np.ndarray:
+    if isinstance(image, EncodedJpeg):
+        raise ValueError("an EncodedJpeg is decoded by the engine's jpeg_decoder, and this engine has none")
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError("images must be RGB uint8 (H, W, 3)")
@@ -232,8 +241,11 @@ def _is_block_conv_transpose(module: torch.nn.Module) -> bool:
 
 class FastEngine:
     def __init__(self, loaded: LoadedModel, *, text_cache_size: int = 4096, compile: bool = False,
-                 vision_chunk: int | None = None, max_decoders: int = 16) -> None:
+                 vision_chunk: int | None = None, max_decoders: int = 16,
+                 jpeg_decoder: JpegDecoder | None = None) -> None:
         self.loaded = loaded
+        # decodes requests' EncodedJpeg images, a batch at a time (worker/engine/jpeg.py); None: none come
+        self.jpeg_decoder = jpeg_decoder
         model = loaded.model
         self.extract_layers = list(model.config.extract_layers)
         self.depth = max(self.extract_layers) + 1
@@ -275,15 +287,33 @@ class FastEngine:
         return max(1, CPU_PASS_VALUES // (self.vision_tokens * hidden))
 
     # ---- stages ---------------------------------------------------------------------------
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 (H, W, 3) arrays -> normalised (B, 3, S, S) in the model dtype, on the device."""
-        pre, dev = self.loaded.preprocessing, self.loaded.device
-        batch = []
-        for arr in images:
+    def _device_images(self, images: Sequence[np.ndarray | EncodedJpeg]) -> list[torch.Tensor]:
+        """Each image as (3, H, W) uint8 on the device: arrays copied over (through pinned memory on
+        CUDA), the batch's JPEGs decoded together by the jpeg decoder."""
+        dev = self.loaded.device
+        out: list[torch.Tensor | None] = [None] * len(images)
+        jpegs = [(i, item) for i, item in enumerate(images) if isinstance(item, EncodedJpeg)]
+        if jpegs:
+            if self.jpeg_decoder is None:
+                raise ValueError("an EncodedJpeg came to an engine without a jpeg_decoder")
+            for (i, _), t in zip(jpegs, self.jpeg_decoder.decode([item for _, item in jpegs], dev), strict=True):
+                out[i] = t
+        for i, arr in enumerate(images):
+            if isinstance(arr, EncodedJpeg):
+                continue
             t = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=not arr.flags.writeable))
             if dev.type == "cuda":
                 t = t.pin_memory().to(dev, non_blocking=True)
-            t = t.permute(2, 0, 1).unsqueeze(0).float()
+            out[i] = t.permute(2, 0, 1)
+        return [t for t in out if t is not None]
+
+    def preprocess(self, images: Sequence[np.ndarray | EncodedJpeg]) -> torch.Tensor:
+        """uint8 (H, W, 3) arrays (or JPEGs to decode here) -> normalised (B, 3, S, S) in the model
+        dtype, on the device."""
+        pre = self.loaded.preprocessing
+        batch = []
+        for image in self._device_images(images):
+            t = image.unsqueeze(0).float()
             if t.shape[-2:] != (pre.height, pre.width):
                 t = F.interpolate(t, size=(pre.height, pre.width), mode="bilinear", antialias=True,
                                   align_corners=False)
@@ -484,7 +514,8 @@ class FastEngine:
 
     @torch.inference_mode()
     def segment_batch(self, requests: Sequence[SegmentRequest]) -> list[SegmentResult]:
-        arrays = [as_uint8_array(r.image) for r in requests]
+        arrays = [r.image if isinstance(r.image, EncodedJpeg) and self.jpeg_decoder is not None
+                  else as_uint8_array(r.image) for r in requests]
         pixels = self.preprocess(arrays)
         activations = self.activations(pixels)
         per_image = self.logits_from_pixels(pixels, [r.label_keys() for r in requests], activations,
@@ -506,7 +537,7 @@ class FastEngine:
         self._embed_masks(requests, arrays, results)
         return results
 
-    def _embed_masks(self, requests: Sequence[SegmentRequest], arrays: list[np.ndarray],
+    def _embed_masks(self, requests: Sequence[SegmentRequest], arrays: list[np.ndarray | EncodedJpeg],
                      results: list[SegmentResult]) -> None:
         """embed: masks - every label's masked crop across the batch in one full-depth vision pass."""
         crops: list[np.ndarray] = []
@@ -514,6 +545,8 @@ class FastEngine:
         for i, (req, arr, result) in enumerate(zip(requests, arrays, results, strict=True)):
             if not req.embed_masks:
                 continue
+            if isinstance(arr, EncodedJpeg):
+                raise ValueError("mask embeddings need the decoded image, not an EncodedJpeg")
             result.mask_embeddings = [None] * len(result.masks)
             for j, mask in enumerate(result.masks):
                 crop = masked_crop(arr, mask.mask, mask.bbox, self._grey)

@@ -104,7 +104,9 @@ class StockEngine:
 
             raise JobFailure("fine-tuned models run on the fast engine (CLIPMASK_ENGINE=fast)",
                              code="model_unsupported")
-        image = request.image if isinstance(request.image, Image.Image) else Image.fromarray(request.image)
+        image = request.image
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(as_uint8_array(image))
         labels = request.label_keys()
         if not labels:
             logits = torch.zeros((0, 1, 1))
