@@ -209,7 +209,7 @@ def host_steps(deps: RunnerDeps, sessions, tenant_id: str, url: str, labels: lis
 
     from shared import jobs as jobstate
     from shared.fetch import fetch_image_bytes
-    from shared.images import decode
+    from shared.images import decode, jpeg_header
     from worker.outputs import png_gray
     from worker.runner import MODEL_INPUT, upload_all
 
@@ -243,6 +243,8 @@ def host_steps(deps: RunnerDeps, sessions, tenant_id: str, url: str, labels: lis
     steps = {
         "fetch (HTTP GET)": lambda: fetch_image_bytes(url, deps.fetch_policy),
         "decode (DCT-reduced JPEG)": lambda: decode(data, max_pixels=deps.max_pixels, at_least=MODEL_INPUT),
+        # what the job thread does instead when the engine decodes on the device (worker/engine/jpeg.py)
+        "header (device decode)": lambda: jpeg_header(data, max_pixels=deps.max_pixels),
         f"encode {len(pngs)} PNGs": lambda: [png_gray(m.mask) for m in masks],
         f"{len(pngs)} PUTs (together)": lambda: upload_all(deps.storage, [(f"steps/{i}.png", b, "image/png")
                                                                        for i, b in enumerate(pngs)]),
@@ -304,6 +306,9 @@ def main() -> int:
                         help="also each round with boto3 for the PUTs (row suffix _boto3)")
     parser.add_argument("--compare-stops", action="store_true",
                         help="also each round with a database query at every stage boundary (row suffix _asking)")
+    parser.add_argument("--compare-device-decode", action="store_true",
+                        help="also each round with the JPEG decode moved to the engine, as nvJPEG does it on a GPU "
+                             "(the job thread reads the header alone; row suffix _device)")
     parser.add_argument("--sink", action="store_true",
                         help="images and PUTs through bench/sink.py, not http.server and moto")
     parser.add_argument("--steps", action="store_true",
@@ -339,20 +344,26 @@ def main() -> int:
                 report["steps_cpu_ms"] = steps
                 for step, ms in steps.items():
                     print(f"  step {step:<28} {ms:6.2f} CPU ms", flush=True)
-                print(f"  steps together {sum(steps.values()):6.2f} CPU ms", flush=True)
+                total = sum(steps.values())
+                host, device = total - steps["header (device decode)"], total - steps["decode (DCT-reduced JPEG)"]
+                print(f"  steps together, decode on the host   {host:6.2f} CPU ms\n"
+                      f"  steps together, decode on the device {device:6.2f} CPU ms", flush=True)
             for kind in kinds:
                 stand_in.masks = kind
                 rows: dict[str, object] = {}
                 for name in (["mask", "all"] if args.outputs == "both" else [args.outputs]):
                     variants = ((("before",) if args.before else ()) + (("zlib",) if args.compare_deflate else ())
                                 + (("boto3",) if args.compare_puts else ())
-                                + (("asking",) if args.compare_stops else ()))
+                                + (("asking",) if args.compare_stops else ())
+                                + (("device",) if args.compare_device_decode else ()))
                     for variant in (*variants, "now"):
                         with {"before": lambda: baseline(deps),
                               # the PNG writer's deflate, the PUTs' client, the boundaries' listener swapped back
                               "zlib": lambda: mock.patch.object(worker.outputs, "DEFLATE", "zlib"),
                               "boto3": lambda: mock.patch.object(storage, "put_client", "boto3"),
                               "asking": lambda: mock.patch.object(deps, "cancels", None),
+                              # the stand-in takes EncodedJpeg like an engine with a device decoder
+                              "device": lambda: mock.patch.object(stand_in, "decodes_jpeg", "nvjpeg", create=True),
                               "now": contextlib.nullcontext}[variant]():
                             figures = run_round(deps, sessions, tenant_id, urls, labels, OUTPUT_SETS[name],
                                                 args.threads)
