@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export VENV
 
-.PHONY: install install-browser up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs bench-pipeline bench-search bench-manifest bench-decoders bench-refine compose-test gpu-check clean
+.PHONY: install install-browser up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs bench-pipeline bench-search bench-manifest bench-decoders bench-refine compose-test gpu-check gpu-bundle clean
 
 install: $(VENV)/.installed
 
@@ -94,6 +94,11 @@ bench-search: install
 # on a CUDA host with torch and transformers installed: engine tests on CUDA + GPU benchmarks
 gpu-check:
 	scripts/gpu_check.sh
+
+# the stack's packages, Postgres with pgvector and redis-server for gpu-check's e2e step on a GPU
+# machine without them (.gpu/site.tar.xz, carried by the device tool)
+gpu-bundle:
+	scripts/gpu_bundle.sh
 
 # 5,000 jobs through a private stack on the tiny model (BENCH_ARGS="--jobs 500" for less)
 bench-load: install
