@@ -257,3 +257,13 @@ def test_prompts_past_the_text_models_positions_are_truncated_as_clip_does(engin
     assert torch.allclose(a[0], b[0], atol=1e-5), (a[0] - b[0]).abs().max()
     reference = stock.stock_logits(image, [long, "shirt"])
     assert torch.allclose(probs(a[0]), probs(reference), atol=PIXEL_TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_results_come_to_the_host_exactly_and_from_cuda_through_pinned_memory(device):
+    from worker.engine.postprocess import to_host
+
+    values = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, device=device)
+    out = to_host(values * 1)  # a temporary, as upsample hands it over
+    assert out.dtype == np.uint8 and out.shape == (3, 37, 53) and np.array_equal(out, values.cpu().numpy())
+    assert torch.from_numpy(out).is_pinned() == (device == "cuda")

@@ -22,6 +22,18 @@ from worker.engine import refine
 MAX_UPSAMPLE_ELEMENTS = 64 * 1024 * 1024
 
 
+def to_host(tensor: torch.Tensor) -> np.ndarray:
+    """A device tensor as a host array. From CUDA it lands in pinned (page-locked) memory: one DMA at
+    the link's full rate, where `.cpu()` copies into pageable memory through a staging buffer. The
+    array keeps its pinned block alive, and the caching host allocator reuses it once it is freed."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu().numpy()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host.numpy()
+
+
 @dataclass
 class PromptMask:
     prompt: str
@@ -109,7 +121,7 @@ def upsample(
             prob = refine.guided(prob, guide)
         scores = prob.amax(dim=(1, 2)).tolist()
         mask = prob >= (single if per_label is None else per_label[start : start + step].view(-1, 1, 1))
-        soft = (prob * 255).round_().to(torch.uint8).cpu().numpy() if wanted.soft else None
+        soft = to_host((prob * 255).round_().to(torch.uint8)) if wanted.soft else None
         if best is not None and best_index is not None:
             top, arg = torch.where(mask, prob, -1.0).max(dim=0)  # among the labels reaching their threshold
             better = top > best  # ties keep the earlier label
@@ -119,7 +131,7 @@ def upsample(
         del prob
         ones = mask.view(torch.uint8)  # 0/1, no copy
         boxes = _bboxes(ones)
-        pixels = (ones * 255).cpu().numpy()
+        pixels = to_host(ones * 255)
         # counted on the host copy: summing bools on the device first widens them to int64
         areas = [np.count_nonzero(p) / (height * width) for p in pixels]
         for i in range(mask.shape[0]):
@@ -127,7 +139,7 @@ def upsample(
                                   None if soft is None else soft[i], "none" if guide is None else "guided"))
     label_map = None
     if best is not None and best_index is not None:
-        label_map = torch.where(best >= 0, best_index, 0).cpu().numpy()
+        label_map = to_host(torch.where(best >= 0, best_index, 0))
     return out, label_map
 
 
