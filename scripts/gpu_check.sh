@@ -58,7 +58,7 @@ stack() {
 }
 
 want tests && step engine-tests 600 "$PY" -m pytest -q -p no:cacheprovider tests/worker/test_engine_equivalence.py \
-    tests/worker/test_device_decode.py -k "not runner and not broken_and_oversized"
+    tests/worker/test_device_decode.py
 want engine && step engine-bench 600 "$PY" bench/engine.py --model full --device cuda --prompts 4 \
     --images "$IMAGES" --stock-images 32 --batch 32 --json
 want engine16 && step engine-bench-b64-p16 600 "$PY" bench/engine.py --model full --device cuda --prompts 16 \
