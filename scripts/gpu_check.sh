@@ -70,11 +70,12 @@ if want e2e; then
     if stack; then
         export E2E_LOG_DIR="$GPU_OUT"
         procs=${GPU_E2E_PROCESSES:-4,8} jobs=${GPU_E2E_JOBS:-4000}
-        step e2e-bench 420 "$PY" bench/e2e.py --model full --device cuda --prompts 4 --batch 32 \
-            --processes "$procs" --jobs "$jobs" --json
+        # GPU_E2E_MODEL=tiny GPU_E2E_DEVICE=cpu rehearse this step on a machine without a GPU
+        e2e=("$PY" bench/e2e.py --model "${GPU_E2E_MODEL:-full}" --device "${GPU_E2E_DEVICE:-cuda}" --prompts 4
+             --batch "${GPU_E2E_BATCH:-32}" --jobs "$jobs" --json)
+        step e2e-bench 420 "${e2e[@]}" --processes "$procs"
         # the same at the last process count with the JPEG decode on the host: what nvJPEG saves
-        step e2e-bench-host-decode 240 "$PY" bench/e2e.py --model full --device cuda --prompts 4 --batch 32 \
-            --processes "${procs##*,}" --jobs "$jobs" --device-decode off --json
+        step e2e-bench-host-decode 240 "${e2e[@]}" --processes "${procs##*,}" --device-decode off
     else
         echo "=== e2e: no Postgres with pgvector or Redis here (scripts/gpu_bundle.sh packs them)"; status=1
     fi
