@@ -29,7 +29,6 @@ from sqlalchemy import (
     insert,
     or_,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -76,24 +75,15 @@ def _transition(session: Session, job_id: str, target: JobStatus, *, source: Col
 
 # Postgres NOTIFY channels, delivered when their transaction commits (shared/listener.py): the ids
 # of jobs that reached a final state (api/waiting.py listens, for `Prefer: wait`), and of those
-# canceled (workers listen, to stop a run at its next stage boundary: worker/stops.py).
+# canceled (workers listen, to stop a run at its next stage boundary: worker/stops.py). The jobs
+# table's trigger sends both whenever a job's status becomes final (migration 0010), so no code
+# path that finishes a job has to remember to, and its commit needs no statement for it.
 JOB_FINISHED_CHANNEL = "clipmask_job_finished"
 JOB_CANCELED_CHANNEL = "clipmask_job_canceled"
 
 
-def notify_finished(session: Session, job_ids: Sequence[str], *, canceled: bool = False) -> None:
-    """Announce final jobs to LISTENers, in the caller's transaction (nothing is sent on rollback)."""
-    if not job_ids:
-        return
-    for channel in (JOB_FINISHED_CHANNEL, JOB_CANCELED_CHANNEL) if canceled else (JOB_FINISHED_CHANNEL,):
-        session.execute(text("SELECT pg_notify(:channel, id) FROM unnest(CAST(:ids AS text[])) AS id"),
-                        {"channel": channel, "ids": list(job_ids)})
-
-
-def _finished(session: Session, job: Job, storage: ObjectStorage, *, notify: bool = True) -> Finished:
-    """The job reached a final state in this transaction: add its webhook event and notification to it."""
-    if notify:
-        notify_finished(session, [job.id], canceled=job.status == JobStatus.CANCELED)
+def _finished(session: Session, job: Job, storage: ObjectStorage) -> Finished:
+    """The job reached a final state in this transaction: add its webhook event to it."""
     if not job.webhook_url:  # (the body presigns URLs: only build it when needed)
         return Finished(job)
     delivery_id = job_event(session, job, job_object(job, storage, long_urls=True))
@@ -256,8 +246,7 @@ def cancel_batch_jobs(session: Session, *, batch_id: str, tenant_id: str,
         .values(status=JobStatus.CANCELED, finished_at=func.now(), lease_expires_at=None)
         .returning(Job).execution_options(synchronize_session=False)
     ).scalars().all()
-    notify_finished(session, [job.id for job in jobs], canceled=True)  # one statement a channel for the batch
-    return [_finished(session, job, storage, notify=False) for job in jobs]
+    return [_finished(session, job, storage) for job in jobs]
 
 
 def status_of(session: Session, job_id: str) -> str | None:
