@@ -163,7 +163,7 @@ def run_layout(settings: Settings, processes: int, args: argparse.Namespace, url
     layout = settings.model_copy(update={"worker_processes": processes})
     env = {**os.environ, **settings_env(layout), "PYTHONUNBUFFERED": "1"}
     queues = ",".join([layout.interactive_queue, layout.bulk_queue, layout.events_queue])
-    log_path = log_dir / f"workers-{processes}.log"
+    log_path = log_dir / f"workers-{processes}-{layout.device_decode}.log"
     app = make_celery(layout)
     with open(log_path, "wb") as log:
         supervisor = subprocess.Popen(

@@ -51,7 +51,7 @@ stack() {
     fi
     if ! "$PY" -c 'import redis; redis.Redis(socket_connect_timeout=1).ping()' 2>/dev/null; then
         redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
-            --logfile "$PWD/$GPU_OUT/redis.log" || return 1
+            --logfile /tmp/clipmask-gpu-redis.log || return 1
     fi
     CLIPMASK_TEST_PG_PORT=$(PGVECTOR_PY="$PY" scripts/pgvector.sh ensure) || return 1
     export CLIPMASK_TEST_PG_PORT
@@ -68,7 +68,8 @@ want compile && step engine-bench-compile 600 "$PY" bench/engine.py --model full
 want outputs && step outputs-bench 300 "$PY" bench/outputs.py --model full --device cuda --json
 if want e2e; then
     if stack; then
-        export E2E_LOG_DIR="$GPU_OUT"
+        # the workers' logs stay on the machine (the device tool returns 8 files); a failed run prints their end
+        export E2E_LOG_DIR=/tmp/clipmask-e2e-logs
         procs=${GPU_E2E_PROCESSES:-4,8} jobs=${GPU_E2E_JOBS:-4000}
         # GPU_E2E_MODEL=tiny GPU_E2E_DEVICE=cpu rehearse this step on a machine without a GPU
         e2e=("$PY" bench/e2e.py --model "${GPU_E2E_MODEL:-full}" --device "${GPU_E2E_DEVICE:-cuda}" --prompts 4
