@@ -21,7 +21,7 @@ from shared.images import decode, jpeg_header
 from tests.support.engine import jpeg, picture
 from worker.engine import FastEngine, SegmentRequest, load_clipseg
 from worker.engine.batcher import DynamicBatcher
-from worker.engine.jpeg import EncodedJpeg, HostJpegDecoder, jpeg_decoder_for, nvjpeg_available, orient
+from worker.engine.jpeg import EncodedJpeg, HostJpegDecoder, decodes_on, jpeg_decoder_for, nvjpeg_available, orient
 
 MODEL_INPUT = (352, 352)
 
@@ -73,6 +73,27 @@ def test_the_setting_picks_the_decoder():
     assert isinstance(jpeg_decoder_for("on", cpu), HostJpegDecoder)
     with pytest.raises(ValueError):
         jpeg_decoder_for("sometimes", cpu)
+
+
+def pillow_decode_jpeg(data, mode, device):
+    """torchvision's decode_jpeg(list, mode, device) as Pillow would answer it (no torchvision here)."""
+    return [torch.from_numpy(np.array(Image.open(io.BytesIO(d.numpy().tobytes())).convert(mode))).permute(2, 0, 1)
+            for d in data]
+
+
+@pytest.mark.unit
+def test_a_device_decoder_is_trusted_only_once_it_decodes_the_probe_right():
+    cpu = torch.device("cpu")
+    assert decodes_on(pillow_decode_jpeg, cpu)
+
+    def refuses(data, mode, device):
+        raise RuntimeError("nvjpeg: not supported on this device")
+
+    def swaps_channels(data, mode, device):  # a decoder that hands back BGR
+        return [t.flip(0) for t in pillow_decode_jpeg(data, mode, device)]
+
+    assert not decodes_on(refuses, cpu)
+    assert not decodes_on(swaps_channels, cpu)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ gets where there is no nvJPEG (a CPU machine), so that tests and benchmarks run 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -134,14 +134,45 @@ class NvjpegDecoder:
         return out
 
 
+def _probe_jpeg() -> bytes:
+    """A small JPEG (two colours, 4:2:0) to try the device decoder on before trusting it."""
+    import io
+
+    from PIL import Image
+
+    picture = Image.new("RGB", (32, 16), (200, 30, 30))
+    picture.paste((30, 30, 200), (16, 0, 32, 16))
+    out = io.BytesIO()
+    picture.save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+def decodes_on(decode_jpeg: Callable[..., object], device: torch.device) -> bool:
+    """Whether `decode_jpeg` (torchvision's) decodes the probe JPEG on `device` to the right picture:
+    a torchvision without nvJPEG, or a driver that refuses it, fails here once, at start, instead of
+    in every batch (each then decoded again on the host, image by image, in the inference thread)."""
+    try:
+        out = decode_jpeg([torch.frombuffer(bytearray(_probe_jpeg()), dtype=torch.uint8)], mode="RGB", device=device)
+        image = out[0] if isinstance(out, list | tuple) else out
+        assert isinstance(image, torch.Tensor)
+        left, right = image[:, 8, 4].tolist(), image[:, 8, 28].tolist()
+        return (tuple(image.shape) == (3, 16, 32) and image.device.type == device.type
+                and left[0] > 150 > left[2] and right[2] > 150 > right[0])
+    except Exception as exc:  # noqa: BLE001 - any failure means: decode on the host
+        log.warning("the device's JPEG decoder failed its probe (%s: %s); JPEGs are decoded on the host",
+                    type(exc).__name__, exc)
+        return False
+
+
 def nvjpeg_available(device: torch.device) -> bool:
+    """CUDA, torchvision importable, and its decode_jpeg passing the probe on this device."""
     if device.type != "cuda":
         return False
     try:
-        from torchvision.io import decode_jpeg  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+        from torchvision.io import decode_jpeg  # type: ignore[import-not-found,unused-ignore]
     except Exception:  # noqa: BLE001 - not installed, or built without its image extension
         return False
-    return True
+    return decodes_on(decode_jpeg, device)
 
 
 def jpeg_decoder_for(setting: str, device: torch.device) -> JpegDecoder | None:
