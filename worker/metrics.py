@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 
 from prometheus_client import Counter, Histogram, start_http_server
-from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 STAGE_SECONDS = Histogram(
@@ -54,6 +54,19 @@ class GpuMemoryCollector(Collector):
         yield family
 
 
+class JpegDecodeCollector(Collector):
+    """clipmask_jpeg_decoded_total{where}: JPEGs the engine decoded with their batch, on the device
+    (nvJPEG) or, refused there, on the host (worker/engine/jpeg.py). Many "host": look at the logs."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("clipmask_jpeg_decoded", "JPEGs decoded by the engine's batch decoder",
+                                     labels=["where"])
+        jpeg = sys.modules.get("worker.engine.jpeg")  # loaded with the engine; never imported to report
+        for where, count in (jpeg.DECODED if jpeg is not None else {"device": 0, "host": 0}).items():
+            family.add_metric([where], float(count))
+        yield family
+
+
 _started: set[int] = set()
 
 
@@ -61,5 +74,6 @@ def serve(port: int, host: str) -> None:
     """Start the metrics HTTP server once per process (port 0: don't)."""
     if port and port not in _started:
         REGISTRY.register(GpuMemoryCollector())
+        REGISTRY.register(JpegDecodeCollector())
         start_http_server(port, addr=host)
         _started.add(port)

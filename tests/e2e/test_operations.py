@@ -89,6 +89,9 @@ def test_worker_metrics_after_jobs(client, tenant, image_server, settings, worke
     assert delta("clipmask_batch_size_count") >= 1
     assert delta("clipmask_job_duration_seconds_count", status="succeeded") >= 2
     assert any(k[0] == "clipmask_gpu_memory_bytes" for k in after) is False  # CPU: no GPU series
+    # the engine's JPEG decoder counts are served; on a CPU the job threads decode, so both stay 0
+    assert {where: after.get(("clipmask_jpeg_decoded_total", frozenset({("where", where)})))
+            for where in ("device", "host")} == {"device": 0.0, "host": 0.0}
 
 
 # ---- Flower -------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ from shared.images import JpegHeader, decode
 
 log = logging.getLogger(__name__)
 
+# JPEGs the batch decoders of this process handled, by where they were decoded: "device", or "host"
+# when the device refused one and Pillow took it (the worker's metrics read these at scrape time)
+DECODED = {"device": 0, "host": 0}
+
 
 @dataclass(frozen=True, eq=False)
 class EncodedJpeg:
@@ -128,8 +132,10 @@ class NvjpegDecoder:
         for item, image in zip(items, images, strict=True):
             if image is None:
                 self.fallbacks += 1
+                DECODED["host"] += 1
                 out.append(self.host.decode_one(item, device))  # raises ImageInvalid for broken data
             else:
+                DECODED["device"] += 1
                 out.append(orient(image, item.header.orientation))
         return out
 
