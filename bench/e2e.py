@@ -11,7 +11,10 @@ process count:
 - vision TFLOP/s that rate implies (the truncated vision encoder's FLOPs per image) against the
   card's bf16 peak, and the encoder's own rate alone at the batch size;
 - CPU ms per job of the worker processes (all their threads: Celery, I/O, inference, the CUDA
-  driver's host side), and the mean GPU busy share where NVML answers.
+  driver's host side), and the mean GPU busy share where NVML answers;
+- where the time goes, from the workers' own metrics (scraped before and after): each stage's
+  wall ms per job (fetch, decode, infer, encode, upload; a job thread's time, so infer includes
+  the wait for its batch), the mean batch size, and the JPEGs decoded on the device or the host.
 
 The images and the PUTs go to bench/sink.py in its own process, not the dev S3 server (moto's CPU
 per PUT is more than the worker's and would set the figure on a shared host; in production the
@@ -30,10 +33,12 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -99,6 +104,53 @@ def family(pid: int) -> list[int]:
     return pids
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports on 127.0.0.1 (worker i serves metrics on base + i - 1)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        if base + count > 65535:
+            continue
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def scrape(ports: list[int]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the workers' metrics, summed over the processes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                total[key] = total.get(key, 0.0) + sample.value
+    return total
+
+
+def where_time_goes(before: dict[Any, float], after: dict[Any, float], jobs: int) -> dict[str, Any]:
+    """Per job: each stage's wall ms in its job thread; the mean images per forward pass; JPEGs
+    decoded by the engine on the device or, refused there, on the host."""
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    stages = sorted({dict(k[1])["stage"] for k in after if k[0] == "clipmask_job_stage_seconds_sum"})
+    batches = delta("clipmask_batch_size_count")
+    return {"stage_ms_per_job": {s: delta("clipmask_job_stage_seconds_sum", stage=s) / jobs * 1000 for s in stages},
+            "mean_batch": delta("clipmask_batch_size_sum") / batches if batches else None,
+            "jpeg_decoded": {w: delta("clipmask_jpeg_decoded_total", where=w) for w in ("device", "host")}}
+
+
 class GpuBusy:
     """The device's busy share sampled through NVML every 0.2 s while running (None without NVML)."""
 
@@ -160,7 +212,8 @@ def wait_final(sessions: Any, ids: list[str], timeout: float, supervisor: subpro
 
 def run_layout(settings: Settings, processes: int, args: argparse.Namespace, urls: list[str], labels: list[str],
                sessions: Any, tenant_id: str, sink_pid: int, log_dir: Path) -> dict[str, Any]:
-    layout = settings.model_copy(update={"worker_processes": processes})
+    ports = list(range(base := free_ports(processes), base + processes))
+    layout = settings.model_copy(update={"worker_processes": processes, "worker_metrics_port": base})
     env = {**os.environ, **settings_env(layout), "PYTHONUNBUFFERED": "1"}
     queues = ",".join([layout.interactive_queue, layout.bulk_queue, layout.events_queue])
     log_path = log_dir / f"workers-{processes}-{layout.device_decode}.log"
@@ -175,6 +228,7 @@ def run_layout(settings: Settings, processes: int, args: argparse.Namespace, url
         warm = submit(sessions, app, layout, tenant_id, urls[: processes * args.batch * 2], labels)
         wait_final(sessions, warm, args.timeout, supervisor)
         workers = family(supervisor.pid)
+        metrics0 = scrape(ports)
         cpu0, sink0 = cpu_seconds(workers), cpu_seconds([sink_pid])
         with GpuBusy() as busy:
             start = time.perf_counter()
@@ -182,6 +236,7 @@ def run_layout(settings: Settings, processes: int, args: argparse.Namespace, url
             counts = wait_final(sessions, ids, args.timeout, supervisor)
             wall = time.perf_counter() - start
         cpu, sink = cpu_seconds(workers) - cpu0, cpu_seconds([sink_pid]) - sink0
+        metrics1 = scrape(ports)
     finally:
         os.killpg(supervisor.pid, signal.SIGTERM)
         try:
@@ -195,7 +250,7 @@ def run_layout(settings: Settings, processes: int, args: argparse.Namespace, url
         raise RuntimeError(f"{processes} processes: only {done} of {len(ids)} jobs succeeded: {counts}\n{tail}")
     return {"processes": processes, "jobs": done, "wall_s": wall, "images_per_s": done / wall,
             "cpu_ms_per_job": cpu / done * 1000, "sink_cpu_ms_per_job": sink / done * 1000,
-            "cores_busy": cpu / wall, "gpu_busy_percent": busy.mean}
+            "cores_busy": cpu / wall, "gpu_busy_percent": busy.mean, **where_time_goes(metrics0, metrics1, done)}
 
 
 def main() -> int:
@@ -247,7 +302,7 @@ def main() -> int:
                 s3_endpoint_url=f"http://127.0.0.1:{port}", s3_bucket=f"e2e-{run}", s3_access_key_id="x",
                 s3_secret_access_key="x", model=path, device=args.device, dtype=args.dtype,
                 max_batch_images=args.batch, max_batch_wait_ms=args.wait_ms, device_decode=args.device_decode,
-                worker_concurrency=args.concurrency, worker_metrics_port=0, allow_private_networks=True,
+                worker_concurrency=args.concurrency, allow_private_networks=True,
                 log_level="WARNING")
             sessions = make_session_factory(make_engine(url, pool_size=4))
             with session_scope(sessions) as session:
@@ -267,6 +322,12 @@ def main() -> int:
                       + f"  {row['cpu_ms_per_job']:.1f} CPU ms/job (sink {row['sink_cpu_ms_per_job']:.1f} apart)"
                       + f"  {row['cores_busy']:.1f} cores busy"
                       + ("" if busy is None else f"  GPU busy {busy:.0f}%"), flush=True)
+                batch = row["mean_batch"]
+                print("  wall ms per job in its thread: " + "  ".join(
+                    f"{stage} {ms:.1f}" for stage, ms in row["stage_ms_per_job"].items())
+                    + ("" if batch is None else f"; mean batch {batch:.1f}")
+                    + f"; JPEGs decoded on the device {row['jpeg_decoded']['device']:.0f}, "
+                      f"host {row['jpeg_decoded']['host']:.0f}", flush=True)
     finally:
         for proc in procs:
             proc.terminate()

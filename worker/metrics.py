@@ -56,7 +56,8 @@ class GpuMemoryCollector(Collector):
 
 class JpegDecodeCollector(Collector):
     """clipmask_jpeg_decoded_total{where}: JPEGs the engine decoded with their batch, on the device
-    (nvJPEG) or, refused there, on the host (worker/engine/jpeg.py). Many "host": look at the logs."""
+    (nvJPEG) or on the host by Pillow (worker/engine/jpeg.py). "host" on a GPU worker: JPEGs nvJPEG
+    refused; many of them, look at the logs."""
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("clipmask_jpeg_decoded", "JPEGs decoded by the engine's batch decoder",

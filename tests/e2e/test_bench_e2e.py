@@ -29,4 +29,9 @@ def test_the_end_to_end_benchmark_runs_every_job_through_worker_processes(tmp_pa
     assert run["processes"] == 1 and run["jobs"] == jobs  # every measured job succeeded
     assert run["images_per_s"] > 0 and run["cpu_ms_per_job"] > 0 and 0 < run["share_of_engine_alone"]
     assert run["vision_tflops"] > 0 and run["gpu_busy_percent"] is None  # no NVML on a CPU machine
-    assert "processes=1" in out.stdout and "CPU ms/job" in out.stdout
+    # where the time went, from the workers' metrics: every stage, every JPEG decoded by the engine
+    # (forced on without nvJPEG: by Pillow, in the inference thread)
+    assert set(run["stage_ms_per_job"]) >= {"fetch", "decode", "infer", "encode", "upload"}
+    assert all(ms > 0 for ms in run["stage_ms_per_job"].values()) and run["mean_batch"] >= 1
+    assert run["jpeg_decoded"] == {"device": 0, "host": jobs}
+    assert "processes=1" in out.stdout and "CPU ms/job" in out.stdout and "wall ms per job" in out.stdout

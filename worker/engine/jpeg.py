@@ -31,8 +31,9 @@ from shared.images import JpegHeader, decode
 
 log = logging.getLogger(__name__)
 
-# JPEGs the batch decoders of this process handled, by where they were decoded: "device", or "host"
-# when the device refused one and Pillow took it (the worker's metrics read these at scrape time)
+# JPEGs the batch decoders of this process handled, by where they were decoded: "device" (nvJPEG),
+# or "host" (Pillow: one nvJPEG refused, or every one where device decoding is forced on without
+# nvJPEG); the worker's metrics read these at scrape time
 DECODED = {"device": 0, "host": 0}
 
 
@@ -96,7 +97,9 @@ class HostJpegDecoder:
         return _to_device(np.asarray(decoded.image), device)
 
     def decode(self, items: Sequence[EncodedJpeg], device: torch.device) -> list[torch.Tensor]:
-        return [self.decode_one(item, device) for item in items]
+        out = [self.decode_one(item, device) for item in items]
+        DECODED["host"] += len(out)
+        return out
 
 
 class NvjpegDecoder:
