@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from bench.engine import BF16_PEAK, CLOTHES, model_path, vision_flops, vision_tflops  # noqa: E402
-from bench.pipeline import cpu_seconds, start_servers  # noqa: E402
+from bench.pipeline import add_jobs, cpu_seconds, start_servers  # noqa: E402
 from shared.db import make_engine, make_session_factory, session_scope  # noqa: E402
 from shared.models import Job  # noqa: E402
 from shared.queue import enqueue_segments, make_celery  # noqa: E402
@@ -138,8 +138,8 @@ def scrape(ports: list[int]) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 
 
 def where_time_goes(before: dict[Any, float], after: dict[Any, float], jobs: int) -> dict[str, Any]:
-    """Per job: each stage's wall ms in its job thread; the mean images per forward pass; JPEGs
-    decoded by the engine on the device or, refused there, on the host."""
+    """Per job: each stage's wall ms in its job thread; the mean images per forward pass; JPEGs the
+    engine decoded with their batch, on the device (nvJPEG) or on the host (Pillow)."""
     def delta(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -186,12 +186,8 @@ class GpuBusy:
 
 def submit(sessions: Any, app: Any, settings: Settings, tenant_id: str, urls: list[str],
            labels: list[str]) -> list[str]:
-    ids = [str(uuid.uuid4()) for _ in urls]
-    with session_scope(sessions) as session:
-        for job_id, url in zip(ids, urls, strict=True):
-            session.add(Job(id=job_id, tenant_id=tenant_id, status="queued", input={"image_url": url}, prompts=labels,
-                            threshold=0.4, results=[], metadata_={}, outputs_requested=["mask"],
-                            labels=[{"name": p, "prompts": [p], "source": "text"} for p in labels]))
+    """Mask-only jobs in Postgres, their ids on the bulk queue (as a batch's items go)."""
+    ids = add_jobs(sessions, tenant_id, urls, labels)
     enqueue_segments(app, job_ids=ids, queue=settings.bulk_queue)
     return ids
 

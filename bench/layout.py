@@ -26,10 +26,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine import CLOTHES
-from bench.pipeline import InstantSegmenter, cpu_seconds, listening, start_servers
+from bench.pipeline import InstantSegmenter, add_jobs, cpu_seconds, listening, start_servers
 from shared.db import make_engine, make_session_factory, session_scope
 from shared.fetch import FetchPolicy
-from shared.models import Job
 from shared.settings import Settings
 from shared.storage import ObjectStorage
 from shared.tenants import create_tenant
@@ -69,16 +68,6 @@ def machine_busy_s() -> float:
     """CPU seconds every core of the machine spent on anything but idle and I/O wait (/proc/stat)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def add_jobs(sessions: Any, tenant_id: str, urls: list[str], labels: list[str]) -> list[str]:
-    ids = [str(uuid.uuid4()) for _ in urls]
-    with session_scope(sessions) as session:
-        for job_id, url in zip(ids, urls, strict=True):
-            session.add(Job(id=job_id, tenant_id=tenant_id, status="queued", input={"image_url": url},
-                            prompts=labels, threshold=0.4, results=[], metadata_={}, outputs_requested=["mask"],
-                            labels=[{"name": p, "prompts": [p], "source": "text"} for p in labels]))
-    return ids
 
 
 def one_layout(settings: Settings, sessions: Any, tenant_id: str, processes: int, threads: int, urls: list[str],

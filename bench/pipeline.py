@@ -38,6 +38,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import torch
@@ -201,6 +202,20 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / tick
 
 
+def add_jobs(sessions: Any, tenant_id: str, urls: list[str], labels: list[str],
+             outputs: list[str] | None = None) -> list[str]:
+    """Queued jobs, one per image URL, each with `labels` as text prompts and `outputs` (mask alone by
+    default): their ids. Rows only; whoever runs them takes the ids."""
+    ids = [str(uuid.uuid4()) for _ in urls]
+    with session_scope(sessions) as session:
+        for job_id, url in zip(ids, urls, strict=True):
+            session.add(Job(id=job_id, tenant_id=tenant_id, status="queued", input={"image_url": url},
+                            prompts=labels, threshold=0.4, results=[], metadata_={},
+                            outputs_requested=outputs or ["mask"],
+                            labels=[{"name": p, "prompts": [p], "source": "text"} for p in labels]))
+    return ids
+
+
 def host_steps(deps: RunnerDeps, sessions, tenant_id: str, url: str, labels: list[str], *,  # type: ignore[no-untyped-def]
                width: int, height: int, repeat: int = 60) -> dict[str, float]:
     """Each step of a mask-only job alone, in this thread, as the runner calls it: CPU ms per call
@@ -219,12 +234,7 @@ def host_steps(deps: RunnerDeps, sessions, tenant_id: str, url: str, labels: lis
     pngs = [png_gray(m.mask) for m in masks]
     results = [{"prompt": p, "source": "text", "bbox": m.bbox, "area_fraction": 0.1, "score": 0.9, "refine": "none",
                 "mask_key": f"masks/{tenant_id}/x/{i}.png"} for i, (p, m) in enumerate(zip(labels, masks, strict=True))]
-    job_ids = [str(uuid.uuid4()) for _ in range(repeat * 5)]
-    with session_scope(sessions) as session:
-        for job_id in job_ids:
-            session.add(Job(id=job_id, tenant_id=tenant_id, status="queued", input={"image_url": url}, prompts=labels,
-                            threshold=0.4, results=[], metadata_={}, outputs_requested=["mask"],
-                            labels=[{"name": p, "prompts": [p], "source": "text"} for p in labels]))
+    job_ids = add_jobs(sessions, tenant_id, [url] * (repeat * 5), labels)
     running = iter(job_ids)
     done_ids: list[str] = []  # taken and not yet finished
 
@@ -273,12 +283,7 @@ def run_round(deps: RunnerDeps, sessions, tenant_id: str, urls: list[str], label
             stage_totals[stage] = stage_totals.get(stage, 0.0) + seconds
 
     deps.on_stage = on_stage
-    job_ids = [str(uuid.uuid4()) for _ in urls]
-    with session_scope(sessions) as session:
-        for job_id, url in zip(job_ids, urls, strict=True):
-            session.add(Job(id=job_id, tenant_id=tenant_id, status="queued", input={"image_url": url},
-                            prompts=labels, threshold=0.4, results=[], metadata_={}, outputs_requested=outputs,
-                            labels=[{"name": p, "prompts": [p], "source": "text"} for p in labels]))
+    job_ids = add_jobs(sessions, tenant_id, urls, labels, outputs)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         statuses = list(pool.map(partial(run_job, deps=deps), job_ids))

@@ -53,6 +53,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 TRANSPOSING = frozenset({5, 6, 7, 8})
 
 
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    """The caps every decode applies on the header, before a pixel is decoded."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"the image has {width}x{height} = {width * height} pixels, more than {max_pixels}")
+    if width < 1 or height < 1:
+        raise ImageInvalid("the image has no pixels")
+
+
 class JpegHeader:
     """What a JPEG's header says, read without decoding a pixel: its stored size, its EXIF
     orientation (1-8), and the size of the upright picture (`size`, width and height swapped by a
@@ -82,10 +90,7 @@ def jpeg_header(data: bytes, *, max_pixels: int) -> JpegHeader | None:
         return None  # decode() says image_too_large, with its own message
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error):
         return None
-    if width * height > max_pixels:
-        raise ImageTooLarge(f"the image has {width}x{height} = {width * height} pixels, more than {max_pixels}")
-    if width < 1 or height < 1:
-        raise ImageInvalid("the image has no pixels")
+    _check_size(width, height, max_pixels)
     return JpegHeader((width, height), orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1)
 
 
@@ -121,12 +126,7 @@ def decode(data: bytes, *, max_pixels: int, at_least: tuple[int, int] | None = N
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"the image has {width}x{height} = {width * height} pixels, more than {max_pixels}"
-                )
-            if width < 1 or height < 1:
-                raise ImageInvalid("the image has no pixels")
+            _check_size(width, height, max_pixels)
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             orientation = img.getexif().get(0x0112, 1)
