@@ -262,7 +262,10 @@ def _obstore_putter(settings: Settings) -> Callable[[str, bytes, str], None]:
     def put(key: str, data: bytes, content_type: str) -> None:
         try:
             obstore.put(store, key, data, attributes={"Content-Type": content_type})
-        except BaseError as exc:
-            raise StorageFailed(f"could not write {key}: {str(exc).splitlines()[0]}") from exc
+        # obstore raises its own errors, and Python's for some answers: FileNotFoundError for a
+        # bucket that is not there (a store restarted empty), PermissionError for refused keys
+        except (BaseError, OSError) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise StorageFailed(f"could not write {key}: {first}") from exc
 
     return put

@@ -45,3 +45,13 @@ def test_an_unreachable_store_is_storage_failed_soon(settings):
     with pytest.raises(StorageFailed, match="could not write"):
         store.put("k", b"x", content_type="image/png")
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("client", ["obstore", "boto3"])
+def test_a_bucket_that_is_not_there_is_storage_failed(settings, client):
+    """What a store restarted empty answers (or a bucket deleted under the service): storage_failed,
+    which the runner retries, not a job failed as `internal` (obstore raised FileNotFoundError)."""
+    store = ObjectStorage(settings.model_copy(update={"s3_put_client": client,
+                                                      "s3_bucket": f"missing-{uuid.uuid4().hex[:8]}"}))
+    with pytest.raises(StorageFailed, match="could not write"):
+        store.put("masks/x/0.png", b"\x89PNG", content_type="image/png")
