@@ -18,6 +18,7 @@ from urllib.parse import urljoin, urlsplit
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ProtocolError
 from urllib3.util import parse_url
 
 from shared.errors import ImageFetchFailed
@@ -158,16 +159,58 @@ def guarded_pool(url: str, policy: FetchPolicy) -> tuple[urllib3.HTTPConnectionP
     return pool, path
 
 
+# Image fetches keep their connections alive, per fetch policy: a catalog's images mostly come from
+# one CDN, and a new connection per image cost a DNS lookup and a TCP (and TLS) handshake each time.
+# Every new connection is address-checked as before (GuardedHTTP); a kept one stays connected to
+# the address that was checked when it opened, so a DNS answer that changes since can't redirect it.
+FETCH_HOSTS = 16  # hosts with kept connections per process and policy (the least recently used go)
+FETCH_CONNECTIONS = 32  # idle connections kept per host (above a worker's concurrency)
+
+
+@functools.lru_cache(maxsize=8)
+def _pool_manager(policy: FetchPolicy) -> urllib3.PoolManager:
+    http_cls, https_cls = _connection_classes(policy.allow_private, policy.allow_endpoints)
+
+    class GuardedHTTPPool(urllib3.HTTPConnectionPool):
+        ConnectionCls = http_cls
+
+    class GuardedHTTPSPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = https_cls
+
+    manager = urllib3.PoolManager(
+        num_pools=FETCH_HOSTS, maxsize=FETCH_CONNECTIONS, block=False, retries=False,
+        timeout=urllib3.Timeout(connect=policy.connect_timeout_s, read=policy.read_timeout_s),
+    )
+    manager.pool_classes_by_scheme = {"http": GuardedHTTPPool, "https": GuardedHTTPSPool}
+    return manager
+
+
+def _open(url: str, policy: FetchPolicy) -> urllib3.BaseHTTPResponse:
+    """GET `url` on a kept connection if there is one. A kept connection the server closed meanwhile
+    (its keep-alive ran out) fails before any answer: that is tried once more, on a new connection."""
+    problem = check_url_syntax(url)
+    if problem:
+        raise ImageFetchFailed(f"{problem}: {url[:200]}")
+    manager = _pool_manager(policy)
+    for attempt in (1, 2):
+        try:
+            return manager.urlopen(
+                "GET", url, redirect=False, preload_content=False, retries=False,
+                headers={"User-Agent": "clipmask-fetch/1", "Accept": "image/*,*/*;q=0.5"},
+            )
+        except ProtocolError:  # aborted or reset before the status line; timeouts are not retried
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def fetch_image_bytes(url: str, policy: FetchPolicy) -> Fetched:
     """GET `url` following at most `max_redirects` redirects; raise ImageFetchFailed on any problem."""
     deadline = time.monotonic() + policy.total_timeout_s
     for _hop in range(policy.max_redirects + 1):
-        pool, path = guarded_pool(url, policy)
         try:
-            resp = pool.urlopen(
-                "GET", path, redirect=False, preload_content=False, retries=False,
-                headers={"User-Agent": "clipmask-fetch/1", "Accept": "image/*,*/*;q=0.5"},
-            )
+            resp = _open(url, policy)
+            complete = False  # the whole body read: the connection may serve the next image
             try:
                 if resp.status in (301, 302, 303, 307, 308):
                     location = resp.headers.get("Location")
@@ -190,14 +233,14 @@ def fetch_image_bytes(url: str, policy: FetchPolicy) -> Fetched:
                     if time.monotonic() > deadline:
                         raise ImageFetchFailed(f"the download took longer than {policy.total_timeout_s:g} s")
                     chunks.append(chunk)
+                complete = True
                 return Fetched(b"".join(chunks), resp.headers.get("Content-Type"), url)
             finally:
+                if not complete:  # a body left unread (a redirect, an error, a cap): the connection goes
+                    resp.close()
                 resp.release_conn()
-                resp.close()
         except ImageFetchFailed:
             raise
         except (Urllib3Error, OSError) as exc:
             raise ImageFetchFailed(f"could not download the image: {type(exc).__name__}: {exc}") from exc
-        finally:
-            pool.close()
     raise ImageFetchFailed(f"more than {policy.max_redirects} redirects")

@@ -168,3 +168,108 @@ def test_a_server_that_drips_bytes_meets_the_total_deadline():
                           FetchPolicy(allow_private=True, read_timeout_s=5, total_timeout_s=1.5))
     stop.set()
     listener.close()
+
+
+# ---- kept connections ------------------------------------------------------------------------
+
+def payload(size: int) -> bytes:
+    return bytes(i % 251 for i in range(size))
+
+
+class KeepAliveServer:
+    """An HTTP/1.1 server that counts the connections it accepts. It answers GET /N with N bytes
+    (any other path 404) and keeps the connection open; with `answers_per_connection` it closes a
+    connection silently when the next request on it arrives, as a server whose keep-alive ran out
+    while the request was on its way."""
+
+    def __init__(self, answers_per_connection: int | None = None) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.base = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.answers_per_connection = answers_per_connection
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        answered = 0
+        with conn:
+            buffer = b""
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(4096)
+                    if not data:
+                        return
+                    buffer += data
+                head, buffer = buffer.split(b"\r\n\r\n", 1)
+                if self.answers_per_connection is not None and answered >= self.answers_per_connection:
+                    return  # closed without an answer
+                path = head.split(b" ")[1].decode()
+                size = path.lstrip("/")
+                body = payload(int(size)) if size.isdigit() else b""
+                status = b"200 OK" if size.isdigit() else b"404 Not Found"
+                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+                             + body)
+                answered += 1
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture()
+def keepalive():
+    servers: list[KeepAliveServer] = []
+
+    def start(**kw) -> KeepAliveServer:
+        servers.append(KeepAliveServer(**kw))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize(("answers_per_connection", "connections"), [
+    (None, 1),  # one kept connection serves every fetch
+    (1, 3),  # the server closes each kept connection as the next request arrives: tried again on a new one
+])
+def test_fetches_from_one_host_share_a_kept_connection(keepalive, answers_per_connection, connections):
+    server = keepalive(answers_per_connection=answers_per_connection)
+    policy = FetchPolicy(allow_private=True)
+    for size in (1000, 200_000, 5):
+        assert fetch_image_bytes(f"{server.base}/{size}", policy).data == payload(size)
+    assert server.connections == connections
+
+
+def test_a_server_that_never_answers_fails_the_fetch_after_the_one_retry(keepalive):
+    server = keepalive(answers_per_connection=0)
+    with pytest.raises(ImageFetchFailed, match="could not download"):
+        fetch_image_bytes(f"{server.base}/10", FetchPolicy(allow_private=True))
+    assert server.connections == 2
+
+
+def test_a_body_left_unread_never_reaches_the_next_fetch(keepalive):
+    server = keepalive()
+    with pytest.raises(ImageFetchFailed, match="larger than 100 bytes"):
+        fetch_image_bytes(f"{server.base}/5000", FetchPolicy(allow_private=True, max_bytes=100))
+    with pytest.raises(ImageFetchFailed, match="HTTP 404"):
+        fetch_image_bytes(f"{server.base}/nothing", FetchPolicy(allow_private=True, max_bytes=100))
+    assert fetch_image_bytes(f"{server.base}/50", FetchPolicy(allow_private=True, max_bytes=100)).data == payload(50)
+    assert server.connections == 3  # each answer whose body was not read closed its connection
+
+
+def test_a_policy_never_borrows_another_policys_connections(keepalive):
+    server = keepalive()
+    assert fetch_image_bytes(f"{server.base}/10", FetchPolicy(allow_private=True)).data == payload(10)
+    with pytest.raises(AddressRefused):  # the connection kept for the open policy is not this one's
+        fetch_image_bytes(f"{server.base}/10", STRICT)
+    assert server.connections == 1
