@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import DBAPIError
 
+from shared import db
 from shared import jobs as jobstate
 from shared.db import make_engine, make_session_factory, session_scope
 from shared.models import Job
@@ -108,6 +109,27 @@ def test_a_database_gone_away_is_a_dbapi_error_as_the_runner_expects(tenant, sto
     with pytest.raises(DBAPIError), session_scope(sessions) as session:
         jobstate.mark_succeeded(session, str(uuid.uuid4()), results=[], storage=storage,
                                 facts={"image_width": 1})
+
+
+def test_a_connection_that_broke_is_a_dbapi_error_and_never_handed_out_again(database_url, sessions, storage, tenant,
+                                                                              monkeypatch):
+    """The transition runs on the driver's cursor: a connection the server dropped under it must
+    still come out as SQLAlchemy's DBAPIError (the runner retries the job) and leave the pool."""
+    monkeypatch.setattr(db, "PING_IDLE_S", 3600.0)  # no ping at checkout finds it first, however slow the run
+    own = make_session_factory(make_engine(database_url, pool_size=1))
+    job_id = new_job(sessions, tenant)
+    with own() as session:
+        session.connection().exec_driver_sql("SELECT 1")
+        pid = session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    with sessions() as killer:
+        killer.connection().exec_driver_sql("SELECT pg_terminate_backend(%(pid)s)", {"pid": pid})
+        killer.commit()
+    with pytest.raises(DBAPIError) as caught, session_scope(own) as session:
+        jobstate.mark_running(session, job_id, model_id="m", lease_s=60)
+    assert caught.value.connection_invalidated
+    with session_scope(own) as session:  # the pool's one connection is a new one, and the job is still queued
+        assert session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
+        assert jobstate.mark_running(session, job_id, model_id="m", lease_s=60) is not None
 
 
 def test_finished_at_is_the_clock_the_worker_gave(sessions, storage, tenant):
