@@ -86,6 +86,64 @@ def baseline(deps: RunnerDeps):  # type: ignore[no-untyped-def]
         deps.reduced_decode = True
 
 
+@contextlib.contextmanager
+def orm_transitions():  # type: ignore[no-untyped-def]
+    """The worker's per-job transitions as the ORM UPDATE ... RETURNING statements they were until
+    2026-12-02 (shared/jobs.py runs them as driver SQL now), for the `_orm` rounds and steps."""
+    from sqlalchemy import JSON, Interval, bindparam, func, or_, update
+    from sqlalchemy.dialects.postgresql import JSONB
+
+    from shared import jobs as jobstate
+    from shared.enums import JobStatus
+
+    def as_json(name: str) -> Any:
+        return bindparam(name, type_=JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql"))
+
+    def kept_unless(name: str) -> Any:
+        column = getattr(Job, name)
+        return func.coalesce(bindparam(name, type_=column.type), column)
+
+    def returning(statement: Any) -> Any:
+        return statement.returning(Job).execution_options(synchronize_session=False, populate_existing=True)
+
+    def final(target: JobStatus) -> Any:
+        values: dict[str, Any] = {"status": target, "results": as_json("results"), "error": as_json("error"),
+                                  "finished_at": bindparam("finished_at", type_=Job.finished_at.type),
+                                  "lease_expires_at": None, **{n: kept_unless(n) for n in sorted(jobstate.RUN_FACTS)}}
+        if target == JobStatus.SUCCEEDED:
+            values.update(output_keys=as_json("output_keys"), embedding=as_json("embedding"),
+                          embedding_model=bindparam("embedding_model", type_=Job.embedding_model.type))
+        return returning(update(Job).where(Job.id == bindparam("job_id"),
+                                           Job.status.in_(jobstate.ALLOWED_FROM[target])).values(**values))
+
+    statements = {
+        jobstate._RUNNING_SQL: returning(
+            update(Job).where(Job.id == bindparam("job_id"), Job.status.in_(jobstate.ALLOWED_FROM[JobStatus.RUNNING]),
+                              or_(Job.status == JobStatus.QUEUED, Job.lease_expires_at.is_(None),
+                                  Job.lease_expires_at < func.now()))
+            .values(status=JobStatus.RUNNING, started_at=func.coalesce(Job.started_at, func.now()),
+                    attempts=Job.attempts + 1, model_id=bindparam("model_id", type_=Job.model_id.type),
+                    model_revision=kept_unless("model_revision"),
+                    lease_expires_at=func.now() + bindparam("lease", type_=Interval()))),
+        jobstate._SUCCEEDED_SQL: final(JobStatus.SUCCEEDED),
+        jobstate._FAILED_SQL: final(JobStatus.FAILED),
+    }
+
+    def run_orm(session: Any, sql: str, **params: Any) -> Job | None:
+        job: Job | None = session.execute(statements[sql], params).scalar_one_or_none()
+        return job
+
+    with mock.patch.object(jobstate, "_run_transition", run_orm):
+        yield
+
+
+def new_connections():  # type: ignore[no-untyped-def]
+    """Every image fetch on a connection of its own, as until 2026-12-02 (`_fresh` rounds)."""
+    import shared.fetch
+
+    return mock.patch.object(shared.fetch, "_pool_manager", shared.fetch._pool_manager.__wrapped__)
+
+
 def realistic_logits(labels: int, side: int = 88) -> torch.Tensor:
     """Garment-like regions on a person-shaped layout (logits of +-6 with soft 1-2 cell edges): a
     torso with sleeves, trousers split into legs, a bag on a strap, shoes, in turn per label."""
@@ -217,9 +275,10 @@ def add_jobs(sessions: Any, tenant_id: str, urls: list[str], labels: list[str],
 
 
 def host_steps(deps: RunnerDeps, sessions, tenant_id: str, url: str, labels: list[str], *,  # type: ignore[no-untyped-def]
-               width: int, height: int, repeat: int = 60) -> dict[str, float]:
+               width: int, height: int, repeat: int = 60, before: bool = False) -> dict[str, float]:
     """Each step of a mask-only job alone, in this thread, as the runner calls it: CPU ms per call
-    (median of `repeat` rounds of 5 calls). Where the 10 ms a job could cost goes."""
+    (median of `repeat` rounds of 5 calls). Where the 10 ms a job could cost goes. With `before`,
+    also the fetch on a new connection and the transitions as ORM statements (" (before)" rows)."""
     import statistics
 
     from shared import jobs as jobstate
@@ -234,7 +293,7 @@ def host_steps(deps: RunnerDeps, sessions, tenant_id: str, url: str, labels: lis
     pngs = [png_gray(m.mask) for m in masks]
     results = [{"prompt": p, "source": "text", "bbox": m.bbox, "area_fraction": 0.1, "score": 0.9, "refine": "none",
                 "mask_key": f"masks/{tenant_id}/x/{i}.png"} for i, (p, m) in enumerate(zip(labels, masks, strict=True))]
-    job_ids = add_jobs(sessions, tenant_id, [url] * (repeat * 5), labels)
+    job_ids = add_jobs(sessions, tenant_id, [url] * (repeat * 5 * (2 if before else 1)), labels)
     running = iter(job_ids)
     done_ids: list[str] = []  # taken and not yet finished
 
@@ -250,8 +309,11 @@ def host_steps(deps: RunnerDeps, sessions, tenant_id: str, url: str, labels: lis
             jobstate.mark_succeeded(session, done_ids.pop(), results=results, storage=deps.storage,
                                     facts={"image_width": width, "image_height": height})
 
-    steps = {
-        "fetch (HTTP GET)": lambda: fetch_image_bytes(url, deps.fetch_policy),
+    def fetch() -> None:
+        fetch_image_bytes(url, deps.fetch_policy)
+
+    steps: dict[str, Any] = {
+        "fetch (HTTP GET)": fetch,
         "decode (DCT-reduced JPEG)": lambda: decode(data, max_pixels=deps.max_pixels, at_least=MODEL_INPUT),
         # what the job thread does instead when the engine decodes on the device (worker/engine/jpeg.py)
         "header (device decode)": lambda: jpeg_header(data, max_pixels=deps.max_pixels),
@@ -261,14 +323,18 @@ def host_steps(deps: RunnerDeps, sessions, tenant_id: str, url: str, labels: lis
         "commit: running": take,
         "commit: succeeded": finish,
     }
+    swapped = {"fetch (HTTP GET)": new_connections, "commit: running": orm_transitions,
+               "commit: succeeded": orm_transitions} if before else {}
     out: dict[str, float] = {}
-    for name, step in steps.items():
+    for name, step, swap in [*((name, step, contextlib.nullcontext) for name, step in steps.items()),
+                             *((f"{name} (before)", steps[name], swap) for name, swap in swapped.items())]:
         rounds = []
-        for _ in range(repeat):
-            cpu = time.process_time()
-            for _ in range(5):
-                step()
-            rounds.append((time.process_time() - cpu) / 5 * 1000)
+        with swap():
+            for _ in range(repeat):
+                cpu = time.process_time()
+                for _ in range(5):
+                    step()
+                rounds.append((time.process_time() - cpu) / 5 * 1000)
         out[name] = statistics.median(rounds)
     return out
 
@@ -309,6 +375,10 @@ def main() -> int:
                         help="also each round with zlib as the PNG writer's deflate (row suffix _zlib)")
     parser.add_argument("--compare-puts", action="store_true",
                         help="also each round with boto3 for the PUTs (row suffix _boto3)")
+    parser.add_argument("--compare-orm", action="store_true",
+                        help="also each round with the job transitions as ORM statements (row suffix _orm)")
+    parser.add_argument("--compare-fetch", action="store_true",
+                        help="also each round with a new connection for every image fetch (row suffix _fresh)")
     parser.add_argument("--compare-stops", action="store_true",
                         help="also each round with a database query at every stage boundary (row suffix _asking)")
     parser.add_argument("--compare-device-decode", action="store_true",
@@ -345,11 +415,12 @@ def main() -> int:
             print(f"size={width}x{height} labels={len(labels)} threads={args.threads} jobs={args.jobs} "
                   f"cpus={os.cpu_count()} (the model is an instant stand-in)", flush=True)
             if args.steps:
-                steps = host_steps(deps, sessions, tenant_id, urls[0], labels, width=width, height=height)
+                steps = host_steps(deps, sessions, tenant_id, urls[0], labels, width=width, height=height,
+                                   before=args.compare_orm or args.compare_fetch)
                 report["steps_cpu_ms"] = steps
                 for step, ms in steps.items():
-                    print(f"  step {step:<28} {ms:6.2f} CPU ms", flush=True)
-                total = sum(steps.values())
+                    print(f"  step {step:<37} {ms:6.2f} CPU ms", flush=True)
+                total = sum(ms for step, ms in steps.items() if not step.endswith("(before)"))
                 host, device = total - steps["header (device decode)"], total - steps["decode (DCT-reduced JPEG)"]
                 print(f"  steps together, decode on the host   {host:6.2f} CPU ms\n"
                       f"  steps together, decode on the device {device:6.2f} CPU ms", flush=True)
@@ -360,6 +431,7 @@ def main() -> int:
                     variants = ((("before",) if args.before else ()) + (("zlib",) if args.compare_deflate else ())
                                 + (("boto3",) if args.compare_puts else ())
                                 + (("asking",) if args.compare_stops else ())
+                                + (("orm",) if args.compare_orm else ()) + (("fresh",) if args.compare_fetch else ())
                                 + (("device",) if args.compare_device_decode else ()))
                     for variant in (*variants, "now"):
                         with {"before": lambda: baseline(deps),
@@ -367,6 +439,7 @@ def main() -> int:
                               "zlib": lambda: mock.patch.object(worker.outputs, "DEFLATE", "zlib"),
                               "boto3": lambda: mock.patch.object(storage, "put_client", "boto3"),
                               "asking": lambda: mock.patch.object(deps, "cancels", None),
+                              "orm": orm_transitions, "fresh": new_connections,
                               # the stand-in takes EncodedJpeg like an engine with a device decoder
                               "device": lambda: mock.patch.object(stand_in, "decodes_jpeg", "nvjpeg", create=True),
                               "now": contextlib.nullcontext}[variant]():
