@@ -167,9 +167,11 @@ FETCH_HOSTS = 16  # hosts with kept connections per process and policy (the leas
 FETCH_CONNECTIONS = 32  # idle connections kept per host (above a worker's concurrency)
 
 
-@functools.lru_cache(maxsize=8)
-def _pool_manager(policy: FetchPolicy) -> urllib3.PoolManager:
-    http_cls, https_cls = _connection_classes(policy.allow_private, policy.allow_endpoints)
+@functools.cache
+def _pool_classes(
+    allow_private: bool, allow_endpoints: frozenset[str],
+) -> dict[str, type[urllib3.HTTPConnectionPool]]:
+    http_cls, https_cls = _connection_classes(allow_private, allow_endpoints)
 
     class GuardedHTTPPool(urllib3.HTTPConnectionPool):
         ConnectionCls = http_cls
@@ -177,11 +179,16 @@ def _pool_manager(policy: FetchPolicy) -> urllib3.PoolManager:
     class GuardedHTTPSPool(urllib3.HTTPSConnectionPool):
         ConnectionCls = https_cls
 
+    return {"http": GuardedHTTPPool, "https": GuardedHTTPSPool}
+
+
+@functools.lru_cache(maxsize=8)
+def _pool_manager(policy: FetchPolicy) -> urllib3.PoolManager:
     manager = urllib3.PoolManager(
         num_pools=FETCH_HOSTS, maxsize=FETCH_CONNECTIONS, block=False, retries=False,
         timeout=urllib3.Timeout(connect=policy.connect_timeout_s, read=policy.read_timeout_s),
     )
-    manager.pool_classes_by_scheme = {"http": GuardedHTTPPool, "https": GuardedHTTPSPool}
+    manager.pool_classes_by_scheme = _pool_classes(policy.allow_private, policy.allow_endpoints)
     return manager
 
 

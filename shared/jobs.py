@@ -98,7 +98,7 @@ def mark_running(session: Session, job_id: str, *, model_id: str | None, lease_s
 # The statements a worker runs for every job (taking it, finishing it) go to the driver as SQL
 # written once, and their RETURNING row becomes a Job without the ORM's per-execution work: an
 # ORM UPDATE ... RETURNING rebuilt its cache key and loaded its entity on every call. Taking a job
-# cost 2.6-3.3 CPU ms that way and 0.9-1.7 this way, finishing it 2.7-3.2 against 1.2-1.5
+# cost 2.2-3.3 CPU ms that way and 0.8-1.7 this way, finishing it 2.6-3.2 against 0.9-1.5
 # (bench/README.md, "The transitions as driver SQL"). The other transitions (cancel, requeue) are
 # rare and stay ORM statements (`_transition`).
 _JOB_ATTRIBUTES = tuple(sa_inspect(Job).column_attrs)
