@@ -134,15 +134,20 @@ def check_url_syntax(url: str) -> str | None:
     return None
 
 
-def guarded_pool(url: str, policy: FetchPolicy) -> tuple[urllib3.HTTPConnectionPool, str]:
-    """A one-connection pool for `url` whose connections check the address, and the request path.
-
-    Raises ImageFetchFailed for a URL that can't be fetched at all. Webhook delivery uses it too,
-    so callbacks obey the same address rules as image URLs.
-    """
+def _refuse_unfetchable(url: str) -> None:
     problem = check_url_syntax(url)
     if problem:
         raise ImageFetchFailed(f"{problem}: {url[:200]}")
+
+
+def guarded_pool(url: str, policy: FetchPolicy) -> tuple[urllib3.HTTPConnectionPool, str]:
+    """A one-connection pool for `url` whose connections check the address, and the request path:
+    webhook delivery's, so callbacks obey the same address rules as image URLs (image fetches keep
+    their connections instead: `_pool_manager`).
+
+    Raises ImageFetchFailed for a URL that can't be fetched at all.
+    """
+    _refuse_unfetchable(url)
     parts = urlsplit(url)
     scheme, host = parts.scheme, parts.hostname or ""
     port = parts.port or (443 if scheme == "https" else 80)
@@ -195,20 +200,17 @@ def _pool_manager(policy: FetchPolicy) -> urllib3.PoolManager:
 def _open(url: str, policy: FetchPolicy) -> urllib3.BaseHTTPResponse:
     """GET `url` on a kept connection if there is one. A kept connection the server closed meanwhile
     (its keep-alive ran out) fails before any answer: that is tried once more, on a new connection."""
-    problem = check_url_syntax(url)
-    if problem:
-        raise ImageFetchFailed(f"{problem}: {url[:200]}")
+    _refuse_unfetchable(url)
     manager = _pool_manager(policy)
-    for attempt in (1, 2):
-        try:
-            return manager.urlopen(
-                "GET", url, redirect=False, preload_content=False, retries=False,
-                headers={"User-Agent": "clipmask-fetch/1", "Accept": "image/*,*/*;q=0.5"},
-            )
-        except ProtocolError:  # aborted or reset before the status line; timeouts are not retried
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+
+    def get() -> urllib3.BaseHTTPResponse:
+        return manager.urlopen("GET", url, redirect=False, preload_content=False, retries=False,
+                               headers={"User-Agent": "clipmask-fetch/1", "Accept": "image/*,*/*;q=0.5"})
+
+    try:
+        return get()
+    except ProtocolError:  # aborted or reset before the status line; timeouts are not retried
+        return get()
 
 
 def fetch_image_bytes(url: str, policy: FetchPolicy) -> Fetched:

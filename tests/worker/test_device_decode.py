@@ -157,7 +157,7 @@ def test_requests_that_need_host_pixels_refuse_an_encoded_jpeg(engine):
 
 @pytest.mark.unit
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("torchvision") is None,
-                    reason="nvJPEG needs CUDA and torchvision; this CPU machine has neither (make gpu-check runs it)")
+                    reason="nvJPEG needs CUDA and torchvision; this machine lacks one (make gpu-check runs it)")
 def test_nvjpeg_decodes_like_pillow():
     """nvJPEG against Pillow's full decode of the same files: same upright shape, and pixels within
     a few levels (the IDCT and the chroma upsampling differ between the two libraries)."""
