@@ -8,11 +8,18 @@ the same connection class, so "after every redirect" holds by construction.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import heapq
 import ipaddress
+import itertools
+import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
@@ -29,10 +36,39 @@ class AddressRefused(ImageFetchFailed):
     """The URL resolves to a loopback, private, link-local, metadata or otherwise non-global address."""
 
 
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the IPv4 address is the last 32 bits
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: bits 48-63 and 72-87 (around the u octet)
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT, RFC 2765
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address an IPv6 address carries in one of its standard spellings: IPv4-mapped,
+    IPv4-compatible, IPv4-translated, 6to4, NAT64 (well-known and local-use prefixes) and Teredo
+    (its server and its client). A packet to such an address reaches that IPv4 host on a network
+    that translates it, so the guard judges what it holds."""
+    value = int(ip)
+    held: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:
+        held.append(ip.ipv4_mapped)
+    if ip.sixtofour is not None:
+        held.append(ip.sixtofour)
+    if ip.teredo is not None:
+        held.extend(ip.teredo)
+    if ip in _NAT64_WELL_KNOWN or ip in _IPV4_TRANSLATED or (ip in _IPV4_COMPATIBLE and value > 1):
+        held.append(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+    if ip in _NAT64_LOCAL:
+        held.append(ipaddress.IPv4Address((((value >> 64) & 0xFFFF) << 16) | ((value >> 40) & 0xFFFF)))
+    return held
+
+
 def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    """Global unicast, and so is every IPv4 address it embeds (see `embedded_ipv4`)."""
+    if not ip.is_global or ip.is_multicast:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        return all(inner.is_global and not inner.is_multicast for inner in embedded_ipv4(ip))
+    return True
 
 
 def _resolve_checked(host: str, port: int, allow_private: bool) -> list[tuple]:
@@ -52,11 +88,130 @@ def _resolve_checked(host: str, port: int, allow_private: bool) -> list[tuple]:
     return infos
 
 
+# ---- one deadline for a whole exchange ----------------------------------------------------------
+# A socket timeout bounds one read: a server that sends a byte every few seconds resets it forever,
+# in the headers as in the body. So every outbound exchange (an image and its redirects, a webhook
+# delivery) runs under an `Exchange`: the sockets it uses are registered with it, and one watchdog
+# thread per process shuts them down when its deadline passes, which ends a blocked read at once.
+# It holds a duplicate of each socket's descriptor, so it never touches a descriptor the connection
+# closed and the process reused meanwhile; the duplicate is closed when the exchange ends.
+
+
+class Exchange:
+    """The sockets of one outbound HTTP exchange and the moment it must be over."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.expired = False
+        self.done = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def attach(self, sock: socket.socket) -> None:
+        try:
+            own = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:  # closed already: nothing to watch
+            return
+        with self._lock:
+            if self.done:
+                own.close()
+                return
+            self._sockets.append(own)
+            if self.expired:
+                _shut(own)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            self.done = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            sock.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """One daemon thread that expires exchanges at their deadlines (a heap; an ended exchange is
+    dropped when it comes up)."""
+
+    def __init__(self) -> None:
+        self._wake = threading.Condition()
+        self._heap: list[tuple[float, int, Exchange]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, exchange: Exchange) -> None:
+        with self._wake:
+            heapq.heappush(self._heap, (exchange.deadline, next(self._order), exchange))
+            if self._thread is None or not self._thread.is_alive():  # (a forked child starts its own)
+                self._thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)
+                self._thread.start()
+            elif self._heap[0][2] is exchange:
+                self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._heap and self._heap[0][2].done:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._wake.wait()
+                    continue
+                wait = self._heap[0][0] - time.monotonic()
+                if wait > 0:
+                    self._wake.wait(wait)
+                    continue
+                _, _, due = heapq.heappop(self._heap)
+            due.expire()
+
+
+_WATCHDOG = _Watchdog()
+_CURRENT = threading.local()
+
+
+@contextlib.contextmanager
+def exchange_deadline(seconds: float) -> Iterator[Exchange]:
+    """Everything this thread sends and receives inside the block is cut off `seconds` from now."""
+    exchange = Exchange(seconds)
+    _WATCHDOG.watch(exchange)
+    outer = getattr(_CURRENT, "exchange", None)
+    _CURRENT.exchange = exchange
+    try:
+        yield exchange
+    finally:
+        _CURRENT.exchange = outer
+        exchange.close()
+
+
+def _current_exchange() -> Exchange | None:
+    exchange: Exchange | None = getattr(_CURRENT, "exchange", None)
+    return exchange
+
+
 def _connect(host: str, port: int, timeout: float | None, allow_private: bool) -> socket.socket:
     last: OSError | None = None
+    exchange = _current_exchange()
     for family, socktype, proto, _, addr in _resolve_checked(host, port, allow_private):
         sock = socket.socket(family, socktype, proto)
         try:
+            if exchange is not None:
+                timeout = max(0.001, min(timeout or exchange.seconds, exchange.remaining()))
+                exchange.attach(sock)  # the TLS handshake and every read after it are cut off on time
             sock.settimeout(timeout)
             sock.connect(addr)
             return sock
@@ -64,6 +219,13 @@ def _connect(host: str, port: int, timeout: float | None, allow_private: bool) -
             sock.close()
             last = exc
     raise ImageFetchFailed(f"cannot connect to {host}:{port}: {last}")
+
+
+def _attach_kept(connection: HTTPConnection) -> None:
+    """A kept connection's socket joins the current exchange (a new one joined it in `_connect`)."""
+    exchange = _current_exchange()
+    if exchange is not None and connection.sock is not None:
+        exchange.attach(connection.sock)
 
 
 @functools.cache
@@ -77,9 +239,17 @@ def _connection_classes(
         def _new_conn(self) -> socket.socket:
             return _connect(self._dns_host, self.port, self.timeout, allowed(self._dns_host, self.port))
 
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            _attach_kept(self)
+            super().request(*args, **kwargs)
+
     class GuardedHTTPS(HTTPSConnection):
         def _new_conn(self) -> socket.socket:
             return _connect(self._dns_host, self.port, self.timeout, allowed(self._dns_host, self.port))
+
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            _attach_kept(self)
+            super().request(*args, **kwargs)
 
     return GuardedHTTP, GuardedHTTPS
 
@@ -214,8 +384,18 @@ def _open(url: str, policy: FetchPolicy) -> urllib3.BaseHTTPResponse:
 
 
 def fetch_image_bytes(url: str, policy: FetchPolicy) -> Fetched:
-    """GET `url` following at most `max_redirects` redirects; raise ImageFetchFailed on any problem."""
-    deadline = time.monotonic() + policy.total_timeout_s
+    """GET `url` following at most `max_redirects` redirects; raise ImageFetchFailed on any problem.
+    The whole exchange (connects, redirects, headers, body) ends within `total_timeout_s`."""
+    with exchange_deadline(policy.total_timeout_s) as exchange:
+        try:
+            return _fetch_within(url, policy, exchange)
+        except ImageFetchFailed:
+            if exchange.expired:
+                raise ImageFetchFailed(f"the download took longer than {policy.total_timeout_s:g} s") from None
+            raise
+
+
+def _fetch_within(url: str, policy: FetchPolicy, exchange: Exchange) -> Fetched:
     for _hop in range(policy.max_redirects + 1):
         try:
             resp = _open(url, policy)
@@ -234,14 +414,13 @@ def fetch_image_bytes(url: str, policy: FetchPolicy) -> Fetched:
                     raise ImageFetchFailed(f"the image is larger than {policy.max_bytes} bytes")
                 chunks: list[bytes] = []
                 size = 0
-                # read1 returns what has arrived, so a server that drips bytes meets the deadline
                 while chunk := resp.read1(64 * 1024):
                     size += len(chunk)
                     if size > policy.max_bytes:
                         raise ImageFetchFailed(f"the image is larger than {policy.max_bytes} bytes")
-                    if time.monotonic() > deadline:
-                        raise ImageFetchFailed(f"the download took longer than {policy.total_timeout_s:g} s")
                     chunks.append(chunk)
+                if exchange.expired:  # cut off: what was read is not the whole image
+                    raise ImageFetchFailed("cut off at the deadline")
                 complete = True
                 return Fetched(b"".join(chunks), resp.headers.get("Content-Type"), url)
             finally:

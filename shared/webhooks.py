@@ -32,7 +32,7 @@ from shared.clock import isoformat, utcnow
 from shared.db import session_scope
 from shared.enums import DeliveryStatus, EventType, JobEvent
 from shared.errors import ImageFetchFailed
-from shared.fetch import AddressRefused, FetchPolicy, guarded_pool, policy_from_settings
+from shared.fetch import AddressRefused, FetchPolicy, exchange_deadline, guarded_pool, policy_from_settings
 from shared.models import Job, Tenant, WebhookDelivery
 from shared.settings import Settings
 
@@ -97,23 +97,30 @@ def send(delivery_id: str, url: str, payload: str, secret: str, policy: FetchPol
         pool, path = guarded_pool(url, policy)
     except ImageFetchFailed as exc:
         return Outcome(None, str(exc), permanent=True)
-    try:
-        resp = pool.urlopen("POST", path, body=payload.encode(), headers=headers, redirect=False, retries=False,
-                            timeout=urllib3.Timeout(total=timeout_s), preload_content=False)
+    # one deadline for the whole exchange: a receiver that answers a byte at a time is a failed
+    # attempt when it passes, and the dispatcher's slot comes back
+    with exchange_deadline(timeout_s) as exchange:
         try:
-            resp.read(64 * 1024)  # drain a little; the body is not used
+            resp = pool.urlopen("POST", path, body=payload.encode(), headers=headers, redirect=False, retries=False,
+                                timeout=urllib3.Timeout(total=timeout_s), preload_content=False)
+            try:
+                resp.read(64 * 1024)  # drain a little; the body is not used
+            finally:
+                resp.release_conn()
+            status = resp.status
+            if exchange.expired:
+                return Outcome(None, f"no whole answer within {timeout_s:g} s")
+            if 200 <= status < 300:
+                return Outcome(status, None)
+            return Outcome(status, f"HTTP {status}", permanent=status == 410)
+        except AddressRefused as exc:
+            return Outcome(None, str(exc), permanent=True)
+        except (urllib3.exceptions.HTTPError, OSError, ImageFetchFailed) as exc:
+            if exchange.expired:
+                return Outcome(None, f"no whole answer within {timeout_s:g} s")
+            return Outcome(None, f"{type(exc).__name__}: {exc}"[:500])
         finally:
-            resp.release_conn()
-        status = resp.status
-        if 200 <= status < 300:
-            return Outcome(status, None)
-        return Outcome(status, f"HTTP {status}", permanent=status == 410)
-    except AddressRefused as exc:
-        return Outcome(None, str(exc), permanent=True)
-    except (urllib3.exceptions.HTTPError, OSError, ImageFetchFailed) as exc:
-        return Outcome(None, f"{type(exc).__name__}: {exc}"[:500])
-    finally:
-        pool.close()
+            pool.close()
 
 
 @dataclass(frozen=True)

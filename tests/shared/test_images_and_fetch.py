@@ -114,6 +114,16 @@ STRICT = FetchPolicy(allow_private=False, connect_timeout_s=2, read_timeout_s=2,
     "http://169.254.169.254/latest/meta-data/",
     "http://[::ffff:127.0.0.1]/a.jpg",
     "http://0.0.0.0/a.jpg",
+    # IPv4 inside IPv6: NAT64 (the metadata service on an IPv6-only cluster), IPv4-compatible, 6to4,
+    # NAT64's local-use prefix, IPv4-translated and Teredo
+    "http://[64:ff9b::7f00:1]/a.jpg",
+    "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",
+    "http://[::7f00:1]/a.jpg",
+    "http://[2002:7f00:1::]/a.jpg",
+    "http://[2002:a00:1::1]/a.jpg",
+    "http://[64:ff9b:1:a00:0:100::]/a.jpg",
+    "http://[::ffff:0:a00:1]/a.jpg",
+    "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/a.jpg",
 ])
 def test_non_public_addresses_are_refused_before_connecting(url):
     with pytest.raises(AddressRefused, match="non-public address"):
@@ -144,30 +154,95 @@ def test_redirect_cap(image_server):
         fetch_image_bytes(image_server.base + "/hop0", FetchPolicy(allow_private=True, max_redirects=2))
 
 
-def test_a_server_that_drips_bytes_meets_the_total_deadline():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    stop = threading.Event()
+class DripServer:
+    """Answers every request one byte every `every` s: the status line and headers too when
+    `head_too`, else the headers at once and then the body a byte at a time. `redirect_first`
+    answers the first request with a redirect to the dripping path at once."""
 
-    def drip() -> None:
-        conn, _ = listener.accept()
-        conn.recv(4096)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
-        while not stop.is_set():
+    def __init__(self, *, head_too: bool, every: float = 0.2, redirect_first: bool = False) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/slow"
+        self.head_too, self.every, self.redirect_first = head_too, every, redirect_first
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        served = 0
+        while not self.stop.is_set():
             try:
-                conn.sendall(b"x")
+                conn, _ = self.listener.accept()
             except OSError:
-                break
-            time.sleep(0.2)
-        conn.close()
+                return
+            threading.Thread(target=self._serve, args=(conn, served), daemon=True).start()
+            served += 1
 
-    threading.Thread(target=drip, daemon=True).start()
-    with pytest.raises(ImageFetchFailed, match="longer than"):
-        fetch_image_bytes(f"http://127.0.0.1:{listener.getsockname()[1]}/slow",
-                          FetchPolicy(allow_private=True, read_timeout_s=5, total_timeout_s=1.5))
-    stop.set()
-    listener.close()
+    def _serve(self, conn: socket.socket, served: int) -> None:
+        with conn:
+            conn.recv(4096)
+            if self.redirect_first and served == 0:
+                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: /slower\r\nContent-Length: 0\r\n\r\n")
+                conn.recv(4096)  # the same connection is kept for the next hop
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+            drip = head + b"x" * 100000 if self.head_too else b"x" * 100000
+            if not self.head_too:
+                conn.sendall(head)
+            for byte in drip:
+                if self.stop.is_set():
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(self.every)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+@pytest.mark.parametrize(("head_too", "redirect_first"), [
+    (False, False),  # the body a byte at a time
+    (True, False),  # the status line and headers a byte at a time: each read resets a socket timeout
+    (True, True),  # the same after a redirect: the deadline covers every hop
+])
+def test_a_server_that_drips_bytes_meets_the_total_deadline(head_too, redirect_first):
+    server = DripServer(head_too=head_too, redirect_first=redirect_first)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ImageFetchFailed, match="longer than 1.5 s"):
+            fetch_image_bytes(server.url, FetchPolicy(allow_private=True, read_timeout_s=5, total_timeout_s=1.5))
+    finally:
+        server.close()
+    assert time.monotonic() - started < 3.0  # the deadline, not the 5 s read timeout nor the whole drip
+
+
+def test_a_webhook_receiver_that_drips_its_answer_is_a_failed_attempt_on_time():
+    from shared.webhooks import send
+
+    server = DripServer(head_too=True)
+    started = time.monotonic()
+    try:
+        outcome = send("d1", server.url, "{}", "whsec_" + "A" * 32, FetchPolicy(allow_private=True), timeout_s=1.5)
+    finally:
+        server.close()
+    assert not outcome.ok and not outcome.permanent
+    assert "within 1.5 s" in (outcome.error or "")
+    assert time.monotonic() - started < 3.0
+
+
+def test_public_addresses_inside_ipv6_spellings_are_still_fetched_addresses():
+    """The embedded-IPv4 rule refuses only what it must: a NAT64 or 6to4 spelling of a public
+    address is public (an IPv6-only cluster reaches every image server that way)."""
+    import ipaddress
+
+    from shared.fetch import is_public_address
+
+    for public in ("64:ff9b::808:808", "2002:808:808::1", "2606:4700::1111", "64:ff9b:1:808:8:800::"):
+        assert is_public_address(ipaddress.ip_address(public)), public
+    for private in ("64:ff9b::a9fe:a9fe", "::a00:1", "2002:c0a8:1::", "::ffff:0:7f00:1"):
+        assert not is_public_address(ipaddress.ip_address(private)), private
 
 
 # ---- kept connections ------------------------------------------------------------------------
