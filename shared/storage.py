@@ -133,7 +133,7 @@ class ObjectStorage:
             for chunk in chunks:
                 buf += chunk
                 total += len(chunk)
-                if len(buf) >= part_bytes:
+                while len(buf) >= part_bytes:  # every full part goes, however large the chunk was
                     if upload_id is None:
                         upload_id = self._client.create_multipart_upload(
                             Bucket=self.bucket, Key=key, ContentType=content_type)["UploadId"]

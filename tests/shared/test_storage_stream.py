@@ -49,3 +49,23 @@ def test_a_stream_that_fails_midway_leaves_no_object_and_no_open_upload(storage)
     assert storage.list_keys(key) == []
     uploads = storage._client.list_multipart_uploads(Bucket=storage.bucket, Prefix=key).get("Uploads", [])
     assert uploads == []
+
+
+def test_chunks_larger_than_a_part_are_sent_as_whole_parts(storage):
+    """A manifest chunk can exceed a part (200 job objects of 42 KB with every output): each full
+    part is sent as soon as it is there, so memory holds one part and every part but the last is
+    exactly the part size (a buffer that kept the surplus grew to a last part of hundreds of MiB)."""
+    key = f"test-stream/{uuid.uuid4().hex}.jsonl"
+    part = 5 << 20
+    total = 3 * (12 << 20)
+    assert storage.put_stream(key, chunks(total, size=12 << 20), content_type="application/x-ndjson",
+                              part_bytes=part) == total
+    head = storage._client.head_object(Bucket=storage.bucket, Key=key)
+    count = int(head["ETag"].strip('"').rsplit("-", 1)[1])
+    assert count == -(-total // part)  # 8 parts: 7 whole ones and the rest
+    sizes = [storage._client.head_object(Bucket=storage.bucket, Key=key, PartNumber=n)["ContentLength"]
+             for n in range(1, count + 1)]
+    assert sizes[:-1] == [part] * (count - 1) and sum(sizes) == total
+    assert storage._client.get_object(Bucket=storage.bucket, Key=key)["Body"].read() == b"".join(
+        chunks(total, size=12 << 20))
+    storage.delete([key])
