@@ -84,15 +84,35 @@ def _finished(session: Session, job: Job, storage: ObjectStorage) -> Finished:
     return Finished(job, (delivery_id,) if delivery_id else ())
 
 
+# A job is never taken more than this many times when the caller names no cap (tests, benchmarks)
+NO_ATTEMPTS_CAP = 2**31 - 1
+
+
 def mark_running(session: Session, job_id: str, *, model_id: str | None, lease_s: float,
-                 model_revision: str | None = None) -> Job | None:
+                 model_revision: str | None = None, max_attempts: int = NO_ATTEMPTS_CAP) -> Job | None:
     """queued -> running, or take over a running job whose lease expired (its worker died).
 
-    None when there is nothing to do: the job is finished, gone, or running under a live lease
-    elsewhere (a duplicate message), so at most one worker runs a job at a time.
+    None when there is nothing to do: the job is finished, gone, running under a live lease
+    elsewhere (a duplicate message), so at most one worker runs a job at a time, or already taken
+    `max_attempts` times (`mark_exhausted` ends it).
     """
     return _run_transition(session, _RUNNING_SQL, job_id=job_id, model_id=model_id,
-                           model_revision=model_revision, lease=dt.timedelta(seconds=lease_s))
+                           model_revision=model_revision, lease=dt.timedelta(seconds=lease_s),
+                           max_attempts=max_attempts)
+
+
+def mark_exhausted(session: Session, job_id: str, *, max_attempts: int, storage: ObjectStorage) -> Finished | None:
+    """A job that would be taken once more after `max_attempts` takes that never reached a final
+    state (its worker died, was killed or wedged each time) -> failed `attempts_exhausted`, so a
+    poison job is not run forever. None when that is not the case (the rare path after
+    `mark_running` found nothing to take)."""
+    job = _run_transition(session, _EXHAUSTED_SQL, job_id=job_id, results=[], max_attempts=max_attempts,
+                          error={"code": "attempts_exhausted",
+                                 "message": f"the job was taken {max_attempts} times and its worker never finished "
+                                            "it (it died, was killed or stopped answering each time); it is not "
+                                            "retried again"},
+                          finished_at=utcnow(), **_facts(None))
+    return None if job is None else _finished(session, job, storage)
 
 
 # The statements a worker runs for every job (taking it, finishing it) go to the driver as SQL
@@ -116,11 +136,13 @@ def _kept_unless_sql(column: str) -> str:
     return f"{column} = coalesce(%({column})s, {column})"
 
 
+# queued, or running under a lease that expired (its worker is gone)
+_TAKEABLE = "(status = 'queued' OR lease_expires_at IS NULL OR lease_expires_at < now())"
 _RUNNING_SQL = (
     "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, now()), attempts = attempts + 1,"
     f" model_id = %(model_id)s, {_kept_unless_sql('model_revision')}, lease_expires_at = now() + %(lease)s"
     f" WHERE id = %(job_id)s AND status IN ({_statuses(JobStatus.RUNNING)})"
-    " AND (status = 'queued' OR lease_expires_at IS NULL OR lease_expires_at < now()) " + _RETURNING
+    f" AND {_TAKEABLE} AND attempts < %(max_attempts)s " + _RETURNING
 )
 
 # What a run learned about its job on the way (Job columns): written by the
@@ -128,19 +150,22 @@ _RUNNING_SQL = (
 RUN_FACTS = frozenset({"image_width", "image_height", "model_revision"})
 
 
-def _final_sql(target: JobStatus) -> str:
-    """running -> succeeded, or queued|running -> failed, with what the run learned (RUN_FACTS)."""
+def _final_sql(target: JobStatus, condition: str = "") -> str:
+    """running -> succeeded, or queued|running -> failed, with what the run learned (RUN_FACTS);
+    `condition` narrows the rows further."""
     values = [f"status = '{target.value}'", "results = %(results)s", "error = %(error)s",
               "finished_at = %(finished_at)s", "lease_expires_at = NULL",
               *(_kept_unless_sql(name) for name in sorted(RUN_FACTS))]
     if target == JobStatus.SUCCEEDED:
         values += ["output_keys = %(output_keys)s", "embedding = %(embedding)s",
                    "embedding_model = %(embedding_model)s"]
-    return f"UPDATE jobs SET {', '.join(values)} WHERE id = %(job_id)s AND status IN ({_statuses(target)}) {_RETURNING}"
+    return (f"UPDATE jobs SET {', '.join(values)} WHERE id = %(job_id)s AND status IN ({_statuses(target)})"
+            f"{condition} {_RETURNING}")
 
 
 _SUCCEEDED_SQL = _final_sql(JobStatus.SUCCEEDED)
 _FAILED_SQL = _final_sql(JobStatus.FAILED)
+_EXHAUSTED_SQL = _final_sql(JobStatus.FAILED, f" AND {_TAKEABLE} AND attempts >= %(max_attempts)s")
 _JSON_PARAMS = frozenset({"results", "error", "output_keys", "embedding"})  # JSONB columns; None is SQL NULL
 
 

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     reconcile_queued_after_s: float = Field(default=300, gt=0)  # re-enqueue jobs queued longer than this
     reconcile_batch: int = Field(default=1000, ge=1)
     job_max_retries: int = Field(default=5, ge=0)  # retries of transient failures (database, storage down)
+    # a job taken this many times without reaching a final state (its worker died or was killed under
+    # it each time, or its results could not be stored) fails `attempts_exhausted`; storage retries count
+    job_max_attempts: int = Field(default=3, ge=1, le=100)
     # POST /v1/search waits this long for a worker to embed a text or image query (then 503)
     search_timeout_s: float = Field(default=15.0, gt=0, le=60)
     # HNSW candidates per search (pgvector hnsw.ef_search); at 1M vectors, with migration 0009's

@@ -85,7 +85,7 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
                       settings.max_image_pixels, settings.model, on_stage=metrics.on_stage, on_finish=metrics.on_finish,
                       lease_s=settings.job_lease_s, leases=LeaseKeeper(sessions, lease_s=settings.job_lease_s),
                       follow_up=follow_up, matting_max_pixels=settings.matting_max_pixels,
-                      cancels=CancelWatch(settings.database_url))
+                      cancels=CancelWatch(settings.database_url), max_attempts=settings.job_max_attempts)
 
 
 def build_worker_app(settings: Settings) -> tuple[Celery, Callable[[], RunnerDeps]]:

@@ -18,6 +18,7 @@ and the same final row, and does nothing for a finished job.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs as jobstate
@@ -107,6 +108,8 @@ class RunnerDeps:
     # the jobs canceled meanwhile, heard on Postgres' channel (worker/stops.py): a stage boundary asks
     # the database only for a job it heard of; None: every boundary asks
     cancels: CancelWatch | None = None
+    # a job taken this often without reaching a final state fails `attempts_exhausted` when next taken
+    max_attempts: int = jobstate.NO_ATTEMPTS_CAP
 
 
 @dataclass
@@ -228,10 +231,12 @@ def embed_query(query: dict[str, Any], deps: RunnerDeps, *, image: bytes | None 
 def run_job(job_id: str, *, deps: RunnerDeps, retry_storage: bool = False) -> str:
     """Run one job to a final state; returns that state ('skipped' if there was nothing to do).
 
-    JobFailure -> failed with its code; any other exception -> failed with `internal`;
-    database errors -> TransientError (the job stays where it was, the caller retries).
-    Object storage down -> with `retry_storage` (retries remain) the job goes back to queued and
-    TransientError asks for a retry with backoff; on the last attempt it fails `storage_failed`.
+    JobFailure -> failed with its code; any other exception -> failed with `internal`; a value the
+    database refuses to store -> failed (`internal`: the service wrote it); the database unreachable
+    -> TransientError (the job stays where it was, the caller retries). Object storage down -> with
+    `retry_storage` (retries remain) and attempts left the job goes back to queued and TransientError
+    asks for a retry with backoff; on the last attempt it fails `storage_failed`. A job already taken
+    `deps.max_attempts` times fails `attempts_exhausted` instead of running again.
     """
     ctx = {"job_id": job_id}
     try:
@@ -242,13 +247,29 @@ def run_job(job_id: str, *, deps: RunnerDeps, retry_storage: bool = False) -> st
         raise TransientError(str(exc)) from exc
 
 
+def is_outage(exc: DBAPIError) -> bool:
+    """The database could not be reached or dropped the connection (retry later), as opposed to a
+    statement it refused (a value it can't store: retrying gives the same answer)."""
+    return bool(exc.connection_invalidated) or isinstance(exc, OperationalError | InterfaceError)
+
+
 def _take(job_id: str, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool) -> str:
+    started = time.monotonic()
+    exhausted = None
     with session_scope(deps.sessions) as session:
         job = jobstate.mark_running(session, job_id, model_id=deps.model_id, lease_s=deps.lease_s,
-                                    model_revision=getattr(deps.segmenter, "loaded_revision", None))
+                                    model_revision=getattr(deps.segmenter, "loaded_revision", None),
+                                    max_attempts=deps.max_attempts)
         started_deliveries = () if job is None else jobstate.started_event(session, job, deps.storage)
+        if job is None:  # the rare path: finished, leased elsewhere, or out of attempts
+            exhausted = jobstate.mark_exhausted(session, job_id, max_attempts=deps.max_attempts, storage=deps.storage)
     if started_deliveries:
         deps.follow_up(Effects.of(delivery_ids=started_deliveries))
+    if exhausted is not None:
+        log.warning("job failed: taken %d times without finishing", exhausted.job.attempts,
+                    extra=ctx | {"code": "attempts_exhausted"})
+        deps.follow_up(Effects.of([exhausted]))
+        return _finish(deps, started, JobStatus.FAILED, "attempts_exhausted")
     if job is None:
         log.info("job not runnable (finished, canceled, unknown or leased elsewhere); message dropped",
                  extra=ctx)
@@ -336,6 +357,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
                                  embed_image="image" in embed, embed_masks="masks" in embed, refine=refine)
         with stages.time("infer"):
             result = segmenter.run(request)
+        _check_finite(result)
         if refine == "matting" and wanted.soft:  # on the CPU, in this job's thread: not the device's
             assert not isinstance(image, EncodedJpeg)  # a refined job's image is decoded on the host
             with stages.time("matte"):
@@ -366,10 +388,15 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         log.info("job succeeded", extra=ctx | {"duration_ms": round((time.monotonic() - started) * 1000)})
         deps.follow_up(Effects.of([done]))
         return _finish(deps, started, JobStatus.SUCCEEDED)
-    except DBAPIError:
-        raise
+    except DBAPIError as exc:
+        if is_outage(exc):
+            raise
+        # a value the database refused (a bug of the service's: the model's output is checked first)
+        log.exception("the database refused the job's write", extra=ctx)
+        return _fail(job, deps=deps, ctx=ctx, code="internal", message=f"the result could not be recorded: "
+                     f"{type(exc.orig).__name__}", started=started, facts=facts)
     except StorageFailed as exc:
-        if not retry_storage:
+        if not retry_storage or job.attempts >= deps.max_attempts:
             return _fail(job, deps=deps, ctx=ctx, code=exc.code, message=exc.message, started=started, facts=facts)
         with session_scope(deps.sessions) as session:
             back = jobstate.requeue(session, job.id)
@@ -383,6 +410,22 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         log.exception("job failed with an unexpected error", extra=ctx)
         return _fail(job, deps=deps, ctx=ctx, code="internal", message=f"{type(exc).__name__}: {exc}",
                      started=started, facts=facts)
+
+
+class ModelOutputInvalid(JobFailure):
+    code = "model_output_invalid"
+
+
+def _check_finite(result: SegmentResult) -> None:
+    """A model (a tenant's fine-tuned decoder, say) that gives NaN or infinity fails its job with
+    `model_output_invalid`: its masks would be noise, and NaN can't even be stored (jsonb refuses it)."""
+    bad = [item.prompt for item in result.masks
+           if not (math.isfinite(item.score) and math.isfinite(item.area_fraction))]
+    vectors = [result.image_embedding, *(result.mask_embeddings or [])]
+    if bad or any(v is not None and not np.isfinite(v).all() for v in vectors):
+        where = f" for {', '.join(repr(p[:50]) for p in bad[:3])}" if bad else " in its embeddings"
+        raise ModelOutputInvalid(f"the model gave non-finite output (NaN or infinity){where}; its weights are "
+                                 "broken or overflow")
 
 
 # A job's objects go up together (their PUTs wait on the network, not the CPU); one pool per process.

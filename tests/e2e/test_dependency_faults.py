@@ -33,6 +33,7 @@ def test_storage_down_jobs_retry_then_fail_and_recover_when_it_is_back(
         # backoff 2, 4, 8 s: a PUT to a dead server fails within a second, and the gap after the
         # second attempt must outlast restarting the S3 server below
         "job_max_retries": 3, "job_retry_backoff_s": 2.0, "s3_connect_timeout_s": 1.0,
+        "job_max_attempts": 4,  # storage retries count as attempts: room for all three retries
     })
     tenant = make_tenant()
     client = create_app(own).test_client()

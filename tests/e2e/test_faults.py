@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import uuid
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
@@ -17,6 +17,7 @@ import redis
 from api import create_app
 from shared.db import make_engine, make_session_factory
 from shared.models import Job
+from tests.support.api import wait_for_job
 from tests.support.images import SlowImage
 from tests.support.services import ROOT, migrated_database, settings_env, start_worker, stop_process
 
@@ -169,3 +170,67 @@ def test_worker_killed_mid_batch_every_job_ends_once_with_one_event_each(fault_s
             stop_process(second)
         server.shutdown()
         receiver.httpd.shutdown()
+
+
+class HangingImage(BaseHTTPRequestHandler):
+    """An image server that never answers: the job sits in its fetch until its worker is killed."""
+
+    def do_GET(self) -> None:
+        time.sleep(120)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_job_that_kills_its_worker_each_time_ends_attempts_exhausted(fault_settings, sessions, make_tenant,
+                                                                       tmp_path, image_server):
+    """kill -9 the worker under one job three times: the job ends failed `attempts_exhausted`, its
+    attempts never above 3, and the other jobs run on that worker meanwhile all succeed."""
+    from tests.support.images import make_image
+
+    own = own_settings(fault_settings, "poison")
+    assert own.job_max_attempts == 3
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HangingImage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    tenant = make_tenant()
+    client = create_app(own).test_client()
+    env = {**os.environ, **settings_env(own)}
+    good_url = image_server.add(f"/fine-{uuid.uuid4().hex[:6]}.jpg", make_image(30, 30))
+
+    def attempts(job_id: str) -> int:
+        with sessions() as session:
+            return session.get(Job, job_id, populate_existing=True).attempts
+
+    poison = client.post("/v1/jobs", json={"image_url": f"http://127.0.0.1:{server.server_address[1]}/p.jpg",
+                                           "prompts": ["shirt"]}, headers=tenant.headers).get_json()["id"]
+    good: list[str] = []
+    worker = None
+    try:
+        for attempt in (1, 2, 3):
+            worker = start_worker(own, tmp_path / f"w{attempt}.log", name=f"poisoned-{attempt}-{uuid.uuid4().hex[:6]}")
+            deadline = time.monotonic() + 60
+            while attempts(poison) < attempt:  # taken again (after the reconciler requeued it)
+                assert time.monotonic() < deadline, f"attempt {attempt} never started"
+                subprocess.run([sys.executable, "-m", "cli.main", "reconcile", "--queued-after", "1"], cwd=ROOT,
+                               env=env, capture_output=True, timeout=60, check=True)
+                time.sleep(0.5)
+            ids = [client.post("/v1/jobs", json={"image_url": good_url, "prompts": ["a"]},
+                               headers=tenant.headers).get_json()["id"] for _ in range(2)]
+            for job_id in ids:  # the same worker runs other jobs beside the one that will kill it
+                assert wait_for_job(client, tenant, job_id, timeout=60)["status"] == "succeeded"
+            good += ids
+            os.killpg(worker.pid, signal.SIGKILL)  # out of memory, say: no ack, no final write
+            worker.wait()
+            time.sleep(own.job_lease_s + 0.5)  # its lease runs out
+
+        worker = start_worker(own, tmp_path / "w4.log", name=f"after-{uuid.uuid4().hex[:6]}")
+        job = reconcile_until_finished(own, client, tenant, poison)
+        assert job["status"] == "failed" and job["error"]["code"] == "attempts_exhausted", job
+        assert attempts(poison) == 3
+        for job_id in good:
+            job = client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).get_json()
+            assert job["status"] == "succeeded" and attempts(job_id) == 1
+    finally:
+        if worker is not None and worker.poll() is None:
+            stop_process(worker)
+        server.shutdown()

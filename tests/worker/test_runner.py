@@ -381,3 +381,96 @@ def test_the_example_cache_expires_and_is_bounded():
     assert loads == ["a", "a", "bad", "bad"]
     cache.get("c", loader("c"))
     assert len(cache) == 2 and "a" not in cache._items  # least recently used went first
+
+
+def taken_by_a_worker_that_died(sessions, job_id: str) -> None:
+    """A worker takes the job and dies under it (kill -9, out of memory): its lease runs out."""
+    with session_scope(sessions) as session:
+        assert jobstate.mark_running(session, job_id, model_id="m", lease_s=300) is not None
+    with session_scope(sessions) as session:
+        session.get(Job, job_id).lease_expires_at = utcnow() - dt.timedelta(seconds=1)
+
+
+def test_a_job_taken_max_attempts_times_fails_attempts_exhausted(deps, sessions, storage, tenant):
+    """A poison job (it kills its worker each time) is not run forever: the take after the last
+    attempt fails it, with its final event, and attempts never pass the cap."""
+    assert deps.max_attempts == 3  # CLIPMASK_JOB_MAX_ATTEMPTS' default
+    job_id = new_upload_job(sessions, storage, tenant)
+    with_webhook(sessions, job_id, None)
+    for _ in range(3):
+        taken_by_a_worker_that_died(sessions, job_id)
+    def no_model():
+        raise AssertionError("an exhausted job must not run")
+
+    with mock.patch.object(deps, "segmenter", no_model):
+        assert run_job(job_id, deps=deps) == "failed"
+    job = load(sessions, job_id)
+    assert job.status == "failed" and job.error["code"] == "attempts_exhausted" and job.attempts == 3
+    assert "3 times" in job.error["message"] and job.lease_expires_at is None and job.finished_at is not None
+    from sqlalchemy import select
+
+    from shared.models import WebhookDelivery
+    with sessions() as session:
+        assert list(session.execute(select(WebhookDelivery.event_type).where(
+            WebhookDelivery.job_id == job_id)).scalars()) == ["job.failed"]
+    assert run_job(job_id, deps=deps) == "skipped"  # a late duplicate changes nothing
+
+
+def test_a_job_with_attempts_left_is_taken_over_as_before(deps, sessions, storage, tenant):
+    job_id = new_upload_job(sessions, storage, tenant)
+    for _ in range(2):
+        taken_by_a_worker_that_died(sessions, job_id)
+    assert run_job(job_id, deps=deps) == "succeeded"
+    assert load(sessions, job_id).attempts == 3
+
+
+def test_storage_retries_stop_at_the_attempts_cap(deps, sessions, storage, tenant):
+    """Object storage down: the job goes back to the queue while attempts remain; the last
+    attempt fails it `storage_failed`, however many Celery retries are left."""
+    job_id = new_upload_job(sessions, storage, tenant)
+    with mock.patch.object(deps.storage, "put", side_effect=StorageFailed("S3 said no")):
+        for attempt in (1, 2):
+            with pytest.raises(TransientError):
+                run_job(job_id, deps=deps, retry_storage=True)
+            job = load(sessions, job_id)
+            assert (job.status, job.attempts) == ("queued", attempt)
+        assert run_job(job_id, deps=deps, retry_storage=True) == "failed"
+    job = load(sessions, job_id)
+    assert (job.status, job.error["code"], job.attempts) == ("failed", "storage_failed", 3)
+
+
+@pytest.fixture()
+def nan_decoder(deps):
+    """The served model's decoder gives NaN (broken or overflowing weights) while the test runs."""
+    import torch
+
+    model = deps.segmenter().loaded.model
+    weight = model.decoder.transposed_convolution[-1].bias if hasattr(model.decoder, "transposed_convolution") \
+        else next(model.decoder.parameters())
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.fill_(float("nan"))
+    yield
+    with torch.no_grad():
+        weight.copy_(saved)
+
+
+def test_a_model_that_gives_nan_fails_the_job_as_model_output_invalid(deps, sessions, storage, tenant, nan_decoder):
+    job_id = new_upload_job(sessions, storage, tenant)
+    assert run_job(job_id, deps=deps) == "failed"  # not a loop of "database unavailable" retries
+    job = load(sessions, job_id)
+    assert job.status == "failed" and job.error["code"] == "model_output_invalid" and job.attempts == 1
+    assert "non-finite" in job.error["message"] and job.results == []
+    assert storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/") == []
+
+
+def test_a_value_the_database_refuses_fails_the_job_instead_of_retrying(deps, sessions, storage, tenant,
+                                                                         nan_decoder):
+    """Were non-finite output not caught first, jsonb refuses NaN: a data error is the job's failure
+    (`internal`, the service wrote it), never taken for a database outage and retried."""
+    job_id = new_upload_job(sessions, storage, tenant)
+    with mock.patch("worker.runner._check_finite"):  # the fault: the check is not there
+        assert run_job(job_id, deps=deps) == "failed"
+    job = load(sessions, job_id)
+    assert job.status == "failed" and job.error["code"] == "internal" and job.attempts == 1
+    assert "could not be recorded" in job.error["message"]
