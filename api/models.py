@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import select
 
 from api.auth import current_tenant, require_tenant
+from api.idempotency import ACCEPTED_HEADERS, Remember, create_once, fingerprint
 from api.openapi import Answers, spec
 from api.parsing import is_multipart_request, refuse_unstorable_ids
 from api.problems import ApiProblem
-from api.schemas import ModelCreateMultipart, ModelList, ModelObject
+from api.schemas import IdempotencyHeader, ModelCreateMultipart, ModelList, ModelObject
 from api.services import db, services
 from shared import tuned
 from shared.models import ServedBase, TunedModel
@@ -55,8 +58,9 @@ def get_model(model_id: str) -> Response:
 
 
 @bp.post("")
-@spec.validate(form=ModelCreateMultipart, resp=Answers(201, ModelObject, "Stored; jobs may name it.", 400, 409, 413,
-                                                       415, 422), operation_id="createModel", tags=["models"],
+@spec.validate(form=ModelCreateMultipart, headers=IdempotencyHeader,
+               resp=Answers(201, ModelObject, "Stored; jobs may name it.", 400, 409, 413, 415, 422,
+                            headers=ACCEPTED_HEADERS), operation_id="createModel", tags=["models"],
                skip_validation=True)
 def create_model() -> Response:
     """Upload a fine-tuned model
@@ -77,14 +81,18 @@ def create_model() -> Response:
                          errors=[{"field": name, "message": "required"} for name in fields])
     tenant = current_tenant()
     svc = services()
-    created = tuned.create_model(db(), svc.storage, tenant_id=tenant.id, model_id=request.form["id"],
-                                 manifest=request.files["manifest"].read(), weights=request.files["weights"].read(),
-                                 cap=svc.settings.max_models_per_tenant)
-    log.info("model created", extra={"tenant_id": tenant.id, "model": created.id, "revision": created.revision})
-    resp = jsonify(tuned.model_object(created))
-    resp.status_code = 201
-    resp.headers["Location"] = f"/v1/models/{created.id}"
-    return resp
+    model_id, manifest, weights = request.form["id"], request.files["manifest"].read(), request.files["weights"].read()
+
+    def create(remember: Remember | None) -> dict[str, Any]:
+        created = tuned.create_model(db(), svc.storage, tenant_id=tenant.id, model_id=model_id, manifest=manifest,
+                                     weights=weights, cap=svc.settings.max_models_per_tenant, remember=remember)
+        log.info("model created", extra={"tenant_id": tenant.id, "model": created.id, "revision": created.revision})
+        return tuned.model_object(created)
+
+    request_hash = fingerprint({"id": model_id, "manifest": hashlib.sha256(manifest).hexdigest(),
+                                "weights": hashlib.sha256(weights).hexdigest()})
+    return create_once("models.create", request_hash, create, location=lambda made: f"/v1/models/{made['id']}",
+                       exists=tuned.ModelExists)
 
 
 @bp.delete("/<path:model_id>")

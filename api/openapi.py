@@ -38,7 +38,8 @@ ERROR_CODES = {
     400: "malformed_json, invalid_body, invalid_cursor, invalid_idempotency_key, bad_request",
     401: "unauthorized",
     404: "not_found",
-    409: "job_not_cancelable, batch_not_cancelable, idempotency_key_reused, preset_exists, preset_read_only",
+    409: "job_not_cancelable, batch_not_cancelable, idempotency_key_reused, preset_exists, preset_read_only, "
+    "preset_limit_reached, model_exists, model_limit_reached, model_read_only",
     413: "payload_too_large",
     414: "uri_too_long",
     415: "unsupported_media_type, unsupported_image_type",

@@ -9,11 +9,20 @@ from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
 from api.auth import current_tenant, require_tenant
+from api.idempotency import ACCEPTED_HEADERS, Remember, create_once, fingerprint
 from api.openapi import Answers, spec
 from api.pagination import opaque_cursor, parse_limit, read_cursor, stored_id
 from api.parsing import json_body, refuse_unstorable_ids
 from api.problems import ApiProblem
-from api.schemas import PRESET_FIELD_CODES, PageQuery, PresetCreate, PresetList, PresetObject, validation_problem
+from api.schemas import (
+    PRESET_FIELD_CODES,
+    IdempotencyHeader,
+    PageQuery,
+    PresetCreate,
+    PresetList,
+    PresetObject,
+    validation_problem,
+)
 from api.services import db, services
 from shared import presets
 
@@ -60,7 +69,8 @@ def get_preset(preset_id: str) -> Response:
 
 
 @bp.post("")
-@spec.validate(json=PresetCreate, resp=Answers(201, PresetObject, "Created.", 400, 409, 413, 415, 422),
+@spec.validate(json=PresetCreate, headers=IdempotencyHeader,
+               resp=Answers(201, PresetObject, "Created.", 400, 409, 413, 415, 422, headers=ACCEPTED_HEADERS),
                operation_id="createPreset", tags=["presets"], skip_validation=True)
 def create_preset() -> Response:
     """Create a preset of your own
@@ -77,13 +87,15 @@ def create_preset() -> Response:
         raise validation_problem(exc, PRESET_FIELD_CODES) from exc
     labels = [{"name": label.name, "prompts": label.prompts,
                **({"threshold": label.threshold} if label.threshold is not None else {})} for label in parsed.labels]
-    created = presets.create(db(), current_tenant().id, parsed.id, labels,
-                             cap=services().settings.max_presets_per_tenant)
-    log.info("preset created", extra={"tenant_id": current_tenant().id, "preset": parsed.id})
-    resp = jsonify(created.as_object())
-    resp.status_code = 201
-    resp.headers["Location"] = f"/v1/presets/{created.id}"
-    return resp
+
+    def create(remember: Remember | None) -> dict[str, Any]:
+        created = presets.create(db(), current_tenant().id, parsed.id, labels,
+                                 cap=services().settings.max_presets_per_tenant, remember=remember)
+        log.info("preset created", extra={"tenant_id": current_tenant().id, "preset": parsed.id})
+        return created.as_object()
+
+    return create_once("presets.create", fingerprint(body), create, location=lambda made: f"/v1/presets/{made['id']}",
+                       exists=presets.PresetExists)
 
 
 @bp.delete("/<preset_id>")

@@ -354,7 +354,9 @@ class ModelInfo(BaseModel):
 
 
 class JobError(BaseModel):
-    code: str = Field(description="image_fetch_failed, image_too_large, image_invalid, storage_failed, internal")
+    code: str = Field(description="image_fetch_failed, image_too_large, image_invalid, storage_failed, "
+                                  "model_not_found, model_output_invalid, attempts_exhausted (taken "
+                                  "CLIPMASK_JOB_MAX_ATTEMPTS times without finishing), internal")
     message: str
 
 

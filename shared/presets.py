@@ -12,6 +12,7 @@ A job stores its labels expanded (`Job.labels`), so editing or deleting a preset
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,10 +140,10 @@ def list_page(session: Session, tenant_id: str, *, after: tuple[bool, str] | Non
 
 
 def create(session: Session, tenant_id: str, preset_id: str, labels: list[dict[str, Any]], *,
-           cap: int) -> PresetDef:
+           cap: int, remember: Callable[[Session, dict[str, Any]], None] | None = None) -> PresetDef:
     """Insert and commit a tenant's preset; PresetExists for a built-in id or one the tenant has,
     PresetLimitReached when it has `cap` already (counted under a per-tenant lock, so two creates
-    at once can't both pass)."""
+    at once can't both pass). `remember` keeps the answer (an Idempotency-Key's) in the same commit."""
     if preset_id in BUILTIN:
         raise PresetExists(preset_id)
     session.execute(select(func.pg_advisory_xact_lock(func.hashtext("clipmask.presets:" + tenant_id))))
@@ -151,12 +152,15 @@ def create(session: Session, tenant_id: str, preset_id: str, labels: list[dict[s
         session.rollback()
         raise PresetLimitReached(cap)
     session.add(Preset(tenant_id=tenant_id, id=preset_id, labels=labels, created_at=utcnow()))
+    created = PresetDef(preset_id, labels, False)
+    if remember is not None:
+        remember(session, created.as_object())
     try:
         session.commit()
     except IntegrityError as exc:
         session.rollback()
         raise PresetExists(preset_id) from exc
-    return PresetDef(preset_id, labels, False)
+    return created
 
 
 def delete(session: Session, tenant_id: str, preset_id: str) -> bool:

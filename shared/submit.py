@@ -129,6 +129,32 @@ class Accepted:
         return str(self.body["id"])
 
 
+def replay_answer(session: Session, *, tenant_id: str, idempotency: Idempotency, ttl_s: float) -> Accepted | None:
+    """The first answer given to this key, if it is still live; an expired record is deleted. The
+    same key with another route or body: IdempotencyKeyReused. (Every create uses it: jobs, batches,
+    presets, models.)"""
+    row = session.execute(select(IdempotencyKey).where(
+        IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == idempotency.key)).scalar_one_or_none()
+    if row is None:
+        return None
+    if row.created_at < utcnow() - dt.timedelta(seconds=ttl_s):
+        session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == row.id))
+        session.commit()
+        return None
+    if row.route != idempotency.route or row.request_hash != idempotency.fingerprint:
+        raise IdempotencyKeyReused()
+    return Accepted(row.status_code, dict(row.response_body), dict(row.headers or {}), replayed=True)
+
+
+def remember_answer(session: Session, *, tenant_id: str, idempotency: Idempotency, status_code: int,
+                    body: dict[str, Any], headers: dict[str, str]) -> None:
+    """Keep the answer to replay, in the transaction that creates what it answers (a second request
+    with the same key racing this one fails that commit on the key's unique constraint)."""
+    session.add(IdempotencyKey(tenant_id=tenant_id, key=idempotency.key, route=idempotency.route,
+                               request_hash=idempotency.fingerprint, status_code=status_code,
+                               response_body=body, headers=headers))
+
+
 @dataclass
 class _Staged:
     """What a submission wrote before its commit, so it can be answered, enqueued or withdrawn."""
@@ -245,9 +271,8 @@ class Submitter:
         staged = stage(session)
         headers = {"Location": staged.location}
         if idempotency is not None:
-            session.add(IdempotencyKey(tenant_id=tenant.id, key=idempotency.key, route=idempotency.route,
-                                       request_hash=idempotency.fingerprint, status_code=202,
-                                       response_body=staged.body, headers=headers))
+            remember_answer(session, tenant_id=tenant.id, idempotency=idempotency, status_code=202,
+                            body=staged.body, headers=headers)
         try:
             session.commit()
         except IntegrityError:
@@ -278,18 +303,8 @@ class Submitter:
             IdempotencyKey.route == idempotency.route).values(status_code=status_code, response_body=body))
 
     def _replay(self, session: Session, tenant: Tenant, idempotency: Idempotency) -> Accepted | None:
-        """The first answer given to this key, if it is still live; an expired record is deleted."""
-        row = session.execute(select(IdempotencyKey).where(
-            IdempotencyKey.tenant_id == tenant.id, IdempotencyKey.key == idempotency.key)).scalar_one_or_none()
-        if row is None:
-            return None
-        if row.created_at < utcnow() - dt.timedelta(seconds=self.policy.idempotency_ttl_s):
-            session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == row.id))
-            session.commit()
-            return None
-        if row.route != idempotency.route or row.request_hash != idempotency.fingerprint:
-            raise IdempotencyKeyReused()
-        return Accepted(row.status_code, dict(row.response_body), dict(row.headers or {}), replayed=True)
+        return replay_answer(session, tenant_id=tenant.id, idempotency=idempotency,
+                             ttl_s=self.policy.idempotency_ttl_s)
 
     def _check_cap(self, session: Session, tenant: Tenant, adding: int) -> bool:
         """QueueFull if `adding` more would pass the cap; else whether to recheck under the lock."""

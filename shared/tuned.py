@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
@@ -27,6 +31,8 @@ from shared.clock import isoformat, utcnow
 from shared.errors import ClipmaskError
 from shared.models import ServedBase, TunedModel
 from shared.storage import ObjectStorage
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MODEL_ID = re.compile(r"^[a-z0-9._-]{1,64}$")
@@ -105,14 +111,29 @@ def base_object(base: ServedBase) -> dict[str, Any]:
 
 # ---- uploads ---------------------------------------------------------------------------------------
 
+# The float dtypes a CLIPSeg decoder's weights come in (the base's are F32; half precision loads into
+# it too). Anything else (integers, 8-bit floats, a name safetensors doesn't know) is refused: the
+# worker's load_state_dict would fail or quietly cast.
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+# A decoder declares tens of tensors: its header is a few KB. A 15.6 MiB header cost an API thread
+# 134 MiB and seconds of CPU to parse.
+MAX_HEADER_BYTES = 256 << 10
+# the exponent bits of each dtype, as the unsigned integer of the same width: all ones is NaN or infinity
+_EXPONENT = {"F32": (np.uint32, 0x7F800000), "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}
+
+
 def safetensors_header(data: bytes) -> dict[str, Any]:
-    """The tensors a safetensors file declares ({name: {"dtype", "shape", "data_offsets"}}), checked
-    against the file's length; InvalidWeights for anything else."""
+    """The tensors a safetensors file declares ({name: {"dtype", "shape", "data_offsets"}}), checked as
+    the worker's loader would read them: a bounded header, known float dtypes, each tensor's byte span
+    exactly its shape times its dtype's size, spans back to back without overlap or gap up to the end
+    of the file, and every value finite. InvalidWeights for anything else."""
     if len(data) < 8:
         raise InvalidWeights("weights: not a safetensors file (too short)")
     (size,) = struct.unpack("<Q", data[:8])
-    if size > len(data) - 8 or size > 100 << 20:
+    if size > len(data) - 8:
         raise InvalidWeights("weights: not a safetensors file (its header length runs past the file)")
+    if size > MAX_HEADER_BYTES:
+        raise InvalidWeights(f"weights: the header is {size} bytes; a decoder's is under {MAX_HEADER_BYTES}")
     try:
         header = json.loads(data[8:8 + size])
     except (ValueError, RecursionError) as exc:
@@ -120,17 +141,54 @@ def safetensors_header(data: bytes) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise InvalidWeights("weights: not a safetensors file (its header is not an object)")
     header.pop("__metadata__", None)
-    end = 0
+    spans = []
     for name, info in header.items():
         if not (isinstance(info, dict) and isinstance(info.get("shape"), list)
                 and all(type(n) is int and n >= 0 for n in info["shape"])
                 and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
                 and all(type(n) is int and n >= 0 for n in info["data_offsets"])):
             raise InvalidWeights(f"weights: tensor {name!r} is not described as safetensors describes tensors")
-        end = max(end, info["data_offsets"][1])
-    if 8 + size + end != len(data):
+        dtype = info.get("dtype")
+        if dtype not in DTYPE_BYTES:
+            raise InvalidWeights(f"weights: tensor {name!r} has dtype {str(dtype)[:20]!r}; a decoder's are one of "
+                                 f"{', '.join(DTYPE_BYTES)}")
+        start, end = info["data_offsets"]
+        if end - start != math.prod(info["shape"]) * DTYPE_BYTES[dtype]:
+            raise InvalidWeights(f"weights: tensor {name!r} spans {end - start} bytes, its shape {info['shape']} "
+                                 f"of {dtype} needs {math.prod(info['shape']) * DTYPE_BYTES[dtype]}")
+        spans.append((start, end, name))
+    at = 0
+    for start, end, name in sorted(spans):
+        if start != at:
+            raise InvalidWeights(f"weights: tensor {name!r} " + ("overlaps another" if start < at else
+                                                                 "leaves a gap before it"))
+        at = end
+    if 8 + size + at != len(data):
         raise InvalidWeights("weights: the file's length does not match its tensors (truncated or padded)")
+    body = memoryview(data)[8 + size:]
+    for start, end, name in spans:
+        kind, exponent = _EXPONENT[header[name]["dtype"]]
+        values = np.frombuffer(body[start:end], dtype=kind)
+        if np.any((values & kind(exponent)) == kind(exponent)):
+            raise InvalidWeights(f"weights: tensor {name!r} holds NaN or infinity")
     return header
+
+
+def _finite_number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def strict_json(text: bytes) -> Any:
+    """JSON as the standard has it: NaN, Infinity and numbers past a double's range (1e400) are refused
+    (Python's json takes them; Postgres' jsonb refuses them, which made a create answer 500)."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite_number)
 
 
 @dataclass(frozen=True)
@@ -146,9 +204,9 @@ def check_upload(session: Session, manifest_bytes: bytes, weights: bytes) -> Upl
     if len(manifest_bytes) > MAX_MANIFEST_BYTES:
         raise InvalidManifest(f"manifest: larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        manifest = json.loads(manifest_bytes)
+        manifest = strict_json(manifest_bytes)
     except (ValueError, RecursionError) as exc:
-        raise InvalidManifest("manifest: not JSON (upload the folder's clipmask-model.json)") from exc
+        raise InvalidManifest(f"manifest: not JSON (upload the folder's clipmask-model.json): {exc}"[:300]) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise InvalidManifest(f"manifest: format {found!r} is not {FORMAT_VERSION}")
@@ -194,14 +252,30 @@ def check_upload(session: Session, manifest_bytes: bytes, weights: bytes) -> Upl
     return Upload(manifest, clean, "sha256:" + hashlib.sha256(weights).hexdigest(), embeddings is not None)
 
 
+def _models_lock(session: Session, tenant_id: str) -> None:
+    """Serializes a tenant's model creates and deletes (the count under the cap, and the content-
+    addressed weights that models with the same bytes share) until the transaction ends."""
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtext("clipmask.models:" + tenant_id))))
+
+
+def _unused(session: Session, tenant_id: str, key: str) -> bool:
+    return not session.execute(select(func.count()).select_from(TunedModel).where(
+        TunedModel.tenant_id == tenant_id, TunedModel.weights_key == key)).scalar_one()
+
+
 def create_model(session: Session, storage: ObjectStorage, *, tenant_id: str, model_id: str, manifest: bytes,
-                 weights: bytes, cap: int) -> TunedModel:
+                 weights: bytes, cap: int, remember: Callable[[Session, dict[str, Any]], None] | None = None,
+                 ) -> TunedModel:
+    """Check, store and record a tenant's model. The weights are stored only once every check has
+    passed, under the tenant's models lock; a create that fails after that deletes them again unless
+    another model of the tenant has the same bytes. `remember` keeps the answer (an Idempotency-Key's)
+    in the same commit."""
     if not MODEL_ID.match(model_id):
         raise InvalidModelId("id: 1 to 64 of a-z, 0-9, '.', '_' and '-'")
     if session.get(ServedBase, model_id) is not None:
         raise ModelExists(f"{model_id!r} is a base model of this deployment; choose another id")
     upload = check_upload(session, manifest, weights)
-    session.execute(select(func.pg_advisory_xact_lock(func.hashtext("clipmask.models:" + tenant_id))))
+    _models_lock(session, tenant_id)
     if session.get(TunedModel, (tenant_id, model_id)) is not None:
         raise ModelExists(f"you already have a model {model_id!r}; delete it first or choose another id")
     count = session.execute(select(func.count()).select_from(TunedModel)
@@ -209,19 +283,38 @@ def create_model(session: Session, storage: ObjectStorage, *, tenant_id: str, mo
     if count >= cap:
         raise ModelLimitReached(f"you have {count} models, the most a tenant may have; delete one first")
     key = weights_key(tenant_id=tenant_id, revision=upload.revision)
-    storage.put(key, weights, content_type="application/octet-stream")  # content-addressed: harmless if kept
+    stored_here = _unused(session, tenant_id, key)  # else another model of the tenant has these bytes
     metrics = upload.manifest.get("metrics") if isinstance(upload.manifest.get("metrics"), dict) else {}
     row = TunedModel(tenant_id=tenant_id, id=model_id, revision=upload.revision, base_id=upload.manifest["base"]["id"],
                      base_revision=upload.manifest["base"].get("revision"), labels=upload.labels,
                      metrics=metrics, prompt_tuning=upload.prompt_tuning, weights_key=key,
                      bytes=len(weights), created_at=utcnow())
     session.add(row)
+    if remember is not None:
+        remember(session, model_object(row))
+    storage.put(key, weights, content_type="application/octet-stream")  # content-addressed: same bytes, same key
     try:
         session.commit()
-    except IntegrityError as exc:
+    except BaseException as exc:
         session.rollback()
-        raise ModelExists(f"you already have a model {model_id!r}") from exc
+        if stored_here:
+            _forget_weights(session, storage, tenant_id, key)
+        if isinstance(exc, IntegrityError):
+            raise ModelExists(f"you already have a model {model_id!r}") from exc
+        raise
     return row
+
+
+def _forget_weights(session: Session, storage: ObjectStorage, tenant_id: str, key: str) -> None:
+    """Delete weights a failed create stored, unless a model committed meanwhile uses them."""
+    try:
+        _models_lock(session, tenant_id)
+        if _unused(session, tenant_id, key):
+            storage.delete([key])
+        session.commit()
+    except Exception:  # the create's own error is what the caller must see
+        session.rollback()
+        log.warning("could not delete the weights of a failed model create", extra={"key": key}, exc_info=True)
 
 
 def model_object(model: TunedModel) -> dict[str, Any]:
@@ -239,14 +332,15 @@ def delete_model(session: Session, storage: ObjectStorage, tenant_id: str, model
     """Delete a tenant's model (and its weights, when no other model of the tenant has the same)."""
     if session.get(ServedBase, model_id) is not None:
         raise ModelReadOnly(f"{model_id!r} is a base model of this deployment; it can't be deleted")
+    _models_lock(session, tenant_id)  # a create of the same bytes can't commit between the count and the delete
     row = session.get(TunedModel, (tenant_id, model_id))
     if row is None:
+        session.rollback()
         return False
     key = row.weights_key
     session.delete(row)
+    session.flush()
+    if _unused(session, tenant_id, key):
+        storage.delete([key])  # before the commit: if it fails, the row stays and the delete can be retried
     session.commit()
-    shared = session.execute(select(func.count()).select_from(TunedModel).where(
-        TunedModel.tenant_id == tenant_id, TunedModel.weights_key == key)).scalar_one()
-    if not shared:
-        storage.delete([key])
     return True

@@ -124,6 +124,132 @@ def test_bad_uploads_get_their_codes(client, tenant, folder):
     assert client.post("/v1/models", json={"id": "x"}, headers=tenant.headers).status_code == 415
 
 
+def raw_safetensors(tensors: dict[str, tuple[str, list[int], bytes]], *, header_pad: int = 0,
+                    offsets: dict[str, list[int]] | None = None) -> bytes:
+    """A safetensors file written by hand, so that it can say what the library never writes."""
+    header, body = {}, b""
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape,
+                        "data_offsets": (offsets or {}).get(name, [len(body), len(body) + len(data)])}
+        body += data
+    text = json.dumps(header).encode() + b" " * header_pad
+    return len(text).to_bytes(8, "little") + text + body
+
+
+def test_weights_the_worker_could_not_load_are_refused_and_nothing_is_stored(client, tenant, folder, storage):
+    """As the loader reads them: dtypes, each span its shape times its dtype's size, no overlaps,
+    finite values, a bounded header. A refused upload leaves no object in the bucket."""
+    tensors = load_file(str(folder / "decoder.safetensors"))
+    as_raw = {k: ("F32", list(v.shape), v.float().numpy().tobytes()) for k, v in tensors.items()}
+    name = next(k for k in tensors if k.startswith("decoder.") and tensors[k].dim() == 2)
+    other = next(k for k in tensors if k != name)
+    second = list(as_raw)[1]  # its span is made to start where the first tensor's does
+    nan = tensors[name].float().clone()
+    nan.view(-1)[7] = float("nan")
+    inf = tensors[name].float().clone()
+    inf.view(-1)[0] = float("inf")
+    shapes_right_bytes_wrong = {k: (dtype, shape, b"\0\0\0\0") for k, (dtype, shape, _) in as_raw.items()}
+    cases = {
+        "every span 4 bytes": raw_safetensors(shapes_right_bytes_wrong,
+                                              offsets={k: [0, 4] for k in shapes_right_bytes_wrong}),
+        "an unknown dtype": raw_safetensors({**as_raw, name: ("Q7", *as_raw[name][1:])}),
+        "an integer dtype": raw_safetensors({**as_raw, name: ("I32", *as_raw[name][1:])}),
+        "a span that is not its shape": raw_safetensors({**as_raw, name: ("F16", *as_raw[name][1:])}),
+        "overlapping spans": raw_safetensors(as_raw, offsets={second: [0, len(as_raw[second][2])]}),
+        "a NaN": raw_safetensors({**as_raw, name: ("F32", list(nan.shape), nan.numpy().tobytes())}),
+        "an infinity": raw_safetensors({**as_raw, name: ("F32", list(inf.shape), inf.numpy().tobytes())}),
+        "a 16 MiB header": raw_safetensors(as_raw, header_pad=16 << 20),
+        "a NaN in bf16": raw_safetensors({**as_raw, other: ("BF16", list(tensors[other].shape),
+                                          tensors[other].float().clone().fill_(float("nan")).bfloat16().view(torch.int16)
+                                          .numpy().tobytes())}),
+    }
+    before = storage.list_keys(f"models/{tenant.tenant_id}/")
+    for case, weights in cases.items():
+        resp = push(client, tenant, folder, f"broken-{uuid.uuid4().hex[:6]}", weights=weights)
+        assert (resp.status_code, resp.get_json()["code"]) == (422, "invalid_model_weights"), (case, resp.get_json())
+    assert storage.list_keys(f"models/{tenant.tenant_id}/") == before
+    half = {k: v.half() for k, v in tensors.items()}  # half precision is a dtype the loader takes
+    path = folder.parent / f"half-{uuid.uuid4().hex[:6]}.safetensors"
+    save_file(half, str(path))
+    half_resp = push(client, tenant, folder, f"half-{uuid.uuid4().hex[:6]}", weights=path.read_bytes())
+    assert half_resp.status_code == 201, half_resp.get_json()
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_a_manifest_with_a_non_finite_number_is_422_and_stores_nothing(client, make_tenant, folder, storage, number):
+    tenant = make_tenant()
+    text = (folder / "clipmask-model.json").read_text()
+    manifest = json.loads(text)
+    broken = json.dumps({**manifest, "metrics": {"miou": 0.5}}).replace("0.5", number).encode()
+    resp = push(client, tenant, folder, "nan-metrics", manifest=broken)
+    assert (resp.status_code, resp.get_json()["code"]) == (422, "invalid_model_manifest"), resp.get_json()
+    assert storage.list_keys(f"models/{tenant.tenant_id}/") == []
+    assert client.get("/v1/models/nan-metrics", headers=tenant.headers).status_code == 404
+
+
+def test_idempotency_key_on_model_and_preset_creates(client, make_tenant, folder, storage):
+    """A replay with the same key and body answers the first 201 (not 409 model_exists); the same key
+    with another body is 409 idempotency_key_reused and creates nothing."""
+    tenant = make_tenant()
+    keyed = {**tenant.headers, "Idempotency-Key": f"push-{uuid.uuid4().hex}"}
+
+    def post(model_id: str):
+        files = {"manifest": (io.BytesIO((folder / "clipmask-model.json").read_bytes()), "m.json"),
+                 "weights": (io.BytesIO((folder / "decoder.safetensors").read_bytes()), "d.safetensors")}
+        return client.post("/v1/models", data={"id": model_id, **files}, headers=keyed,
+                           content_type="multipart/form-data")
+
+    first, again = post("keyed"), post("keyed")
+    assert first.status_code == again.status_code == 201 and again.get_json() == first.get_json()
+    assert again.headers["Location"] == "/v1/models/keyed" and again.headers["Idempotent-Replayed"] == "true"
+    other = post("keyed-2")
+    assert (other.status_code, other.get_json()["code"]) == (409, "idempotency_key_reused")
+    assert client.get("/v1/models/keyed-2", headers=tenant.headers).status_code == 404
+
+    preset_key = {**tenant.headers, "Idempotency-Key": f"preset-{uuid.uuid4().hex}"}
+    body = {"id": "tops", "labels": [{"name": "top", "prompts": ["a top"]}]}
+    made = client.post("/v1/presets", json=body, headers=preset_key)
+    replay = client.post("/v1/presets", json=body, headers=preset_key)
+    assert made.status_code == replay.status_code == 201 and replay.get_json() == made.get_json()
+    assert replay.headers["Location"] == "/v1/presets/tops"
+    changed = client.post("/v1/presets", json={**body, "id": "tops-2"}, headers=preset_key)
+    assert (changed.status_code, changed.get_json()["code"]) == (409, "idempotency_key_reused")
+    assert client.get("/v1/presets/tops-2", headers=tenant.headers).status_code == 404
+    plain = client.post("/v1/presets", json=body, headers=tenant.headers)  # without a key: as before
+    assert (plain.status_code, plain.get_json()["code"]) == (409, "preset_exists")
+
+
+def test_deleting_a_model_never_strands_a_create_with_the_same_weights(settings, make_tenant, folder, storage):
+    """The delete counts the models sharing the content-addressed weights under the tenant's models
+    lock: a create of the same bytes that commits around it always finds its weights."""
+    import threading
+
+    tenant = make_tenant()
+    apps = [create_app(settings).test_client() for _ in range(2)]
+    key = None
+    for round_ in range(6):
+        assert push(apps[0], tenant, folder, f"a{round_}").status_code == 201
+        results: dict[str, int] = {}
+
+        def delete(round_: int = round_, results: dict[str, int] = results) -> None:
+            results["delete"] = apps[0].delete(f"/v1/models/a{round_}", headers=tenant.headers).status_code
+
+        def create(round_: int = round_, results: dict[str, int] = results) -> None:
+            results["create"] = push(apps[1], tenant, folder, f"b{round_}").status_code
+
+        threads = [threading.Thread(target=delete), threading.Thread(target=create)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == {"delete": 204, "create": 201}
+        model = apps[1].get(f"/v1/models/b{round_}", headers=tenant.headers).get_json()
+        key = f"models/{tenant.tenant_id}/{model['revision'].removeprefix('sha256:')}.safetensors"
+        assert storage.list_keys(key) == [key], f"round {round_}: the weights of b{round_} are gone"
+        assert apps[1].delete(f"/v1/models/b{round_}", headers=tenant.headers).status_code == 204
+        assert storage.list_keys(key) == []
+
+
 def test_the_per_tenant_limit_and_deleting(settings, storage, make_tenant, folder, sessions):
     capped = create_app(settings.model_copy(update={"max_models_per_tenant": 1})).test_client()
     tenant = make_tenant()
