@@ -1,6 +1,7 @@
 """Retention: delete what is older than a cut-off, in bounded chunks, objects before rows.
 
-In this order: finished jobs (with their upload and mask objects), then webhook deliveries that
+In this order: finished jobs (with their upload and mask objects; for a failed or canceled job,
+whatever its runs left under its prefix), then webhook deliveries that
 are no longer pending, then finished batches none of whose jobs is left (with their manifest).
 Objects go first, then rows: a crash in between leaves rows whose objects are gone (the next
 run deletes them) rather than objects nobody references. Only finished jobs are deleted; a
@@ -27,10 +28,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.clock import utcnow
 from shared.db import session_scope
-from shared.enums import FINISHED_JOB, BatchStatus, DeliveryStatus
+from shared.enums import FINISHED_JOB, BatchStatus, DeliveryStatus, JobStatus
 from shared.models import Batch, IdempotencyKey, Job, WebhookDelivery
 from shared.settings import Settings
-from shared.storage import ObjectStorage, examples_lock, job_object_keys
+from shared.storage import ObjectStorage, examples_lock, job_object_keys, job_prefix
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def purge_expired(
     while max_chunks is None or chunks < max_chunks:
         with session_scope(sessions) as session:
             rows = session.execute(
-                select(Job.id, Job.tenant_id, Job.upload_key, Job.results, Job.output_keys, Job.labels)
+                select(Job.id, Job.tenant_id, Job.status, Job.upload_key, Job.results, Job.output_keys, Job.labels)
                 .where(Job.created_at < cutoff, Job.status.in_(FINISHED_JOB))
                 .order_by(Job.created_at)
                 .limit(chunk)
@@ -85,6 +86,11 @@ def purge_expired(
                 break
             keys = [r.upload_key for r in rows if r.upload_key]
             keys += [key for r in rows for key in job_object_keys(r.results, r.output_keys)]
+            # a failed or canceled job records no outputs, but a run of it may have uploaded some before
+            # it stopped (uploads that partly failed, a cancel or a kill in between): what is under its
+            # prefix goes too. (A succeeded job's runs all wrote the keys its row names.)
+            keys += [key for r in rows if r.status in (JobStatus.FAILED, JobStatus.CANCELED)
+                     for key in storage.list_keys(job_prefix(tenant_id=r.tenant_id, job_id=r.id))]
             session.execute(delete(Job).where(Job.id.in_([r.id for r in rows])))
             examples = _unreferenced_examples(session, {
                 (r.tenant_id, key) for r in rows for key in _example_keys(r.labels)})

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # job's labels are matted in order while their boxes add up to at most this many pixels (about 4 s
     # of one core on the 2-core dev machine, bench/README.md), the rest stay guided
     matting_max_pixels: int = Field(default=4_000_000, ge=0)
+    # ... and a worker process's job threads solve at most this many pixels at once in all (the solver
+    # holds about 400 bytes a pixel: 8M is about 3.2 GB); a matte waits for its pixels
+    matting_process_pixels: int = Field(default=8_000_000, ge=1)
 
     # --- image fetching ----------------------------------------------------------------------
     allow_private_networks: bool = False

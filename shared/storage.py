@@ -36,15 +36,20 @@ def examples_lock(tenant_id: str) -> str:
     return f"clipmask.examples:{tenant_id}"
 
 
+def job_prefix(*, tenant_id: str, job_id: str) -> str:
+    """Where every output object of a job lives (masks and the rest)."""
+    return f"masks/{tenant_id}/{job_id}/"
+
+
 def mask_key(*, tenant_id: str, job_id: str, index: int) -> str:
     """Deterministic: a re-run of the same job overwrites the same objects."""
-    return f"masks/{tenant_id}/{job_id}/{index}.png"
+    return f"{job_prefix(tenant_id=tenant_id, job_id=job_id)}{index}.png"
 
 
 def output_key(*, tenant_id: str, job_id: str, name: str) -> str:
     """A job's other outputs, as deterministic as its masks: `0.soft.png`, `0.cutout.png`,
     `label_map.png`, `overlay.jpg`."""
-    return f"masks/{tenant_id}/{job_id}/{name}"
+    return f"{job_prefix(tenant_id=tenant_id, job_id=job_id)}{name}"
 
 
 def job_object_keys(results: list[dict[str, Any]] | None, output_keys: dict[str, str] | None) -> list[str]:

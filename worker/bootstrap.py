@@ -17,6 +17,7 @@ from shared.queue import make_celery
 from shared.settings import Settings
 from shared.storage import ObjectStorage
 from worker import metrics
+from worker.engine.refine import PixelBudget
 from worker.leases import LeaseKeeper
 from worker.runner import RunnerDeps, Segments
 from worker.stops import CancelWatch
@@ -85,6 +86,7 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
                       settings.max_image_pixels, settings.model, on_stage=metrics.on_stage, on_finish=metrics.on_finish,
                       lease_s=settings.job_lease_s, leases=LeaseKeeper(sessions, lease_s=settings.job_lease_s),
                       follow_up=follow_up, matting_max_pixels=settings.matting_max_pixels,
+                      matting_budget=PixelBudget(settings.matting_process_pixels),
                       cancels=CancelWatch(settings.database_url), max_attempts=settings.job_max_attempts)
 
 

@@ -47,7 +47,7 @@ from worker.engine.embed import VisualPrompt
 from worker.engine.fast import LabelKey, LearnedLabel, SegmentRequest
 from worker.engine.jpeg import EncodedJpeg
 from worker.engine.postprocess import SegmentResult, Wanted
-from worker.engine.refine import apply_mattes
+from worker.engine.refine import PixelBudget, apply_mattes
 from worker.examples import ExampleCache
 from worker.leases import LeaseKeeper
 from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, png_gray
@@ -103,8 +103,10 @@ class RunnerDeps:
     examples: ExampleCache = field(default_factory=ExampleCache)
     # tenants' fine-tuned decoders, by revision (worker/decoders.py)
     decoders: DecoderCache = field(default_factory=DecoderCache)
-    # refine: matting - the pixels a job's mattes may solve in all (settings.matting_max_pixels)
+    # refine: matting - the pixels a job's mattes may solve in all (settings.matting_max_pixels), and
+    # those the process's job threads may be solving at once (settings.matting_process_pixels)
     matting_max_pixels: int = 4_000_000
+    matting_budget: PixelBudget = field(default_factory=lambda: PixelBudget(8_000_000))
     # the jobs canceled meanwhile, heard on Postgres' channel (worker/stops.py): a stage boundary asks
     # the database only for a job it heard of; None: every boundary asks
     cancels: CancelWatch | None = None
@@ -361,7 +363,8 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         if refine == "matting" and wanted.soft:  # on the CPU, in this job's thread: not the device's
             assert not isinstance(image, EncodedJpeg)  # a refined job's image is decoded on the host
             with stages.time("matte"):
-                solved = apply_mattes(np.asarray(image), result.masks, max_pixels=deps.matting_max_pixels)
+                solved = apply_mattes(np.asarray(image), result.masks, max_pixels=deps.matting_max_pixels,
+                                      budget=deps.matting_budget)
             log.info("matted %d of %d labels (%d pixels solved)", sum(m.refine == "matting" for m in result.masks),
                      len(result.masks), solved, extra=ctx)
         with stages.time("encode"):

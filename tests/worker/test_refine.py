@@ -212,6 +212,45 @@ def test_mattes_stop_at_the_pixel_bound_and_say_so():
     assert [m.refine for m in everything] == ["matting", "guided", "matting"]
 
 
+def test_concurrent_jobs_solve_mattes_within_the_process_budget():
+    """Eight job threads matting at once: the pixels being solved never pass the process's budget
+    (each label waits for its pixels), and every label is still matted exactly as alone."""
+    import threading
+
+    from worker.engine.postprocess import PromptMask
+    from worker.engine.refine import PixelBudget, apply_mattes
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+
+    def labels() -> list[PromptMask]:
+        out = []
+        for x0 in (5, 45):
+            mask = np.zeros((60, 80), dtype=np.uint8)
+            mask[20:40, x0:x0 + 20] = 255
+            out.append(PromptMask("x", mask, 0.9, None, 0.1, soft=mask.copy(), refine="guided"))
+        return out
+
+    alone = labels()
+    apply_mattes(image, alone, max_pixels=10**9)
+    region = matte_region(alone[0].mask > 0)
+    assert region is not None
+    budget = PixelBudget(2 * region.pixels + 1)  # room for two labels' mattes at a time
+    jobs = [labels() for _ in range(8)]
+    threads = [threading.Thread(target=apply_mattes, args=(image, masks), kwargs={"max_pixels": 10**9,
+                                                                              "budget": budget}) for masks in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert budget.in_use == 0 and 0 < budget.peak <= budget.pixels  # shared, never exceeded
+    for masks in jobs:
+        assert [m.refine for m in masks] == ["matting", "matting"]
+        assert all(np.array_equal(m.soft, a.soft) for m, a in zip(masks, alone, strict=True))
+    lone = PixelBudget(10)  # a matte larger than the whole budget runs alone rather than never
+    assert apply_mattes(image, labels(), max_pixels=10**9, budget=lone) == 2 * region.pixels
+
+
 def test_refine_map_takes_any_models_mask_at_any_size():
     """`clipmask refine`'s function: a coarse map of another size comes back at the photo's size,
     its outline moved onto the photo's edge."""

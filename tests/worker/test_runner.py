@@ -474,3 +474,29 @@ def test_a_value_the_database_refuses_fails_the_job_instead_of_retrying(deps, se
     job = load(sessions, job_id)
     assert job.status == "failed" and job.error["code"] == "internal" and job.attempts == 1
     assert "could not be recorded" in job.error["message"]
+
+
+def test_objects_of_a_run_whose_uploads_partly_failed_are_deleted_by_retention(deps, sessions, storage, tenant):
+    """The first mask goes up, the second PUT fails: the job fails `storage_failed` and its row names
+    no object, but retention still deletes what that run left under the job's prefix."""
+    from shared.retention import purge_expired
+
+    job_id = new_upload_job(sessions, storage, tenant)
+    real_put = deps.storage.put
+
+    def second_put_fails(key, data, **kwargs):
+        if key.endswith("/1.png"):
+            raise StorageFailed("S3 went away mid-job")
+        real_put(key, data, **kwargs)
+
+    with mock.patch.object(deps.storage, "put", side_effect=second_put_fails):
+        assert run_job(job_id, deps=deps) == "failed"
+    job = load(sessions, job_id)
+    assert job.error["code"] == "storage_failed" and job.results == [] and job.output_keys in ({}, None)
+    left = storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/")
+    assert left == [mask_key(tenant_id=tenant.tenant_id, job_id=job_id, index=0)]
+    with session_scope(sessions) as session:  # old enough for retention
+        session.get(Job, job_id).created_at = utcnow() - dt.timedelta(days=60)
+    purge_expired(sessions=sessions, storage=storage, older_than=dt.timedelta(days=30))
+    assert load(sessions, job_id) is None
+    assert storage.list_keys(f"masks/{tenant.tenant_id}/{job_id}/") == []

@@ -22,7 +22,9 @@ No Celery, Flask, SQLAlchemy or boto3 here.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -162,12 +164,39 @@ def matte(image: np.ndarray, mask: np.ndarray, region: MatteRegion) -> np.ndarra
     return out
 
 
-def apply_mattes(image: np.ndarray, masks: Sequence[PromptMask], *, max_pixels: int) -> int:
+class PixelBudget:
+    """The pixels a worker process may be solving mattes for at once, shared by its job threads: the
+    solver holds about 400 bytes per pixel, so a per-job bound alone let 16 threads ask for tens of
+    GB. A matte waits until its pixels are free; one larger than the whole budget waits until it
+    runs alone (the per-job bound keeps every matte below it in practice)."""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self.in_use = 0
+        self.peak = 0  # the most pixels held at once (benchmarks and tests read it)
+        self._free = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._free:
+            self._free.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.pixels)
+            self.in_use += pixels
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._free:
+                self.in_use -= pixels
+                self._free.notify_all()
+
+
+def apply_mattes(image: np.ndarray, masks: Sequence[PromptMask], *, max_pixels: int,
+                 budget: PixelBudget | None = None) -> int:
     """refine: matting, after the guided pass - each label's soft map (and so its cutout) becomes the
     alpha matte around its guided mask's outline, labels in order while the pixels solved stay
     within `max_pixels`; a label past the bound, or with no outline to matte, keeps its guided soft
-    map (and says refine: guided). Binary masks, RLE and the label map stay guided. Returns the
-    pixels solved."""
+    map (and says refine: guided). Binary masks, RLE and the label map stay guided. Each matte is
+    solved within the process's `budget`, waiting for its pixels. Returns the pixels solved."""
     solved = 0
     for item in masks:
         if item.soft is None:
@@ -176,7 +205,8 @@ def apply_mattes(image: np.ndarray, masks: Sequence[PromptMask], *, max_pixels: 
         region = matte_region(mask)
         if region is None or solved + region.pixels > max_pixels:
             continue
-        item.soft = matte(image, mask, region)
+        with budget.hold(region.pixels) if budget is not None else nullcontext():
+            item.soft = matte(image, mask, region)
         item.refine = "matting"
         solved += region.pixels
     return solved
