@@ -3,7 +3,7 @@
 1. Accepting a 10,000-item batch: wall time of POST /v1/batches (validate, write 10k rows, enqueue
    10k messages), best and median of --repeat runs. Target: 2 s or less.
 2. Single-job POST: throughput and p50/p99 latency for 1, 8 and 32 concurrent clients, with the
-   worker idle (the private stack's worker process is stopped with SIGSTOP meanwhile, then
+   worker idle (the private stack's worker processes are stopped with SIGSTOP meanwhile, then
    continued), so the figure is the API's, not its share of two cores the worker also uses.
 3. Interactive latency (submit to done) idle, then while a bulk batch is running: the batch on
    its own queue (what clipmask does), against the same bulk load sent as single jobs on the
@@ -195,9 +195,14 @@ def single_posts(args: argparse.Namespace, image_url: str, settings: Settings, r
     body = {"image_url": image_url, "prompts": ["shirt"]}
     pid_file = Path(os.environ.get("CLIPMASK_RUN_DIR", ".run")) / "pids" / "worker.pid"
     worker = int(pid_file.read_text()) if pid_file.exists() else None
+    # stack.sh starts the worker supervisor (worker/processes.py) as a session leader; its Celery
+    # processes are its children in its process group. Stopping the supervisor alone (as this did
+    # until 2026-12-06) left the Celery worker running the posted jobs on the 2 cores the API needs:
+    # that was the "creates at half speed" of #32 item 0.
     if worker is not None:
-        os.kill(worker, signal.SIGSTOP)
-    print(f"worker {'stopped (SIGSTOP) for the POSTs' if worker else 'not found: it runs during the POSTs'}")
+        os.killpg(worker, signal.SIGSTOP)
+    print("worker " + ("stopped (SIGSTOP, its process group) for the POSTs" if worker
+                       else "not found: it runs during the POSTs"))
     try:
         for clients in (1, 8, 32):
             post_burst(args.base_url, headers, body, clients, min(50, args.posts))  # warm the connections
@@ -212,7 +217,7 @@ def single_posts(args: argparse.Namespace, image_url: str, settings: Settings, r
                             .values(status="canceled"))
     finally:
         if worker is not None:
-            os.kill(worker, signal.SIGCONT)
+            os.killpg(worker, signal.SIGCONT)
 
 
 def latency(http: httpx.Client, args: argparse.Namespace, image_url: str, settings: Settings,

@@ -14,6 +14,7 @@ import heapq
 import ipaddress
 import itertools
 import os
+import re
 import socket
 import threading
 import time
@@ -287,8 +288,22 @@ def policy_from_settings(settings: Settings) -> FetchPolicy:
     )
 
 
+# A plain http(s) URL: a host name or IPv4 address, an optional port, a path and query of URL-safe
+# characters. Both checks below accept every such URL (a property test says so), so the API checks
+# a 10,000-item batch's URLs without urllib3's parser for each (56 us a URL there, 2 here).
+_PLAIN_URL = re.compile(r"https?://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::([0-9]{1,5}))?"
+                        r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?(?:\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?")
+
+
 def check_url_syntax(url: str) -> str | None:
     """Why a URL can't be fetched at all (scheme, host), or None. Cheap; used by the API too."""
+    plain = _PLAIN_URL.fullmatch(url)
+    if plain is not None and (plain.group(1) is None or int(plain.group(1)) <= 65535):
+        return None
+    return _url_problem(url)
+
+
+def _url_problem(url: str) -> str | None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port

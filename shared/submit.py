@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -173,6 +173,11 @@ def _uploads(spec: JobSpec) -> bool:
     return spec.image is not None or spec.copy_upload_from is not None or bool(spec.examples)
 
 
+_JOB_TABLE: Table = Job.__table__  # type: ignore[assignment]
+_JOB_INSERT = insert(_JOB_TABLE)
+_JOB_COLUMN = {attribute.key: attribute.columns[0].name for attribute in Job.__mapper__.column_attrs}
+
+
 class Submitter:
     def __init__(self, *, policy: SubmitPolicy, storage: ObjectStorage, celery: Celery) -> None:
         self.policy, self.storage, self.celery = policy, storage, celery
@@ -185,10 +190,11 @@ class Submitter:
             job_id = str(uuid.uuid4())
             staged = _Staged({}, f"/v1/jobs/{job_id}", [job_id], self.policy.interactive_queue)
             self._lock_examples(session, tenant, [spec])
-            job = Job(**self._row(tenant, spec, job_id, utcnow(), staged))
-            session.add(job)
-            session.flush()
-            staged.body = job_object(job, self.storage)
+            row = self._row(tenant, spec, job_id, utcnow(), staged)
+            # one Core INSERT of the row, without the ORM's unit of work (0.94 against 1.13 CPU ms for
+            # insert, commit and answer, bench/README.md); the answer is built from a transient Job
+            session.connection().execute(_JOB_INSERT, {_JOB_COLUMN[key]: value for key, value in row.items()})
+            staged.body = job_object(Job(**row), self.storage)
             return staged
 
         return self._submit(session, tenant=tenant, idempotency=idempotency, adding=1, stage=stage,

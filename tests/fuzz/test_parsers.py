@@ -114,3 +114,19 @@ def test_long_numbers_parse_or_are_malformed(digits):
         loads(digits)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError: a 400 malformed_json in json_body
         assert isinstance(exc, json.JSONDecodeError), exc
+
+
+URL_ALPHABET = st.sampled_from(list("abcXYZ019.-_~!$&'()*+,;=:@%/?#[] \t\\\x00é") + ["http://", "https://", ":99999",
+                                                                                   ":80", "//", "[::1]"])
+
+
+@given(st.lists(URL_ALPHABET, max_size=14).map("".join), st.sampled_from(["http://", "https://", "ftp://", ""]))
+def test_the_plain_url_fast_path_never_accepts_what_the_full_check_refuses(tail, scheme):
+    """check_url_syntax answers plain URLs without urllib3's parser; whatever it accepts that way,
+    the full check (urlsplit, the port, urllib3's parse_url) accepts too."""
+    from shared.fetch import _PLAIN_URL, _url_problem, check_url_syntax
+
+    url = scheme + tail
+    assert (check_url_syntax(url) is None) == (_url_problem(url) is None), url
+    if _PLAIN_URL.fullmatch(url) is not None:
+        assert _url_problem(url) is None or int(url.rsplit(":", 1)[1].split("/")[0].split("?")[0]) > 65535, url
