@@ -17,7 +17,7 @@ from api.problems import ApiProblem
 from api.schemas import IdempotencyHeader, ModelCreateMultipart, ModelList, ModelObject
 from api.services import db, services
 from shared import tuned
-from shared.models import ServedBase, TunedModel
+from shared.models import TunedModel
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,12 @@ def list_models() -> Response:
 
     The deployment's base model(s), read-only, then your fine-tuned decoders.
     """
-    session = db()
-    bases = session.execute(select(ServedBase).order_by(ServedBase.id)).scalars()
+    session, settings = db(), services().settings
+    bases = tuned.current_bases(session, ttl_s=settings.served_base_ttl_s)
     own = session.execute(select(TunedModel).where(TunedModel.tenant_id == current_tenant().id)
                           .order_by(TunedModel.id)).scalars()
-    data = [tuned.base_object(b) for b in bases] + [tuned.model_object(m) for m in own]
+    data = [tuned.base_object(b, live_s=settings.served_base_live_s) for b in bases] + [
+        tuned.model_object(m) for m in own]
     return jsonify({"object": "list", "data": data})
 
 
@@ -47,10 +48,10 @@ def list_models() -> Response:
                skip_validation=True)
 def get_model(model_id: str) -> Response:
     """Get a model"""
-    session = db()
-    base = session.get(ServedBase, model_id)
+    session, settings = db(), services().settings
+    base = tuned.current_base(session, model_id, ttl_s=settings.served_base_ttl_s)
     if base is not None:
-        return jsonify(tuned.base_object(base))
+        return jsonify(tuned.base_object(base, live_s=settings.served_base_live_s))
     found = tuned.find_model(session, current_tenant().id, model_id)
     if found is None:
         raise ApiProblem(404, "not_found", f"No model {model_id!r}.")
@@ -85,7 +86,8 @@ def create_model() -> Response:
 
     def create(remember: Remember | None) -> dict[str, Any]:
         created = tuned.create_model(db(), svc.storage, tenant_id=tenant.id, model_id=model_id, manifest=manifest,
-                                     weights=weights, cap=svc.settings.max_models_per_tenant, remember=remember)
+                                     weights=weights, cap=svc.settings.max_models_per_tenant, remember=remember,
+                                     base_ttl_s=svc.settings.served_base_ttl_s)
         log.info("model created", extra={"tenant_id": tenant.id, "model": created.id, "revision": created.revision})
         return tuned.model_object(created)
 

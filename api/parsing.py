@@ -19,7 +19,6 @@ from api.schemas import JobParams
 from api.services import db, services
 from shared import presets, tuned
 from shared.images import sniff
-from shared.models import ServedBase
 from shared.s3uri import input_refusal, parse_s3_uri
 from shared.storage import example_key
 from shared.submit import JobSpec
@@ -165,14 +164,20 @@ class LabelResolver:
         if model_id is None:
             return None, []
         if model_id not in self._models:
-            session, tenant = db(), current_tenant()
-            if model_id == services().settings.model or session.get(ServedBase, model_id) is not None:
+            session, tenant, settings = db(), current_tenant(), services().settings
+            if model_id == settings.model or tuned.current_base(session, model_id,
+                                                                ttl_s=settings.served_base_ttl_s) is not None:
                 self._models[model_id] = (None, [])
             else:
                 row = tuned.find_model(session, tenant.id, model_id)
                 if row is None:
                     raise tuned.UnknownModel(f"No model {model_id!r}: use the deployment's base model or one of "
                                              "yours (GET /v1/models).")
+                base = tuned.current_base(session, row.base_id, ttl_s=settings.served_base_ttl_s)
+                if base is None or (row.base_revision and base.revision and row.base_revision != base.revision):
+                    raise tuned.BaseNotServed(
+                        f"model {model_id!r} was made for {row.base_id} (revision {row.base_revision}), which this "
+                        "deployment no longer serves; it runs only on the exact base it was made for")
                 labels = [{"name": label["name"], "prompts": list(label["prompts"]), "source": "model",
                            "model_label": index,
                            **({"threshold": label["threshold"]} if label.get("threshold") is not None else {})}

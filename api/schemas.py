@@ -665,6 +665,12 @@ class ModelObject(BaseModel):
     labels: list[ModelLabel] = Field(description="Its own labels, with calibrated thresholds; [] for a base model.")
     metrics: dict[str, Any] = Field(description="Validation metrics from clipmask finetune (before and after).")
     created_at: str
+    family: Literal["clipseg"] | None = Field(default=None, description="A base model's family; absent for yours.")
+    capabilities: list[str] | None = Field(
+        default=None, description="What a job on this base may ask for beyond prompts (a base only).")
+    served: bool | None = Field(
+        default=None, description="A base only: whether a live worker serves it now. A base no worker has served "
+                                  "for CLIPMASK_SERVED_BASE_TTL_S (a day) is no longer listed or accepted.")
 
 
 class ModelList(BaseModel):

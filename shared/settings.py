@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(default=30, gt=0)
     reconcile_queued_after_s: float = Field(default=300, gt=0)  # re-enqueue jobs queued longer than this
     reconcile_batch: int = Field(default=1000, ge=1)
+    # a worker that serves a base says so every served_base_beat_s; a base counts as `served` while it
+    # did within served_base_live_s, and one no worker served for served_base_ttl_s is no longer
+    # listed or accepted (GET /v1/models, a job's `model`)
+    served_base_beat_s: float = Field(default=30, gt=0)
+    served_base_live_s: float = Field(default=120, gt=0)
+    served_base_ttl_s: float = Field(default=86_400, gt=0)
     job_max_retries: int = Field(default=5, ge=0)  # retries of transient failures (database, storage down)
     # a job taken this many times without reaching a final state (its worker died or was killed under
     # it each time, or its results could not be stored) fails `attempts_exhausted`; storage retries count

@@ -11,6 +11,7 @@ revision), so a job that asked for a revision keeps it and a worker never mixes 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -70,6 +71,12 @@ class UnsupportedBase(ModelError):
     code, field = "unsupported_base_model", "manifest"
 
 
+class BaseNotServed(ModelError):
+    """A job names a fine-tuned model whose exact base (id and revision) no worker serves now."""
+
+    code, field = "unsupported_base_model", "model"
+
+
 class InvalidWeights(ModelError):
     code, field = "invalid_model_weights", "weights"
 
@@ -104,9 +111,35 @@ def record_base(session: Session, *, model_id: str, revision: str | None, decode
     session.execute(insert(ServedBase).values(row).on_conflict_do_update(index_elements=["id"], set_=row))
 
 
-def base_object(base: ServedBase) -> dict[str, Any]:
+def touch_base(session: Session, *, model_id: str) -> None:
+    """A live worker still serves this base (its heartbeat)."""
+    session.execute(update(ServedBase).where(ServedBase.id == model_id).values(updated_at=func.now()))
+
+
+def current_bases(session: Session, *, ttl_s: float) -> list[ServedBase]:
+    """The bases a worker served within `ttl_s`: the ones listed and accepted."""
+    return list(session.execute(select(ServedBase).where(ServedBase.updated_at > func.now() - _seconds(ttl_s))
+                                .order_by(ServedBase.id)).scalars())
+
+
+def current_base(session: Session, model_id: str, *, ttl_s: float) -> ServedBase | None:
+    return session.execute(select(ServedBase).where(
+        ServedBase.id == model_id, ServedBase.updated_at > func.now() - _seconds(ttl_s))).scalar_one_or_none()
+
+
+def _seconds(value: float) -> dt.timedelta:
+    return dt.timedelta(seconds=value)
+
+
+# What a job on a CLIPSeg base may ask for beyond prompts (the contract's capability names)
+CLIPSEG_CAPABILITIES = ["image_prompts", "embed", "finetune"]
+
+
+def base_object(base: ServedBase, *, live_s: float) -> dict[str, Any]:
+    served = base.updated_at > utcnow() - _seconds(live_s)
     return {"id": base.id, "object": "model", "builtin": True, "base": None, "revision": base.revision,
-            "labels": [], "metrics": {}, "created_at": isoformat(base.updated_at)}
+            "labels": [], "metrics": {}, "created_at": isoformat(base.updated_at), "family": "clipseg",
+            "capabilities": list(CLIPSEG_CAPABILITIES), "served": served}
 
 
 # ---- uploads ---------------------------------------------------------------------------------------
@@ -199,7 +232,7 @@ class Upload:
     prompt_tuning: bool
 
 
-def check_upload(session: Session, manifest_bytes: bytes, weights: bytes) -> Upload:
+def check_upload(session: Session, manifest_bytes: bytes, weights: bytes, *, base_ttl_s: float = 86_400) -> Upload:
     """The upload as it will be stored, or the ModelError that says what is wrong with it."""
     if len(manifest_bytes) > MAX_MANIFEST_BYTES:
         raise InvalidManifest(f"manifest: larger than {MAX_MANIFEST_BYTES} bytes")
@@ -228,9 +261,9 @@ def check_upload(session: Session, manifest_bytes: bytes, weights: bytes) -> Upl
             raise InvalidManifest(f"manifest: labels[{i}] must be {{name, prompts: 1 to 8 strings, threshold?}}")
         clean.append({"name": label["name"], "prompts": list(label["prompts"]),
                       **({"threshold": float(threshold)} if threshold is not None else {})})
-    served = session.get(ServedBase, base["id"])
+    served = current_base(session, base["id"], ttl_s=base_ttl_s)
     if served is None:
-        names = ", ".join(session.execute(select(ServedBase.id)).scalars()) or "none yet: start a worker"
+        names = ", ".join(b.id for b in current_bases(session, ttl_s=base_ttl_s)) or "none yet: start a worker"
         raise UnsupportedBase(f"manifest: base {base['id']!r} is not a model this deployment serves ({names})")
     if base.get("revision") and served.revision and base["revision"] != served.revision:
         raise UnsupportedBase(f"manifest: trained on revision {base['revision']} of {base['id']}, this deployment "
@@ -265,7 +298,7 @@ def _unused(session: Session, tenant_id: str, key: str) -> bool:
 
 def create_model(session: Session, storage: ObjectStorage, *, tenant_id: str, model_id: str, manifest: bytes,
                  weights: bytes, cap: int, remember: Callable[[Session, dict[str, Any]], None] | None = None,
-                 ) -> TunedModel:
+                 base_ttl_s: float = 86_400) -> TunedModel:
     """Check, store and record a tenant's model. The weights are stored only once every check has
     passed, under the tenant's models lock; a create that fails after that deletes them again unless
     another model of the tenant has the same bytes. `remember` keeps the answer (an Idempotency-Key's)
@@ -274,7 +307,7 @@ def create_model(session: Session, storage: ObjectStorage, *, tenant_id: str, mo
         raise InvalidModelId("id: 1 to 64 of a-z, 0-9, '.', '_' and '-'")
     if session.get(ServedBase, model_id) is not None:
         raise ModelExists(f"{model_id!r} is a base model of this deployment; choose another id")
-    upload = check_upload(session, manifest, weights)
+    upload = check_upload(session, manifest, weights, base_ttl_s=base_ttl_s)
     _models_lock(session, tenant_id)
     if session.get(TunedModel, (tenant_id, model_id)) is not None:
         raise ModelExists(f"you already have a model {model_id!r}; delete it first or choose another id")

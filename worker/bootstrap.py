@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -81,6 +82,20 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
                             projection_dim=int(model.config.projection_dim))
         except DBAPIError as exc:  # the next start records it; jobs don't depend on it
             log.warning("could not record the served base model: %s", exc)
+        threading.Thread(target=_serving, name="clipmask-served-base", daemon=True).start()
+
+    def _serving() -> None:
+        """Say every served_base_beat_s that this base is still served (GET /v1/models' `served`; a
+        base no worker served for a day is no longer listed or accepted)."""
+        from shared.tuned import touch_base
+
+        while True:  # a daemon thread: it ends with the worker process
+            time.sleep(settings.served_base_beat_s)
+            try:
+                with session_scope(sessions) as session:
+                    touch_base(session, model_id=settings.model)
+            except DBAPIError as exc:
+                log.warning("could not say the base is still served: %s", exc)
 
     return RunnerDeps(sessions, storage, LazySegmenter(settings, on_load=served), policy_from_settings(settings),
                       settings.max_image_pixels, settings.model, on_stage=metrics.on_stage, on_finish=metrics.on_finish,

@@ -29,6 +29,10 @@ class ModelNotFound(JobFailure):
     code = "model_not_found"
 
 
+class BaseMismatch(JobFailure):
+    code = "unsupported_base_model"
+
+
 @dataclass(frozen=True)
 class Served:
     decoder: Decoder
@@ -44,13 +48,20 @@ class DecoderCache:
         self.loads = 0
 
     def get(self, ref: dict[str, Any], tenant_id: str, *, sessions: sessionmaker[Session],
-            storage: ObjectStorage, on_load: Callable[[float], None] | None = None) -> Served:
+            storage: ObjectStorage, on_load: Callable[[float], None] | None = None,
+            base: tuple[str, str | None] | None = None) -> Served:
+        """The model's decoder; ModelNotFound when it is gone, BaseMismatch when `base` (the id and
+        revision this worker serves) is not the exact base it was made for: never run on another."""
         with sessions() as session:
             row = find_model(session, tenant_id, str(ref["id"]))
             key = None if row is None or row.revision != ref["revision"] else row.weights_key
-        if key is None:
+        if key is None or row is None:
             raise ModelNotFound(f"model {ref['id']!r} (revision {ref['revision']}) was deleted or replaced after "
                                 "this job was created")
+        if base is not None and (row.base_id != base[0] or (row.base_revision and base[1]
+                                                            and row.base_revision != base[1])):
+            raise BaseMismatch(f"model {ref['id']!r} was made for {row.base_id} (revision {row.base_revision}); this "
+                               f"worker serves {base[0]} (revision {base[1]}), and a model runs only on its own base")
         with self._lock:
             held = self._items.get(ref["revision"])
             if held is not None:

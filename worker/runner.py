@@ -315,8 +315,9 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         with stages.time("fetch"):
             data = _fetch(job, deps)
             conditions = label_conditions(labels, job, deps, size=model_input)
-            tuned = None if not job.model_ref else deps.decoders.get(job.model_ref, job.tenant_id,
-                                                                     sessions=deps.sessions, storage=deps.storage)
+            tuned = None if not job.model_ref else deps.decoders.get(
+                job.model_ref, job.tenant_id, sessions=deps.sessions, storage=deps.storage,
+                base=(deps.model_id, getattr(segmenter, "model_revision", None)))
         if tuned is not None and tuned.label_embeddings is not None:  # its labels' learned embeddings
             conditions = [LearnedLabel(f"{tuned.decoder.revision}:{label['model_label']}",
                                        tuned.label_embeddings[label["model_label"]])

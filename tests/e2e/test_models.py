@@ -290,6 +290,84 @@ def test_a_queued_job_whose_model_was_deleted_fails_with_model_not_found(setting
     assert job["error"]["code"] == "model_not_found" and "soon-gone" in job["error"]["message"]
 
 
+def test_bases_say_whether_they_are_served_and_go_when_no_worker_served_them_for_a_day(client, settings, sessions,
+                                                                                       make_tenant, image_server):
+    """A base is `served` while a worker says so; one no worker served for a day is no longer listed
+    or accepted, so a job naming it is 422 unknown_model instead of running on another base."""
+    import datetime as dt
+
+    from shared.clock import utcnow
+    from shared.db import session_scope
+    from shared.models import ServedBase
+    from shared.tuned import record_base
+
+    tenant = make_tenant()
+    names = [f"acme/base-{uuid.uuid4().hex[:6]}" for _ in range(3)]
+    ages = [dt.timedelta(seconds=5), dt.timedelta(minutes=10), dt.timedelta(days=2)]
+    with session_scope(sessions) as session:
+        for name in names:
+            record_base(session, model_id=name, revision="r1", decoder={}, projection_dim=8)
+    with session_scope(sessions) as session:
+        for name, age in zip(names, ages, strict=True):
+            session.get(ServedBase, name).updated_at = utcnow() - age
+    try:
+        listed = {m["id"]: m for m in client.get("/v1/models", headers=tenant.headers).get_json()["data"]}
+        assert listed[names[0]]["served"] is True and listed[names[1]]["served"] is False
+        assert listed[names[0]]["family"] == "clipseg" and "finetune" in listed[names[0]]["capabilities"]
+        assert names[2] not in listed  # nobody served it for two days
+        assert client.get(f"/v1/models/{names[2]}", headers=tenant.headers).status_code == 404
+        url = image_server.add(f"/b-{uuid.uuid4().hex[:8]}.png", png(person(3)[0]), content_type="image/png")
+        gone = client.post("/v1/jobs", json={"image_url": url, "model": names[2]}, headers=tenant.headers)
+        assert (gone.status_code, gone.get_json()["code"]) == (422, "unknown_model")
+        kept = client.post("/v1/jobs", json={"image_url": url, "prompts": ["a"], "model": names[1]},
+                           headers=tenant.headers)
+        assert kept.status_code == 202, kept.get_json()
+        client.post(f"/v1/jobs/{kept.get_json()['id']}/cancel", headers=tenant.headers)
+    finally:
+        with session_scope(sessions) as session:
+            for name in names:
+                session.delete(session.get(ServedBase, name))
+
+
+def test_a_model_runs_only_on_the_exact_base_it_was_made_for(settings, sessions, make_tenant, folder, image_server):
+    """The base a fine-tuned model was made for is served again at another revision: a job naming
+    the model is refused (422 unsupported_base_model), and one queued before the change fails with
+    that code instead of running on the other backbone."""
+    from shared.db import session_scope
+    from shared.models import ServedBase
+    from shared.queue import make_celery
+    from worker.bootstrap import build_deps
+    from worker.runner import run_job
+
+    tenant = make_tenant()
+    idle = create_app(private_queues(settings, f"exact-{uuid.uuid4().hex[:6]}")).test_client()  # nobody serves it
+    assert push(idle, tenant, folder, "exact").status_code == 201
+    url = image_server.add(f"/e-{uuid.uuid4().hex[:8]}.png", png(person(6)[0]), content_type="image/png")
+    queued = idle.post("/v1/jobs", json={"image_url": url, "model": "exact"}, headers=tenant.headers).get_json()["id"]
+    with session_scope(sessions) as session:
+        base = session.get(ServedBase, settings.model)
+        revision, base.revision = base.revision, "sha256:" + "0" * 64  # the base was replaced
+    try:
+        refused = idle.post("/v1/jobs", json={"image_url": url, "model": "exact"}, headers=tenant.headers)
+        assert (refused.status_code, refused.get_json()["code"]) == (422, "unsupported_base_model")
+        deps = build_deps(settings, make_celery(settings))
+        with mock_revision(deps, "sha256:" + "0" * 64):  # this worker serves the replacement
+            assert run_job(queued, deps=deps) == "failed"
+        job = idle.get(f"/v1/jobs/{queued}", headers=tenant.headers).get_json()
+        assert job["error"]["code"] == "unsupported_base_model" and "exact" in job["error"]["message"]
+    finally:
+        with session_scope(sessions) as session:
+            session.get(ServedBase, settings.model).revision = revision
+
+
+def mock_revision(deps, revision: str):
+    """The worker's loaded base reports `revision` (as a worker that loaded a replaced checkpoint would)."""
+    from unittest import mock
+
+    return mock.patch.object(type(deps.segmenter()), "model_revision", new_callable=mock.PropertyMock,
+                             return_value=revision)
+
+
 def test_eval_through_the_api_with_the_model_agrees_with_eval_of_the_folder(settings, tenant, folder, tmp_path,
                                                                              monkeypatch):
     """The before/after numbers a user gets from `clipmask eval --model DIR` are what the deployment
