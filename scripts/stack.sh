@@ -82,11 +82,13 @@ up() {
   ensure_redis
   ensure_database
   if [ "$CLIPMASK_S3_ENDPOINT_URL" = "http://127.0.0.1:$S3_PORT" ]; then
-    start_bg s3 "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT"
-    wait_for "S3 server" 30 curl -sf "http://127.0.0.1:$S3_PORT/moto-api/"
+    # SeaweedFS: objects on disk under $RUN/s3 (they outlive `down`/`up`; `make clean` removes them),
+    # SigV4 with the CLIPMASK_S3_* keys; ports $S3_PORT to $S3_PORT+7 (cli/dev_s3.py)
+    start_bg s3 "$BIN/clipmask" dev-s3 "$RUN/s3" --port "$S3_PORT"
   fi
   "$BIN/clipmask" migrate
-  "$BIN/clipmask" init-storage
+  # waits for the S3 endpoint (SeaweedFS answers in a few seconds) and makes the bucket
+  "$BIN/clipmask" init-storage --wait 60 || { say "object storage did not answer; see $RUN/logs/s3.log"; exit 1; }
   if ! alive api; then rm -rf "$RUN/prometheus"; mkdir -p "$RUN/prometheus"; fi
   PROMETHEUS_MULTIPROC_DIR="$RUN/prometheus" start_bg api "$BIN/gunicorn" -c python:api.gunicorn_conf \
     --workers "${CLIPMASK_API_WORKERS:-2}" --bind "$API_BIND" --access-logfile - --graceful-timeout 20 "api.wsgi:app"

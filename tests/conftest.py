@@ -1,5 +1,5 @@
 """Fixtures for real parts: each test run gets its own Postgres database, its own bucket on an
-S3-protocol server (moto's server mode, over HTTP), its own Redis key prefix and queues, a tiny
+S3-protocol server (SeaweedFS, over HTTP, objects on disk), its own Redis key prefix and queues, a tiny
 random-weight CLIPSeg saved with save_pretrained, and real Celery worker processes. All are
 removed at the end. Nothing here is autouse: a test gets a service by asking for its fixture.
 
@@ -71,16 +71,14 @@ def own_database() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A SeaweedFS server of the run's own (objects on disk in a temporary folder), over HTTP."""
+    from tests.support.faults import kill, s3_ports, start_s3_server
 
-    from tests.support.services import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    ports = s3_ports()
+    server = start_s3_server(ports, tmp_path_factory.mktemp("seaweedfs") / "data")
+    yield f"http://127.0.0.1:{ports.s3}"
+    kill(server)
 
 
 @pytest.fixture(scope="session")

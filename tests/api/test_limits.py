@@ -64,7 +64,7 @@ def test_queued_jobs_cap(client, make_tenant, sessions):
 
 def test_mask_urls_are_presigned_for_the_configured_lifetime_and_fresh_on_every_read(settings, tenant, sessions,
                                                                                     storage):
-    """moto does not enforce expiry (MinIO and S3 do), so this checks what the signature carries."""
+    """What the signature carries (the next test shows the server enforcing it)."""
     short = settings.model_copy(update={"presign_ttl_s": 120})
     client = create_app(short).test_client()
     job_id = insert_job(sessions, tenant, status="succeeded", results=[
@@ -78,3 +78,22 @@ def test_mask_urls_are_presigned_for_the_configured_lifetime_and_fresh_on_every_
     time.sleep(1.1)
     again = client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).get_json()["results"][0]["mask_url"]
     assert parse_qs(urlsplit(again).query)["X-Amz-Date"] != query["X-Amz-Date"]  # re-signed on each read
+
+
+def test_an_expired_mask_url_is_refused_by_the_storage_server(settings, tenant, sessions, storage):
+    """SeaweedFS, like S3 and MinIO, checks a presigned URL's expiry: the mask downloads within its
+    lifetime and is refused (403) after it; a tampered signature is refused at once."""
+    import requests
+
+    key = f"masks/{tenant.tenant_id}/expiry-{time.time_ns()}/0.png"
+    storage.put(key, b"\x89PNG fake", content_type="image/png")
+    # 2 s (below the setting's 60 s floor, which model_copy does not check) so the test need not wait a minute
+    client = create_app(settings.model_copy(update={"presign_ttl_s": 2})).test_client()
+    job_id = insert_job(sessions, tenant, status="succeeded", results=[
+        {"prompt": "shirt", "mask_key": key, "bbox": None, "area_fraction": 0.0, "score": 0.1}])
+    url = client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).get_json()["results"][0]["mask_url"]
+    assert requests.get(url, timeout=10).content == b"\x89PNG fake"
+    assert requests.get(url.replace("X-Amz-Signature=", "X-Amz-Signature=0"), timeout=10).status_code == 403
+    time.sleep(3.5)
+    assert requests.get(url, timeout=10).status_code == 403
+    storage.delete([key])

@@ -14,7 +14,7 @@ from api import create_app
 from shared.models import Job
 from shared.storage import ObjectStorage
 from tests.support.api import wait_for_job
-from tests.support.faults import kill, start_postgres_proxy, start_s3_server
+from tests.support.faults import kill, s3_ports, start_postgres_proxy, start_s3_server
 from tests.support.images import make_image
 from tests.support.services import free_port, pg_address, start_worker, stop_process
 
@@ -26,24 +26,28 @@ def attempts(sessions, job_id: str) -> int:
 
 def test_storage_down_jobs_retry_then_fail_and_recover_when_it_is_back(
         settings, sessions, make_tenant, image_server, tmp_path):
-    port = free_port()
+    ports, data = s3_ports(), tmp_path / "s3"
     own = settings.model_copy(update={
-        "s3_endpoint_url": f"http://127.0.0.1:{port}", "s3_bucket": f"fault-{uuid.uuid4().hex[:8]}",
+        "s3_endpoint_url": f"http://127.0.0.1:{ports.s3}", "s3_bucket": f"fault-{uuid.uuid4().hex[:8]}",
         "interactive_queue": f"{settings.interactive_queue}-s3down", "worker_metrics_port": 0,
-        # backoff 2, 4, 8 s: a PUT to a dead server fails within a second, and the gap after the
-        # second attempt must outlast restarting the S3 server below
-        "job_max_retries": 3, "job_retry_backoff_s": 2.0, "s3_connect_timeout_s": 1.0,
-        "job_max_attempts": 4,  # storage retries count as attempts: room for all three retries
+        # backoff 2, 4, 8, 16 s: a PUT to a dead server fails within a second, and the gaps after the
+        # second attempt must outlast restarting the S3 server below (SeaweedFS takes 3-15 s here)
+        "job_max_retries": 4, "job_retry_backoff_s": 2.0, "s3_connect_timeout_s": 1.0,
+        "job_max_attempts": 5,  # storage retries count as attempts: room for all four retries
     })
     tenant = make_tenant()
     client = create_app(own).test_client()
     url = image_server.add(f"/s3down-{uuid.uuid4().hex[:6]}.jpg", make_image(64, 48))
     body = {"image_url": url, "prompts": ["shirt", "pants"]}
 
-    s3 = start_s3_server(port)
+    s3 = start_s3_server(ports, data)
     ObjectStorage(own).ensure_bucket()
     worker = start_worker(own, tmp_path / "worker.log", name=f"s3down-{uuid.uuid4().hex[:6]}")
     try:
+        before = client.post("/v1/jobs", json=body, headers=tenant.headers).get_json()["id"]
+        done = wait_for_job(client, tenant, before, timeout=60)
+        assert done["status"] == "succeeded", done
+        masks_before = [requests.get(r["mask_url"], timeout=10).content for r in done["results"]]
         kill(s3)  # the S3 server dies (SIGKILL)
         # An upload needs storage at once: 503 with Retry-After, nothing accepted.
         resp = client.post("/v1/jobs", json={"image_base64": base64.b64encode(make_image()).decode(),
@@ -64,14 +68,16 @@ def test_storage_down_jobs_retry_then_fail_and_recover_when_it_is_back(
         while attempts(sessions, rescued) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        s3 = start_s3_server(port)
-        ObjectStorage(own).ensure_bucket()  # moto keeps nothing across restarts
+        s3 = start_s3_server(ports, data)  # the same server again: its folder kept the objects and the bucket
         job = wait_for_job(client, tenant, rescued, timeout=60)
         assert job["status"] == "succeeded", job
         for result in job["results"]:
             mask = requests.get(result["mask_url"], timeout=10)
             assert mask.status_code == 200 and mask.content.startswith(b"\x89PNG")
         assert job["results"][0]["mask_url"] != job["results"][1]["mask_url"]
+        # what was written before the outage is still there, byte for byte
+        again = client.get(f"/v1/jobs/{before}", headers=tenant.headers).get_json()
+        assert [requests.get(r["mask_url"], timeout=10).content for r in again["results"]] == masks_before
     finally:
         stop_process(worker)
         kill(s3)

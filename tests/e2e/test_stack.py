@@ -88,3 +88,74 @@ def test_an_absolute_run_folder_and_a_restart_after_sigkill(settings, storage, t
         assert job["status"] == "succeeded"
     finally:
         subprocess.run([STACK, "down"], cwd=ROOT, env=env, capture_output=True, timeout=120)
+
+
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive free ports (SeaweedFS takes the S3 port and the seven after it)."""
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        if base + count >= 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no run of free ports")
+
+
+def test_masks_outlive_a_restart_of_the_stack(settings, tenant, image_server, tmp_path):
+    """`up`, a job, `down`, `up`: the stack's own S3 server (SeaweedFS, data under the run folder)
+    serves the job's mask with the same bytes, and no moto process is part of the stack."""
+    run = tmp_path / "persist-run"
+    api = f"127.0.0.1:{free_port()}"
+    s3_port = free_port_run(8)
+    env = {**os.environ, **settings_env(settings), "CLIPMASK_RUN_DIR": str(run), "CLIPMASK_API_BIND": api,
+           "CLIPMASK_FLOWER_PORT": str(free_port()), "CLIPMASK_WORKER_CONCURRENCY": "2",
+           "CLIPMASK_INTERACTIVE_QUEUE": f"{settings.interactive_queue}-persist",
+           "CLIPMASK_BULK_QUEUE": f"{settings.bulk_queue}-persist",
+           "CLIPMASK_EVENTS_QUEUE": f"{settings.events_queue}-persist",
+           "CLIPMASK_WORKER_METRICS_PORT": "0", "CLIPMASK_API_WORKERS": "1",
+           "CLIPMASK_S3_PORT": str(s3_port), "CLIPMASK_S3_BUCKET": f"persist-{settings.s3_bucket}"}
+    for name in ("CLIPMASK_S3_ENDPOINT_URL", "CLIPMASK_S3_ACCESS_KEY_ID", "CLIPMASK_S3_SECRET_ACCESS_KEY"):
+        env.pop(name, None)  # the stack's own server, with its default keys
+    headers = {**tenant.headers}
+    try:
+        up = subprocess.run([STACK, "up"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert up.returncode == 0, up.stdout + up.stderr
+        server = int((run / "pids" / "s3.pid").read_text())
+        assert "weed" in open(f"/proc/{server}/cmdline").read()
+        url = image_server.add("/persist.jpg", make_image(40, 30))
+        job = requests.post(f"http://{api}/v1/jobs", json={"image_url": url, "prompts": ["a", "b"]}, headers=headers,
+                            timeout=10).json()
+        deadline = time.monotonic() + 60
+        while (job := requests.get(f"http://{api}/v1/jobs/{job['id']}", headers=headers, timeout=10).json()
+               )["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert job["status"] == "succeeded", job
+        masks = [requests.get(r["mask_url"], timeout=10).content for r in job["results"]]
+        assert all(m.startswith(b"\x89PNG") for m in masks)
+
+        down = subprocess.run([STACK, "down"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0 and "s3 stopped" in down.stdout
+        with pytest.raises(requests.ConnectionError):
+            requests.get(job["results"][0]["mask_url"], timeout=5)  # the server is really gone
+
+        again = subprocess.run([STACK, "up"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert again.returncode == 0, again.stdout + again.stderr
+        after = requests.get(f"http://{api}/v1/jobs/{job['id']}", headers=headers, timeout=10).json()
+        assert [requests.get(r["mask_url"], timeout=10).content for r in after["results"]] == masks
+        stack_pids = [int((run / "pids" / f"{name}.pid").read_text()) for name in ("s3", "api", "worker")]
+        assert not any("moto" in open(f"/proc/{pid}/cmdline").read() for pid in stack_pids)
+    finally:
+        subprocess.run([STACK, "down"], cwd=ROOT, env=env, capture_output=True, timeout=120)

@@ -5,26 +5,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
+from pathlib import Path
 
-import requests
+from cli.dev_s3 import Ports
+from cli.dev_s3 import start as start_seaweedfs
+from tests.support.services import ROOT, free_port, pg_port
 
-from tests.support.services import ROOT, pg_port
+# The keys the test settings use (tests/conftest.py)
+S3_KEYS = {"access_key": "test", "secret_key": "test"}
 
 
-def start_s3_server(port: int) -> subprocess.Popen:
-    """moto's S3-protocol server as its own process on a fixed port (it keeps nothing on restart)."""
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            requests.get(f"http://127.0.0.1:{port}/", timeout=1)
-            break
-        except requests.ConnectionError:
-            assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
-            time.sleep(0.1)
-    return proc
+def s3_ports() -> Ports:
+    """Free ports for one SeaweedFS server (its S3 gateway, master, volume server and filer)."""
+    return Ports(*(free_port() for _ in range(8)))
+
+
+def start_s3_server(ports: Ports, data_dir: Path) -> subprocess.Popen:
+    """SeaweedFS's S3 server as its own process group, objects on disk under `data_dir`: started
+    again with the same ports and folder, it serves what it held before."""
+    return start_seaweedfs(data_dir, ports, log_path=data_dir.parent / f"{data_dir.name}.log", **S3_KEYS)
 
 
 def start_postgres_proxy(port: int) -> subprocess.Popen:

