@@ -133,7 +133,7 @@ def test_masks_outlive_a_restart_of_the_stack(settings, tenant, image_server, tm
         up = subprocess.run([STACK, "up"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
         assert up.returncode == 0, up.stdout + up.stderr
         server = int((run / "pids" / "s3.pid").read_text())
-        assert "weed" in open(f"/proc/{server}/cmdline").read()
+        assert "weed" in open(f"/proc/{server}/cmdline").read()  # `clipmask dev-s3` execs it; S3 answered since
         url = image_server.add("/persist.jpg", make_image(40, 30))
         job = requests.post(f"http://{api}/v1/jobs", json={"image_url": url, "prompts": ["a", "b"]}, headers=headers,
                             timeout=10).json()
