@@ -6,7 +6,7 @@ from flask import g, request
 
 from api.problems import ApiProblem
 from api.services import db, services
-from shared.models import Tenant
+from shared.tables import Tenant
 
 
 def require_tenant() -> None:

@@ -53,12 +53,12 @@ from api.schemas import (
 )
 from api.services import db, services
 from shared import batches as batchstate
-from shared import presets, tuned
+from shared import presets, tuned_models
 from shared.enums import BatchEvent, BatchStatus, JobEvent, JobStatus
 from shared.followups import Effects, after_commit
-from shared.models import Batch, Job
 from shared.present import batch_object, job_object
 from shared.submit import BatchSpec, JobSpec
+from shared.tables import Batch, Job
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
             labels = job_labels(resolve, params, shown)
         except presets.PresetError as exc:
             raise _item_problem(index, "preset" if exc.code == "unknown_preset" else "prompts", exc.message) from exc
-        except tuned.ModelError as exc:
+        except tuned_models.ModelError as exc:
             raise _item_problem(index, "model", exc.message) from exc
         except ApiProblem as exc:
             raise _item_problem(index, "prompts", exc.detail) from exc

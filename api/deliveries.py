@@ -14,8 +14,8 @@ from api.schemas import DeliveryListQuery, WebhookDeliveryList, WebhookDeliveryO
 from api.services import db, services
 from shared.enums import DeliveryStatus
 from shared.followups import Effects, after_commit
-from shared.models import WebhookDelivery
 from shared.present import delivery_object
+from shared.tables import WebhookDelivery
 from shared.webhooks import retry_now
 
 bp = Blueprint("deliveries", __name__, url_prefix="/v1/webhook-deliveries")

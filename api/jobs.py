@@ -50,9 +50,9 @@ from shared import jobs as jobstate
 from shared.db import session_scope
 from shared.enums import FINISHED_JOB, JobStatus
 from shared.followups import Effects, after_commit
-from shared.models import Job
 from shared.present import job_object
 from shared.submit import Accepted, JobSpec, Submitter
+from shared.tables import Job
 
 log = logging.getLogger(__name__)
 

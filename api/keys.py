@@ -16,8 +16,8 @@ import time
 import redis
 from sqlalchemy.orm import Session
 
-from shared.models import Tenant
 from shared.settings import Settings
+from shared.tables import Tenant
 from shared.tenants import authenticate, generation_key, hash_key
 
 MAX_ENTRIES = 10_000  # past it the cache starts over (keys are few; this bounds a flood of bad ones)

@@ -13,8 +13,8 @@ import math
 import redis
 
 from api.problems import ApiProblem
-from shared.models import Tenant
 from shared.settings import Settings
+from shared.tables import Tenant
 
 log = logging.getLogger(__name__)
 

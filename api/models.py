@@ -1,4 +1,4 @@
-"""/v1/models: the deployment's base model(s) and the tenant's fine-tuned decoders (shared/tuned.py)."""
+"""/v1/models: the deployment's base model(s) and the tenant's fine-tuned decoders (shared/tuned_models.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from api.parsing import is_multipart_request, refuse_unstorable_ids
 from api.problems import ApiProblem
 from api.schemas import IdempotencyHeader, ModelCreateMultipart, ModelList, ModelObject
 from api.services import db, services
-from shared import tuned
-from shared.models import TunedModel
+from shared import tuned_models
+from shared.tables import TunedModel
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,11 @@ def list_models() -> Response:
     The deployment's base model(s), read-only, then your fine-tuned decoders.
     """
     session, settings = db(), services().settings
-    bases = tuned.current_bases(session, ttl_s=settings.served_base_ttl_s)
+    bases = tuned_models.current_bases(session, ttl_s=settings.served_base_ttl_s)
     own = session.execute(select(TunedModel).where(TunedModel.tenant_id == current_tenant().id)
                           .order_by(TunedModel.id)).scalars()
-    data = [tuned.base_object(b, live_s=settings.served_base_live_s) for b in bases] + [
-        tuned.model_object(m) for m in own]
+    data = [tuned_models.base_object(b, live_s=settings.served_base_live_s) for b in bases] + [
+        tuned_models.model_object(m) for m in own]
     return jsonify({"object": "list", "data": data})
 
 
@@ -49,13 +49,13 @@ def list_models() -> Response:
 def get_model(model_id: str) -> Response:
     """Get a model"""
     session, settings = db(), services().settings
-    base = tuned.current_base(session, model_id, ttl_s=settings.served_base_ttl_s)
+    base = tuned_models.current_base(session, model_id, ttl_s=settings.served_base_ttl_s)
     if base is not None:
-        return jsonify(tuned.base_object(base, live_s=settings.served_base_live_s))
-    found = tuned.find_model(session, current_tenant().id, model_id)
+        return jsonify(tuned_models.base_object(base, live_s=settings.served_base_live_s))
+    found = tuned_models.find_model(session, current_tenant().id, model_id)
     if found is None:
         raise ApiProblem(404, "not_found", f"No model {model_id!r}.")
-    return jsonify(tuned.model_object(found))
+    return jsonify(tuned_models.model_object(found))
 
 
 @bp.post("")
@@ -85,16 +85,17 @@ def create_model() -> Response:
     model_id, manifest, weights = request.form["id"], request.files["manifest"].read(), request.files["weights"].read()
 
     def create(remember: Remember | None) -> dict[str, Any]:
-        created = tuned.create_model(db(), svc.storage, tenant_id=tenant.id, model_id=model_id, manifest=manifest,
-                                     weights=weights, cap=svc.settings.max_models_per_tenant, remember=remember,
-                                     base_ttl_s=svc.settings.served_base_ttl_s)
+        created = tuned_models.create_model(db(), svc.storage, tenant_id=tenant.id, model_id=model_id,
+                                            manifest=manifest, weights=weights, remember=remember,
+                                            cap=svc.settings.max_models_per_tenant,
+                                            base_ttl_s=svc.settings.served_base_ttl_s)
         log.info("model created", extra={"tenant_id": tenant.id, "model": created.id, "revision": created.revision})
-        return tuned.model_object(created)
+        return tuned_models.model_object(created)
 
     request_hash = fingerprint({"id": model_id, "manifest": hashlib.sha256(manifest).hexdigest(),
                                 "weights": hashlib.sha256(weights).hexdigest()})
     return create_once("models.create", request_hash, create, location=lambda made: f"/v1/models/{made['id']}",
-                       exists=tuned.ModelExists)
+                       exists=tuned_models.ModelExists)
 
 
 @bp.delete("/<path:model_id>")
@@ -103,6 +104,6 @@ def create_model() -> Response:
                skip_validation=True)
 def delete_model(model_id: str) -> Response:
     """Delete a fine-tuned model (the base: 409 model_read_only)"""
-    if not tuned.delete_model(db(), services().storage, current_tenant().id, model_id):
+    if not tuned_models.delete_model(db(), services().storage, current_tenant().id, model_id):
         raise ApiProblem(404, "not_found", f"No model {model_id!r}.")
     return Response(status=204)

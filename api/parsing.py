@@ -17,7 +17,7 @@ from api.auth import current_tenant
 from api.problems import ApiProblem
 from api.schemas import JobParams
 from api.services import db, services
-from shared import presets, tuned
+from shared import presets, tuned_models
 from shared.images import sniff
 from shared.s3uri import input_refusal, parse_s3_uri
 from shared.storage import example_key
@@ -165,17 +165,17 @@ class LabelResolver:
             return None, []
         if model_id not in self._models:
             session, tenant, settings = db(), current_tenant(), services().settings
-            if model_id == settings.model or tuned.current_base(session, model_id,
+            if model_id == settings.model or tuned_models.current_base(session, model_id,
                                                                 ttl_s=settings.served_base_ttl_s) is not None:
                 self._models[model_id] = (None, [])
             else:
-                row = tuned.find_model(session, tenant.id, model_id)
+                row = tuned_models.find_model(session, tenant.id, model_id)
                 if row is None:
-                    raise tuned.UnknownModel(f"No model {model_id!r}: use the deployment's base model or one of "
+                    raise tuned_models.UnknownModel(f"No model {model_id!r}: use the deployment's base model or one of "
                                              "yours (GET /v1/models).")
-                base = tuned.current_base(session, row.base_id, ttl_s=settings.served_base_ttl_s)
+                base = tuned_models.current_base(session, row.base_id, ttl_s=settings.served_base_ttl_s)
                 if base is None or (row.base_revision and base.revision and row.base_revision != base.revision):
-                    raise tuned.BaseNotServed(
+                    raise tuned_models.BaseNotServed(
                         f"model {model_id!r} was made for {row.base_id} (revision {row.base_revision}), which this "
                         "deployment no longer serves; it runs only on the exact base it was made for")
                 labels = [{"name": label["name"], "prompts": list(label["prompts"]), "source": "model",

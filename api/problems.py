@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from shared.errors import IdempotencyKeyReused, QueueFull, QueueUnavailable, StorageFailed
 from shared.presets import PresetError
-from shared.tuned import ModelError
+from shared.tuned_models import ModelError
 
 log = logging.getLogger(__name__)
 

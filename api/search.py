@@ -15,7 +15,7 @@ from api.problems import ApiProblem
 from api.schemas import SEARCH_FIELD_CODES, SearchList, SearchRequest, validation_problem
 from api.services import db, services
 from shared import search
-from shared.models import Job
+from shared.tables import Job
 
 log = logging.getLogger(__name__)
 

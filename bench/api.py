@@ -39,8 +39,8 @@ from sqlalchemy.orm import Session
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.db import make_engine, make_session_factory, session_scope
-from shared.models import Job, Tenant
 from shared.settings import Settings
+from shared.tables import Job, Tenant
 from shared.tenants import create_tenant
 
 

@@ -52,9 +52,9 @@ from sqlalchemy import func, select  # noqa: E402
 from bench.engine import BF16_PEAK, CLOTHES, model_path, vision_flops, vision_tflops  # noqa: E402
 from bench.pipeline import add_jobs, cpu_seconds, start_servers  # noqa: E402
 from shared.db import make_engine, make_session_factory, session_scope  # noqa: E402
-from shared.models import Job  # noqa: E402
 from shared.queue import enqueue_segments, make_celery  # noqa: E402
 from shared.settings import Settings  # noqa: E402
+from shared.tables import Job  # noqa: E402
 from shared.tenants import create_tenant  # noqa: E402
 from tests.support.services import migrated_database, settings_env  # noqa: E402
 from worker.engine import FastEngine, load_clipseg  # noqa: E402

@@ -31,9 +31,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.db import make_engine, make_session_factory, session_scope
-from shared.models import Job, Tenant
 from shared.settings import Settings
 from shared.storage import ObjectStorage
+from shared.tables import Job, Tenant
 from shared.tenants import create_tenant
 
 PROMPTS = ["shirt", "pants", "dress", "shoes", "jacket", "hat", "bag", "belt"]

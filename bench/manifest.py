@@ -27,10 +27,10 @@ from shared.batches import insert_batch, manifest_key, write_manifest  # noqa: E
 from shared.clock import utcnow  # noqa: E402
 from shared.db import make_engine, make_session_factory, session_scope  # noqa: E402
 from shared.enums import BatchStatus, JobStatus  # noqa: E402
-from shared.models import Batch, Job  # noqa: E402
 from shared.present import job_object  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.storage import ObjectStorage  # noqa: E402
+from shared.tables import Batch, Job  # noqa: E402
 from shared.tenants import create_tenant  # noqa: E402
 
 

@@ -49,9 +49,9 @@ import worker.outputs
 from bench.engine import CLOTHES, catalog_jpegs
 from shared.db import make_engine, make_session_factory, session_scope
 from shared.fetch import FetchPolicy
-from shared.models import Job
 from shared.settings import Settings
 from shared.storage import ObjectStorage
+from shared.tables import Job
 from shared.tenants import create_tenant
 from tests.support.services import migrated_database
 from worker.engine.fast import SegmentRequest

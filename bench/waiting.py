@@ -32,8 +32,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.db import make_engine, make_session_factory, session_scope
-from shared.models import Tenant
 from shared.settings import Settings
+from shared.tables import Tenant
 from shared.tenants import create_tenant
 
 HOLD_S = [30.0]

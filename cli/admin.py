@@ -24,8 +24,8 @@ from shared.clock import isoformat, utcnow
 from shared.db import make_engine, make_session_factory, session_scope
 from shared.enums import JobStatus
 from shared.errors import SubmissionRefused
-from shared.models import Job, Tenant
 from shared.settings import Settings
+from shared.tables import Job, Tenant
 from shared.tenants import tenants_changed
 
 

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     s3.set_defaults(func=cmd_dev_s3)
 
     from cli.admin import add_commands
-    from cli.client_cmds import add_commands as add_client_commands
+    from cli.remote import add_commands as add_client_commands
     from evaluation.finetune import add_command as add_finetune_command
     from evaluation.run import add_command as add_eval_command
 

@@ -1,7 +1,7 @@
 """`clipmask eval`: how good CLIPSeg's masks are on a labelled dataset.
 
 datasets.py  a folder (images/ + masks/ + labels.json) or the Hugging Face parquet layout
-metrics.py   per class IoU/precision/recall, mIoU, pixel accuracy, fwIoU, threshold sweeps,
+scoring.py   per class IoU/precision/recall, mIoU, pixel accuracy, fwIoU, threshold sweeps,
              and the dataset's own statistics, accumulated image by image in fixed memory
 predict.py   soft masks from the engine in process, or from a running deployment (--api)
 report.py    metrics.json, per_class.csv, PNG plots (matplotlib, Agg) and index.html

@@ -111,8 +111,8 @@ def logits_of(coarse: np.ndarray) -> torch.Tensor:
 
 
 def boundary_f(pred: np.ndarray, truth: np.ndarray, tolerance: int) -> float:
-    """The F1 of boundary precision and recall at `tolerance` pixels (evaluation.metrics's boundary)."""
-    from evaluation.metrics import boundary, dilate
+    """The F1 of boundary precision and recall at `tolerance` pixels (evaluation.scoring's boundary)."""
+    from evaluation.scoring import boundary, dilate
 
     edge_pred, edge_truth = boundary(pred), boundary(truth)
     if not edge_pred.any() or not edge_truth.any():

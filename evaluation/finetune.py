@@ -40,8 +40,8 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from evaluation.datasets import IGNORE, DatasetError, open_dataset
-from evaluation.metrics import Scores, best_threshold
 from evaluation.run import evaluated, model_labels
+from evaluation.scoring import Scores, best_threshold
 
 DEFAULT_THRESHOLD = 0.4
 

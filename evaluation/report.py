@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from evaluation.metrics import SWEEP, DatasetStats, Scores
+from evaluation.scoring import SWEEP, DatasetStats, Scores
 
 PLOTS = ("per_class_iou.png", "threshold_sweep.png", "class_frequency.png", "spatial_priors.png",
          "image_sizes.png")

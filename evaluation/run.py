@@ -15,9 +15,9 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from evaluation.datasets import IGNORE, Dataset, DatasetError, Sample, open_dataset
-from evaluation.metrics import DatasetStats, Scores
 from evaluation.predict import ApiPredictor, EnginePredictor, Label, Predictor
 from evaluation.report import write_report
+from evaluation.scoring import DatasetStats, Scores
 from shared.presets import BUILTIN
 
 

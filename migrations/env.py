@@ -3,8 +3,8 @@
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from shared.models import Base
 from shared.settings import Settings
+from shared.tables import Base
 
 config = context.config
 url = config.attributes.get("database_url") or Settings().database_url

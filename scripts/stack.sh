@@ -97,8 +97,8 @@ up() {
     --concurrency "${CLIPMASK_WORKER_CONCURRENCY:-8}" \
     -Q "${CLIPMASK_INTERACTIVE_QUEUE:-interactive},${CLIPMASK_BULK_QUEUE:-bulk},${CLIPMASK_EVENTS_QUEUE:-events}" \
     --loglevel INFO -E
-  start_bg beat "$BIN/celery" -A shared.celery_app beat --schedule "$RUN/celerybeat-schedule" --loglevel INFO
-  start_bg flower "$BIN/celery" -A shared.celery_app flower --address=127.0.0.1 --port="$FLOWER_PORT" \
+  start_bg beat "$BIN/celery" -A shared.beat_app beat --schedule "$RUN/celerybeat-schedule" --loglevel INFO
+  start_bg flower "$BIN/celery" -A shared.beat_app flower --address=127.0.0.1 --port="$FLOWER_PORT" \
     --basic-auth="$CLIPMASK_FLOWER_USER:$CLIPMASK_FLOWER_PASSWORD" --persistent=True --db="$RUN/flower.db"
   echo "${CLIPMASK_MODEL:-CIDAS/clipseg-rd64-refined}" >"$RUN/model"
   wait_for "API /readyz" 60 curl -sf "http://$API_BIND/readyz"

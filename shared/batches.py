@@ -25,9 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import jobs as jobstate
 from shared.db import session_scope
 from shared.enums import UNFINISHED_JOB, BatchEvent, BatchStatus
-from shared.models import Batch, Job
 from shared.present import batch_counts, batch_object, job_object
 from shared.storage import ObjectStorage
+from shared.tables import Batch, Job
 from shared.webhooks import new_delivery
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 
 from shared.clock import utcnow
 from shared.enums import UNFINISHED_JOB, JobEvent, JobStatus
-from shared.models import Embedding, Job
 from shared.present import job_object
 from shared.storage import ObjectStorage
+from shared.tables import Embedding, Job
 from shared.webhooks import job_event, wants_event
 
 # target -> statuses it may be entered from (the contract's only moves)

@@ -10,8 +10,8 @@ from typing import Any
 
 from shared.clock import isoformat
 from shared.enums import DeliveryStatus, JobStatus
-from shared.models import Batch, Job, WebhookDelivery
 from shared.storage import ObjectStorage
+from shared.tables import Batch, Job, WebhookDelivery
 
 # result field -> the stored key it is presigned from
 RESULT_URLS = {"mask_url": "mask_key", "soft_url": "soft_key", "cutout_url": "cutout_key"}

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
 from shared.errors import ClipmaskError
-from shared.models import Preset
+from shared.tables import Preset
 
 MAX_LABELS = 32  # per job, preset labels and prompts together
 MAX_PRESET_LABELS = 32

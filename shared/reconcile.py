@@ -34,8 +34,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.batches import stale_batches
 from shared.db import session_scope
 from shared.enums import JobStatus
-from shared.models import Job
 from shared.settings import Settings
+from shared.tables import Job
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.clock import utcnow
 from shared.db import session_scope
 from shared.enums import FINISHED_JOB, BatchStatus, DeliveryStatus, JobStatus
-from shared.models import Batch, IdempotencyKey, Job, WebhookDelivery
 from shared.settings import Settings
 from shared.storage import ObjectStorage, examples_lock, job_object_keys, job_prefix
+from shared.tables import Batch, IdempotencyKey, Job, WebhookDelivery
 
 log = logging.getLogger(__name__)
 

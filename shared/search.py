@@ -28,9 +28,9 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from shared.errors import ClipmaskError
-from shared.models import INDEXED_EMBEDDING_DIMS, Embedding, Job
 from shared.queue import EMBED_TASK, enqueue_next
 from shared.settings import Settings
+from shared.tables import INDEXED_EMBEDDING_DIMS, Embedding, Job
 
 SCOPES = ("images", "masks")
 

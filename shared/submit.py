@@ -36,12 +36,12 @@ from shared.clock import utcnow
 from shared.enums import BatchStatus, JobStatus
 from shared.errors import IdempotencyKeyReused, QueueFull, QueueUnavailable
 from shared.images import sniff
-from shared.models import Batch, IdempotencyKey, Job, Tenant
 from shared.present import batch_counts, batch_object, job_object
 from shared.presets import expand
 from shared.queue import enqueue_segment, enqueue_segments
 from shared.settings import Settings
 from shared.storage import ObjectStorage, examples_lock, upload_key
+from shared.tables import Batch, IdempotencyKey, Job, Tenant
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.models import ApiKey, Tenant
 from shared.settings import Settings
+from shared.tables import ApiKey, Tenant
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from shared.db import session_scope
 from shared.enums import DeliveryStatus, EventType, JobEvent
 from shared.errors import ImageFetchFailed
 from shared.fetch import AddressRefused, FetchPolicy, exchange_deadline, guarded_pool, policy_from_settings
-from shared.models import Job, Tenant, WebhookDelivery
 from shared.settings import Settings
+from shared.tables import Job, Tenant, WebhookDelivery
 
 log = logging.getLogger(__name__)
 

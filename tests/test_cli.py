@@ -9,7 +9,7 @@ import sys
 
 from sqlalchemy import select
 
-from shared.models import ApiKey
+from shared.tables import ApiKey
 from shared.tenants import hash_key
 from tests.support.services import ROOT, settings_env
 

@@ -111,11 +111,11 @@ def test_beat_flower_and_the_api_start_without_torch():
         "        if name.split('.')[0] in ('torch', 'transformers', 'kornia', 'pymatting', 'numba'):\n"
         "            raise ImportError('not in the API image: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import shared.celery_app, api.wsgi, cli.main\n"
-        "assert set(shared.celery_app.app.conf.beat_schedule) == {'retention', 'reconcile', 'webhooks'}\n"
+        "import shared.beat_app, api.wsgi, cli.main\n"
+        "assert set(shared.beat_app.app.conf.beat_schedule) == {'retention', 'reconcile', 'webhooks'}\n"
     )
     for service in ("beat", "flower"):
-        assert "shared.celery_app" in " ".join(SERVICES[service]["command"]), service
+        assert "shared.beat_app" in " ".join(SERVICES[service]["command"]), service
     out = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={"PATH": "/usr/bin:/bin", "CLIPMASK_LOG_FORMAT": "text"})
     assert out.returncode == 0, out.stderr[-2000:]

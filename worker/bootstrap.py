@@ -71,7 +71,7 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
 
     def served(segmenter: Any) -> None:
         """Record the base this worker serves, so uploads of fine-tuned decoders can be checked against it."""
-        from shared.tuned import record_base
+        from shared.tuned_models import record_base
         from worker.engine.finetuned import decoder_tensors
 
         model = segmenter.loaded.model
@@ -87,7 +87,7 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
     def _serving() -> None:
         """Say every served_base_beat_s that this base is still served (GET /v1/models' `served`; a
         base no worker served for a day is no longer listed or accepted)."""
-        from shared.tuned import touch_base
+        from shared.tuned_models import touch_base
 
         while True:  # a daemon thread: it ends with the worker process
             time.sleep(settings.served_base_beat_s)

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import JobFailure
 from shared.storage import ObjectStorage
-from shared.tuned import LABEL_EMBEDDINGS, find_model
+from shared.tuned_models import LABEL_EMBEDDINGS, find_model
 from worker.engine.fast import Decoder
 
 

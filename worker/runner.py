@@ -38,10 +38,10 @@ from shared.errors import ImageFetchFailed, JobFailure, StorageFailed
 from shared.fetch import FetchPolicy, fetch_image_bytes
 from shared.followups import Effects
 from shared.images import decode, jpeg_header
-from shared.models import Job, Tenant
 from shared.presets import labels_of
 from shared.s3uri import input_refusal, parse_s3_uri
 from shared.storage import ObjectStorage, job_object_keys, mask_key, output_key
+from shared.tables import Job, Tenant
 from worker.decoders import DecoderCache
 from worker.engine.embed import VisualPrompt
 from worker.engine.fast import LabelKey, LearnedLabel, SegmentRequest

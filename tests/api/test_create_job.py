@@ -69,7 +69,7 @@ def test_upload_is_stored_before_the_row(client, tenant, storage, sessions):
     png = make_image(fmt="PNG")
     resp = _post_json(client, tenant, {"image_base64": base64.b64encode(png).decode(), "prompts": ["x"]})
     job_id = resp.get_json()["id"]
-    from shared.models import Job
+    from shared.tables import Job
 
     with sessions() as session:
         row = session.get(Job, job_id)

@@ -8,7 +8,7 @@ import time
 from api import create_app
 from shared.clock import utcnow
 from shared.db import session_scope
-from shared.models import Tenant
+from shared.tables import Tenant
 from shared.tenants import tenants_changed
 from tests.support.cli import clipmask, lines
 

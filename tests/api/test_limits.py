@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from api import create_app
 from shared.db import session_scope
-from shared.models import Job, Tenant
+from shared.tables import Job, Tenant
 from tests.support.api import insert_job
 from tests.support.cli import clipmask, lines
 from tests.support.services import free_port

@@ -134,7 +134,7 @@ def test_multipart_takes_preset_and_repeated_outputs(client, tenant):
 
 
 def test_job_labels_are_frozen_at_creation(client, tenant, sessions):
-    from shared.models import Job
+    from shared.tables import Job
 
     preset_id = new_id()
     client.post("/v1/presets", json={"id": preset_id, "labels": LABELS}, headers=tenant.headers)

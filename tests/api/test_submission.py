@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from shared.db import session_scope
-from shared.models import Batch, Job, Tenant
+from shared.tables import Batch, Job, Tenant
 
 
 def _race(app: Any, n: int, send: Callable[[Any], Any]) -> list[Any]:

@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import Webhook
 
 from api import create_app
 from shared.batches import finalize
-from shared.models import Batch, Job, WebhookDelivery
+from shared.tables import Batch, Job, WebhookDelivery
 from tests.support.images import make_image
 from tests.support.webhook_receiver import Receiver
 

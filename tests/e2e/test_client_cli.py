@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from api import create_app
 from client import Clipmask, ClipmaskError
-from shared.models import Batch
+from shared.tables import Batch
 from tests.support.images import make_image
 from tests.support.services import ROOT, serving
 

@@ -11,8 +11,8 @@ import requests
 from sqlalchemy import select
 
 from api import create_app
-from shared.models import Job
 from shared.storage import ObjectStorage
+from shared.tables import Job
 from tests.support.api import wait_for_job
 from tests.support.faults import kill, s3_ports, start_postgres_proxy, start_s3_server
 from tests.support.images import make_image

@@ -16,7 +16,7 @@ import redis
 
 from api import create_app
 from shared.db import make_engine, make_session_factory
-from shared.models import Job
+from shared.tables import Job
 from tests.support.api import wait_for_job
 from tests.support.images import SlowImage
 from tests.support.services import ROOT, migrated_database, settings_env, start_worker, stop_process
@@ -115,7 +115,7 @@ def test_worker_killed_mid_batch_every_job_ends_once_with_one_event_each(fault_s
                                                                         tmp_path):
     from sqlalchemy import func, select
 
-    from shared.models import Batch, WebhookDelivery
+    from shared.tables import Batch, WebhookDelivery
     from tests.support.webhook_receiver import Receiver
 
     own = own_settings(fault_settings, "kill9batch")

@@ -18,8 +18,8 @@ from api import create_app
 from shared.batches import finalize, stale_batches
 from shared.db import make_engine, make_session_factory, session_scope
 from shared.errors import StorageFailed
-from shared.models import Batch, Job, WebhookDelivery
 from shared.storage import ObjectStorage
+from shared.tables import Batch, Job, WebhookDelivery
 from tests.support.faults import kill, start_postgres_proxy
 from tests.support.images import make_image
 from tests.support.services import free_port, pg_address, private_queues, start_worker, stop_process

@@ -257,8 +257,8 @@ def test_the_per_tenant_limit_and_deleting(settings, storage, make_tenant, folde
     over = push(capped, tenant, folder, "two")
     assert over.status_code == 409 and over.get_json()["code"] == "model_limit_reached"
     from shared.db import session_scope
-    from shared.models import ServedBase
-    from shared.tuned import record_base
+    from shared.tables import ServedBase
+    from shared.tuned_models import record_base
 
     with session_scope(sessions) as session:  # a hub-style base id, as a worker serving it records it
         record_base(session, model_id="acme/clipseg-base", revision="abc", decoder={}, projection_dim=8)
@@ -298,8 +298,8 @@ def test_bases_say_whether_they_are_served_and_go_when_no_worker_served_them_for
 
     from shared.clock import utcnow
     from shared.db import session_scope
-    from shared.models import ServedBase
-    from shared.tuned import record_base
+    from shared.tables import ServedBase
+    from shared.tuned_models import record_base
 
     tenant = make_tenant()
     names = [f"acme/base-{uuid.uuid4().hex[:6]}" for _ in range(3)]
@@ -334,8 +334,8 @@ def test_a_model_runs_only_on_the_exact_base_it_was_made_for(settings, sessions,
     the model is refused (422 unsupported_base_model), and one queued before the change fails with
     that code instead of running on the other backbone."""
     from shared.db import session_scope
-    from shared.models import ServedBase
     from shared.queue import make_celery
+    from shared.tables import ServedBase
     from worker.bootstrap import build_deps
     from worker.runner import run_job
 

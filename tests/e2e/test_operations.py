@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from api import create_app
 from shared.clock import utcnow
 from shared.db import session_scope
-from shared.models import Job
 from shared.storage import mask_key, upload_key
+from shared.tables import Job
 from tests.support.api import wait_for_job
 from tests.support.cli import clipmask, lines
 from tests.support.images import SlowImage, make_image
@@ -322,7 +322,7 @@ def test_admin_retry_obeys_the_queued_jobs_cap(settings, client, tenant, session
 
 def test_retention_takes_old_batches_manifests_and_deliveries_after_their_jobs(settings, sessions, storage, tenant):
     from shared.batches import manifest_key
-    from shared.models import Batch, WebhookDelivery
+    from shared.tables import Batch, WebhookDelivery
     from shared.webhooks import new_delivery
 
     created = utcnow() - dt.timedelta(days=40)

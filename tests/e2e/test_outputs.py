@@ -13,9 +13,9 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from shared.db import session_scope
-from shared.models import Job
 from shared.presets import BUILTIN
 from shared.retention import purge_expired
+from shared.tables import Job
 from tests.support.api import wait_for_job
 from tests.support.images import make_image
 

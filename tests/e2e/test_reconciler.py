@@ -11,9 +11,9 @@ from sqlalchemy import select
 
 from api import create_app
 from shared.db import make_engine, make_session_factory, session_scope
-from shared.models import Job
 from shared.queue import make_celery
 from shared.reconcile import reconcile_from_settings
+from shared.tables import Job
 from shared.tenants import create_tenant
 from tests.support.images import make_image
 from tests.support.services import private_queues, start_worker, stop_process

@@ -17,9 +17,9 @@ from PIL import Image
 
 from api import create_app
 from shared.db import session_scope
-from shared.models import Embedding, Job
 from shared.retention import purge_expired
 from shared.storage import example_key
+from shared.tables import Embedding, Job
 from tests.support.api import wait_for_job
 from tests.support.images import make_image
 

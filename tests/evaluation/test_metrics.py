@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from evaluation.datasets import IGNORE
-from evaluation.metrics import SWEEP, DatasetStats, Scores, label_map
+from evaluation.scoring import SWEEP, DatasetStats, Scores, label_map
 
 pytestmark = pytest.mark.unit
 

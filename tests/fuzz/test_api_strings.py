@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.db import session_scope
-from shared.models import Tenant
+from shared.tables import Tenant
 from tests.support.images import make_image
 
 ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)

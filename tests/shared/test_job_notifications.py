@@ -11,7 +11,7 @@ import pytest
 from shared import jobs as jobstate
 from shared.db import session_scope
 from shared.jobs import JOB_CANCELED_CHANNEL, JOB_FINISHED_CHANNEL
-from shared.models import Job
+from shared.tables import Job
 
 
 @pytest.fixture()

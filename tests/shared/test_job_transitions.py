@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from shared import db
 from shared import jobs as jobstate
 from shared.db import make_engine, make_session_factory, session_scope
-from shared.models import Job
+from shared.tables import Job
 
 
 def new_job(sessions, tenant, **values) -> str:

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import event, text
 
 from shared.db import session_scope
-from shared.models import Embedding
 from shared.search import EXACT_BELOW, Query, search
+from shared.tables import Embedding
 from tests.support.api import insert_job
 
 MODEL = "test-index-model"

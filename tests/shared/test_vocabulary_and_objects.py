@@ -13,10 +13,10 @@ from shared.clock import isoformat
 from shared.enums import FINISHED_JOB, JobEvent, JobStatus
 from shared.followups import Effects
 from shared.jobs import ALLOWED_FROM, Finished
-from shared.models import Job
 from shared.present import batch_counts, job_object
 from shared.settings import Settings
 from shared.storage import ObjectStorage
+from shared.tables import Job
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ from typing import Any
 from shared.clock import utcnow
 from shared.db import session_scope
 from shared.enums import FINISHED_JOB
-from shared.models import Job
+from shared.tables import Job
 
 
 @dataclass

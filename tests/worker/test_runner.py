@@ -15,9 +15,9 @@ from shared import jobs as jobstate
 from shared.clock import utcnow
 from shared.db import session_scope
 from shared.errors import StorageFailed
-from shared.models import Job
 from shared.queue import make_celery
 from shared.storage import mask_key, upload_key
+from shared.tables import Job
 from tests.support.images import make_image
 from worker.bootstrap import build_deps
 from worker.runner import TransientError, run_job
@@ -196,7 +196,7 @@ def test_duplicate_message_while_leased_elsewhere_is_skipped(deps, sessions, sto
 def started_deliveries(sessions, job_id) -> list:
     from sqlalchemy import select
 
-    from shared.models import WebhookDelivery
+    from shared.tables import WebhookDelivery
 
     with sessions() as session:
         return list(session.execute(select(WebhookDelivery.event_type).where(
@@ -409,7 +409,7 @@ def test_a_job_taken_max_attempts_times_fails_attempts_exhausted(deps, sessions,
     assert "3 times" in job.error["message"] and job.lease_expires_at is None and job.finished_at is not None
     from sqlalchemy import select
 
-    from shared.models import WebhookDelivery
+    from shared.tables import WebhookDelivery
     with sessions() as session:
         assert list(session.execute(select(WebhookDelivery.event_type).where(
             WebhookDelivery.job_id == job_id)).scalars()) == ["job.failed"]

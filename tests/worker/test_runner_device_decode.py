@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from shared.db import session_scope
-from shared.models import Job
 from shared.queue import make_celery
 from shared.storage import upload_key
+from shared.tables import Job
 from tests.support.engine import jpeg
 from worker.bootstrap import build_deps
 from worker.engine.jpeg import EncodedJpeg

@@ -30,8 +30,8 @@ from sqlalchemy.orm import Session
 
 from shared.clock import isoformat, utcnow
 from shared.errors import ClipmaskError
-from shared.models import ServedBase, TunedModel
 from shared.storage import ObjectStorage
+from shared.tables import ServedBase, TunedModel
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The Celery app without the worker's tasks, for the processes that only schedule or watch:
-`celery -A shared.celery_app beat` and `celery -A shared.celery_app flower`.
+`celery -A shared.beat_app beat` and `celery -A shared.beat_app flower`.
 
 It imports no torch (worker.celery_app does, through the engine), so beat and Flower run in the
 API image. Beat sends the scheduled tasks by name; their routes and the schedule are
