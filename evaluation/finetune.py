@@ -19,7 +19,7 @@ validation mIoU has not improved for --patience epochs (past the first third of 
 Ctrl-C keeps the best checkpoint so far.
 
 Writes DIR/clipmask-model.json, DIR/decoder.safetensors and DIR/report/index.html (see
-worker/engine/finetuned.py for the format). `clipmask eval DATASET --model DIR` then scores the
+shared/modelfile.py for the format and its checks). `clipmask eval DATASET --model DIR` then scores the
 folder the way the worker would run it.
 """
 
@@ -359,7 +359,8 @@ def write_folder(out: Path, trainer: Trainer, state: dict[str, Any], *, names: l
                  timing: dict[str, Any], dataset: str, split: dict[str, int]) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    from worker.engine.finetuned import FORMAT_VERSION, MANIFEST, WEIGHTS
+    from shared.modelfile import FORMAT_VERSION, MANIFEST, WEIGHTS
+    from worker.engine.finetuned import check_against, read_model_folder
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().float() for k, v in state.items()}, str(out / WEIGHTS))
@@ -375,8 +376,23 @@ def write_folder(out: Path, trainer: Trainer, state: dict[str, Any], *, names: l
         "history": {"loss": history.loss, "val_miou": history.val_miou},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out / MANIFEST).write_text(json.dumps(_finite(manifest), indent=2, allow_nan=False))
+    # what was written passes the loader's checks, which are the uploader's (shared/modelfile.py): a
+    # folder POST /v1/models would refuse is never left behind as if it were a model
+    check_against(trainer.loaded.model, read_model_folder(out))
     return manifest
+
+
+def _finite(value: Any) -> Any:
+    """The manifest with NaN and infinities (a metric of a class validation never saw, a diverged run)
+    as null: strict JSON, which the uploader requires."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_report(out: Path, manifest: dict[str, Any], history: History, before: dict[str, Any],

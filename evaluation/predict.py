@@ -40,9 +40,10 @@ class EnginePredictor:
     def __init__(self, model: str, labels: list[Label], *, device: str = "auto", dtype: str = "bf16",
                  cpu_dtype: str = "auto", threshold: float = 0.4, refine: str = "none",
                  matting_max_pixels: int = 4_000_000) -> None:
+        from shared.modelfile import is_model_folder
         from worker.engine import FastEngine, SegmentRequest, Wanted, load_clipseg
         from worker.engine.fast import LearnedLabel
-        from worker.engine.finetuned import apply_decoder, is_model_folder, read_model_folder
+        from worker.engine.finetuned import apply_decoder, read_model_folder
 
         self._request, self._wanted = SegmentRequest, Wanted(soft=True)
         tuned = read_model_folder(model) if is_model_folder(model) else None

@@ -101,7 +101,8 @@ def deployment_labels(base_url: str, api_key: str, model: str) -> list[Label]:
 
 def folder_labels(model: str | None) -> list[Label]:
     """A fine-tuned model folder's own labels (what a job naming it segments without prompts)."""
-    from worker.engine.finetuned import InvalidModel, is_model_folder, read_model_folder
+    from shared.modelfile import is_model_folder
+    from worker.engine.finetuned import InvalidModel, read_model_folder
 
     if model is None or not is_model_folder(model):
         return []

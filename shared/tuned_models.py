@@ -2,9 +2,10 @@
 
 A worker that loads its checkpoint records it as a served base (`served_bases`: id, revision, the
 decoder's tensor names and shapes, the projection size). `POST /v1/models` checks an upload
-against that record before anything is stored: a known format version, a base this deployment
-serves, a safetensors file whose tensors are exactly that decoder's names and shapes (read from
-the file's header; no tensor is loaded in the API), at most `max_models_per_tenant` per tenant.
+against that record before anything is stored: the model folder's rules (shared/modelfile.py: the
+format, the labels, a safetensors file whose tensors are exactly that decoder's names and shapes,
+finite, read without torch), a base this deployment serves now, at most `max_models_per_tenant`
+per tenant.
 The weights go to object storage under the tenant's prefix, keyed by their digest (the model's
 revision), so a job that asked for a revision keeps it and a worker never mixes weights.
 """
@@ -13,21 +14,18 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
-import math
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shared import modelfile
 from shared.clock import isoformat, utcnow
 from shared.errors import ClipmaskError
 from shared.storage import ObjectStorage
@@ -35,23 +33,7 @@ from shared.tables import ServedBase, TunedModel
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 MODEL_ID = re.compile(r"^[a-z0-9._-]{1,64}$")
-LABEL_EMBEDDINGS = "label_embeddings"
-MAX_LABELS = 32
-MAX_MANIFEST_BYTES = 1 << 20
-# Postgres stores neither NUL in text/jsonb nor lone UTF-16 surrogates
-UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def _storable(value: Any) -> bool:
-    if isinstance(value, str):
-        return not UNSTORABLE.search(value)
-    if isinstance(value, dict):
-        return all(_storable(k) and _storable(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_storable(v) for v in value)
-    return True
 
 
 class ModelError(ClipmaskError):
@@ -144,86 +126,6 @@ def base_object(base: ServedBase, *, live_s: float) -> dict[str, Any]:
 
 # ---- uploads ---------------------------------------------------------------------------------------
 
-# The float dtypes a CLIPSeg decoder's weights come in (the base's are F32; half precision loads into
-# it too). Anything else (integers, 8-bit floats, a name safetensors doesn't know) is refused: the
-# worker's load_state_dict would fail or quietly cast.
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
-# A decoder declares tens of tensors: its header is a few KB. A 15.6 MiB header cost an API thread
-# 134 MiB and seconds of CPU to parse.
-MAX_HEADER_BYTES = 256 << 10
-# the exponent bits of each dtype, as the unsigned integer of the same width: all ones is NaN or infinity
-_EXPONENT = {"F32": (np.uint32, 0x7F800000), "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}
-
-
-def safetensors_header(data: bytes) -> dict[str, Any]:
-    """The tensors a safetensors file declares ({name: {"dtype", "shape", "data_offsets"}}), checked as
-    the worker's loader would read them: a bounded header, known float dtypes, each tensor's byte span
-    exactly its shape times its dtype's size, spans back to back without overlap or gap up to the end
-    of the file, and every value finite. InvalidWeights for anything else."""
-    if len(data) < 8:
-        raise InvalidWeights("weights: not a safetensors file (too short)")
-    (size,) = struct.unpack("<Q", data[:8])
-    if size > len(data) - 8:
-        raise InvalidWeights("weights: not a safetensors file (its header length runs past the file)")
-    if size > MAX_HEADER_BYTES:
-        raise InvalidWeights(f"weights: the header is {size} bytes; a decoder's is under {MAX_HEADER_BYTES}")
-    try:
-        header = json.loads(data[8:8 + size])
-    except (ValueError, RecursionError) as exc:
-        raise InvalidWeights("weights: not a safetensors file (its header is not JSON)") from exc
-    if not isinstance(header, dict):
-        raise InvalidWeights("weights: not a safetensors file (its header is not an object)")
-    header.pop("__metadata__", None)
-    spans = []
-    for name, info in header.items():
-        if not (isinstance(info, dict) and isinstance(info.get("shape"), list)
-                and all(type(n) is int and n >= 0 for n in info["shape"])
-                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-                and all(type(n) is int and n >= 0 for n in info["data_offsets"])):
-            raise InvalidWeights(f"weights: tensor {name!r} is not described as safetensors describes tensors")
-        dtype = info.get("dtype")
-        if dtype not in DTYPE_BYTES:
-            raise InvalidWeights(f"weights: tensor {name!r} has dtype {str(dtype)[:20]!r}; a decoder's are one of "
-                                 f"{', '.join(DTYPE_BYTES)}")
-        start, end = info["data_offsets"]
-        if end - start != math.prod(info["shape"]) * DTYPE_BYTES[dtype]:
-            raise InvalidWeights(f"weights: tensor {name!r} spans {end - start} bytes, its shape {info['shape']} "
-                                 f"of {dtype} needs {math.prod(info['shape']) * DTYPE_BYTES[dtype]}")
-        spans.append((start, end, name))
-    at = 0
-    for start, end, name in sorted(spans):
-        if start != at:
-            raise InvalidWeights(f"weights: tensor {name!r} " + ("overlaps another" if start < at else
-                                                                 "leaves a gap before it"))
-        at = end
-    if 8 + size + at != len(data):
-        raise InvalidWeights("weights: the file's length does not match its tensors (truncated or padded)")
-    body = memoryview(data)[8 + size:]
-    for start, end, name in spans:
-        kind, exponent = _EXPONENT[header[name]["dtype"]]
-        values = np.frombuffer(body[start:end], dtype=kind)
-        if np.any((values & kind(exponent)) == kind(exponent)):
-            raise InvalidWeights(f"weights: tensor {name!r} holds NaN or infinity")
-    return header
-
-
-def _finite_number(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text[:40]} is out of range")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def strict_json(text: bytes) -> Any:
-    """JSON as the standard has it: NaN, Infinity and numbers past a double's range (1e400) are refused
-    (Python's json takes them; Postgres' jsonb refuses them, which made a create answer 500)."""
-    return json.loads(text, parse_constant=_no_constant, parse_float=_finite_number)
-
-
 @dataclass(frozen=True)
 class Upload:
     manifest: dict[str, Any]
@@ -233,56 +135,25 @@ class Upload:
 
 
 def check_upload(session: Session, manifest_bytes: bytes, weights: bytes, *, base_ttl_s: float = 86_400) -> Upload:
-    """The upload as it will be stored, or the ModelError that says what is wrong with it."""
-    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
-        raise InvalidManifest(f"manifest: larger than {MAX_MANIFEST_BYTES} bytes")
+    """The upload as it will be stored, or the ModelError that says what is wrong with it: the model
+    folder's rules (shared/modelfile.py, the loader's and the writer's too), then a base this
+    deployment serves now, at the revision the model was trained on, whose decoder the tensors are."""
     try:
-        manifest = strict_json(manifest_bytes)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidManifest(f"manifest: not JSON (upload the folder's clipmask-model.json): {exc}"[:300]) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise InvalidManifest(f"manifest: format {found!r} is not {FORMAT_VERSION}")
-    if not _storable(manifest):
-        raise InvalidManifest("manifest: holds a NUL character or a lone surrogate")
-    base = manifest.get("base")
-    if not isinstance(base, dict) or not isinstance(base.get("id"), str):
-        raise InvalidManifest("manifest: no base model id")
-    labels = manifest.get("labels")
-    if not isinstance(labels, list) or not 1 <= len(labels) <= MAX_LABELS:
-        raise InvalidManifest(f"manifest: labels must be a list of 1 to {MAX_LABELS} {{name, prompts}}")
-    clean = []
-    for i, label in enumerate(labels):
-        ok = (isinstance(label, dict) and isinstance(label.get("name"), str) and 0 < len(label["name"]) <= 200
-              and isinstance(label.get("prompts"), list) and 1 <= len(label["prompts"]) <= 8
-              and all(isinstance(p, str) and 0 < len(p) <= 200 for p in label["prompts"]))
-        threshold = label.get("threshold") if isinstance(label, dict) else None
-        if not ok or (threshold is not None and not (isinstance(threshold, int | float) and 0 < threshold < 1)):
-            raise InvalidManifest(f"manifest: labels[{i}] must be {{name, prompts: 1 to 8 strings, threshold?}}")
-        clean.append({"name": label["name"], "prompts": list(label["prompts"]),
-                      **({"threshold": float(threshold)} if threshold is not None else {})})
-    served = current_base(session, base["id"], ttl_s=base_ttl_s)
-    if served is None:
-        names = ", ".join(b.id for b in current_bases(session, ttl_s=base_ttl_s)) or "none yet: start a worker"
-        raise UnsupportedBase(f"manifest: base {base['id']!r} is not a model this deployment serves ({names})")
-    if base.get("revision") and served.revision and base["revision"] != served.revision:
-        raise UnsupportedBase(f"manifest: trained on revision {base['revision']} of {base['id']}, this deployment "
-                              f"serves {served.revision}")
-    header = safetensors_header(weights)
-    embeddings = header.pop(LABEL_EMBEDDINGS, None)
-    want = {name: list(shape) for name, shape in served.decoder.items()}
-    got = {name: list(info["shape"]) for name, info in header.items()}
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing or extra:
-        raise InvalidWeights(f"weights: the tensors are not {base['id']}'s decoder (missing {missing[:3]}, "
-                             f"unexpected {extra[:3]})")
-    for name, shape in want.items():
-        if got[name] != shape:
-            raise InvalidWeights(f"weights: {name} is {got[name]}, {base['id']}'s decoder has {shape}")
-    if embeddings is not None and list(embeddings["shape"]) != [len(clean), served.projection_dim]:
-        raise InvalidWeights(f"weights: label_embeddings are {embeddings['shape']}, expected "
-                             f"{[len(clean), served.projection_dim]}")
-    return Upload(manifest, clean, "sha256:" + hashlib.sha256(weights).hexdigest(), embeddings is not None)
+        manifest = modelfile.parse_manifest(manifest_bytes)
+        base_id = manifest.base_id
+        served = current_base(session, base_id, ttl_s=base_ttl_s)
+        if served is None:
+            names = ", ".join(b.id for b in current_bases(session, ttl_s=base_ttl_s)) or "none yet: start a worker"
+            raise UnsupportedBase(f"manifest: base {base_id!r} is not a model this deployment serves ({names})")
+        if manifest.base_revision and served.revision and manifest.base_revision != served.revision:
+            raise UnsupportedBase(f"manifest: trained on revision {manifest.base_revision} of {base_id}, this "
+                                  f"deployment serves {served.revision}")
+        header = modelfile.check_weights(weights)
+        prompt_tuning = modelfile.check_against_base(header, len(manifest.labels), decoder=served.decoder,
+                                                     projection_dim=served.projection_dim, base_id=base_id)
+    except modelfile.InvalidModelFile as exc:
+        raise (InvalidManifest if exc.part == "manifest" else InvalidWeights)(str(exc)) from exc
+    return Upload(manifest.data, manifest.labels, "sha256:" + hashlib.sha256(weights).hexdigest(), prompt_tuning)
 
 
 def _models_lock(session: Session, tenant_id: str) -> None:

@@ -20,8 +20,9 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import JobFailure
+from shared.modelfile import LABEL_EMBEDDINGS
 from shared.storage import ObjectStorage
-from shared.tuned_models import LABEL_EMBEDDINGS, find_model
+from shared.tuned_models import find_model
 from worker.engine.fast import Decoder
 
 

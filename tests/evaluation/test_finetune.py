@@ -13,8 +13,9 @@ from PIL import Image
 
 from cli.main import main
 from evaluation.finetune import mirror_lookup, variant
+from shared.modelfile import MANIFEST, WEIGHTS
 from tests.support.garments import CLASSES, person, write_folder
-from worker.engine.finetuned import MANIFEST, WEIGHTS, InvalidModel, read_model_folder
+from worker.engine.finetuned import InvalidModel, read_model_folder
 
 pytestmark = pytest.mark.unit
 
@@ -75,7 +76,7 @@ def test_a_broken_model_folder_is_refused_with_its_reason(tuned, garments, tmp_p
     assert "format 99 is not 1" in capsys.readouterr().err
     (broken / MANIFEST).write_text(json.dumps(manifest))
     (broken / WEIGHTS).write_bytes(b"not safetensors")
-    with pytest.raises(InvalidModel, match="not a readable safetensors file"):
+    with pytest.raises(InvalidModel, match="weights: not a safetensors file"):
         read_model_folder(broken)
 
 
