@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.pipeline import realistic_logits, speckled_logits
-from worker.engine.postprocess import Wanted, upsample
+from worker.engine.postprocess import upsample
+from worker.engine.types import Wanted
 from worker.outputs import scanlines
 
 

@@ -29,7 +29,7 @@ UNBOUNDED = 10**12
 
 
 def job_labels(size: int, seed: int):
-    from worker.engine.postprocess import PromptMask
+    from worker.engine.types import PromptMask
 
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)

@@ -55,7 +55,8 @@ from shared.tables import Job
 from shared.tenants import create_tenant
 from tests.support.services import migrated_database
 from worker.engine.fast import SegmentRequest
-from worker.engine.postprocess import SegmentResult, Wanted, upsample
+from worker.engine.postprocess import upsample
+from worker.engine.types import SegmentResult, Wanted
 from worker.runner import RunnerDeps, run_job
 from worker.stops import CancelWatch
 

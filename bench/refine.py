@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluation.edges import boundary_f, garment, iou, logits_of
-from worker.engine.postprocess import Wanted, upsample
+from worker.engine.postprocess import upsample
 from worker.engine.refine import GuidedParams, guide_of, guided, matte, matte_region
+from worker.engine.types import Wanted
 
 METHODS = ("bilinear", "guided", "matting")
 

@@ -46,8 +46,8 @@ from worker.decoders import DecoderCache
 from worker.engine.embed import VisualPrompt
 from worker.engine.fast import LabelKey, LearnedLabel, SegmentRequest
 from worker.engine.jpeg import EncodedJpeg
-from worker.engine.postprocess import SegmentResult, Wanted
 from worker.engine.refine import PixelBudget, apply_mattes
+from worker.engine.types import SegmentResult, Wanted
 from worker.examples import ExampleCache
 from worker.leases import LeaseKeeper
 from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, png_gray

@@ -239,7 +239,8 @@ def test_the_worker_deflates_with_isal_and_masks_decode_the_same():
     """ISA-L is the worker's deflate (a worker dependency); a 1024x1536 mask shaped like a real one
     decodes to the same pixels as zlib's, and is no larger."""
     from evaluation.edges import garment, logits_of
-    from worker.engine.postprocess import Wanted, upsample
+    from worker.engine.postprocess import upsample
+    from worker.engine.types import Wanted
     from worker.outputs import DEFLATE, encode_png
 
     assert DEFLATE == "isal"

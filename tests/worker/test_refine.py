@@ -187,8 +187,8 @@ def test_a_refined_job_follows_the_photo_where_bilinear_does_not(engines):
 def test_mattes_stop_at_the_pixel_bound_and_say_so():
     """Labels are matted in order while the solved pixels fit the bound; the rest keep the guided
     soft map and say refine: guided, as does a label with no outline."""
-    from worker.engine.postprocess import PromptMask
     from worker.engine.refine import apply_mattes
+    from worker.engine.types import PromptMask
 
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
@@ -217,8 +217,8 @@ def test_concurrent_jobs_solve_mattes_within_the_process_budget():
     (each label waits for its pixels), and every label is still matted exactly as alone."""
     import threading
 
-    from worker.engine.postprocess import PromptMask
     from worker.engine.refine import PixelBudget, apply_mattes
+    from worker.engine.types import PromptMask
 
     rng = np.random.default_rng(5)
     image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)

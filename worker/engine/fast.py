@@ -38,7 +38,8 @@ from worker.engine import refine as refine_methods
 from worker.engine.embed import VisualPrompt, masked_crop, neutral_grey, unit
 from worker.engine.jpeg import EncodedJpeg, JpegDecoder
 from worker.engine.loading import LoadedModel
-from worker.engine.postprocess import SegmentResult, Wanted, upsample
+from worker.engine.postprocess import upsample
+from worker.engine.types import SegmentResult, Wanted
 
 Phrasings = tuple[str, ...]
 # Hidden-state values per vision pass on the CPU: past about one real-checkpoint image, the

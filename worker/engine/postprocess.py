@@ -9,13 +9,13 @@ else 0), the score, the box and the area. Only what the job asked for leaves the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from worker.engine import refine
+from worker.engine.types import PromptMask, Wanted
 
 # Upsample at most this many output pixels at once (prompts x H x W), to bound device memory
 # on 50-megapixel images: 64M float32 values = 256 MiB.
@@ -32,36 +32,6 @@ def to_host(tensor: torch.Tensor) -> np.ndarray:
     host.copy_(tensor, non_blocking=True)
     torch.cuda.current_stream(tensor.device).synchronize()
     return host.numpy()
-
-
-@dataclass
-class PromptMask:
-    prompt: str
-    mask: np.ndarray  # (H, W) uint8, 0 or 255
-    score: float  # highest probability anywhere in the image
-    bbox: list[int] | None  # [x0, y0, x1, y1], exclusive end
-    area_fraction: float
-    soft: np.ndarray | None = None  # (H, W) uint8 round(255 * p), when asked for
-    refine: str = "none"  # what made p: none (bilinear), guided; matting when its soft map is a matte
-
-
-@dataclass
-class SegmentResult:
-    masks: list[PromptMask]
-    logits: torch.Tensor  # (P, h, w) float32 on CPU at the model's output resolution
-    label_map: np.ndarray | None = None  # (H, W) uint8: 0 none, else 1 + index of the most probable label
-    # L2-normalised CLIP image embeddings (float32), when asked for: the whole image, and per label
-    # its masked crop (None for an empty mask)
-    image_embedding: np.ndarray | None = None
-    mask_embeddings: list[np.ndarray | None] | None = None
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """What to bring back from the device besides the binary masks."""
-
-    soft: bool = False
-    label_map: bool = False
 
 
 def _bboxes(mask: torch.Tensor) -> list[list[int] | None]:

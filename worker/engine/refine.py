@@ -26,14 +26,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from worker.engine.postprocess import PromptMask
+from worker.engine.types import PromptMask
 
 METHODS = ("none", "guided", "matting")
 RADIUS_FRACTION = 0.025

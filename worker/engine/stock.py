@@ -15,7 +15,8 @@ from PIL import Image
 from worker.engine.embed import VisualPrompt, features, masked_crop, neutral_grey, unit
 from worker.engine.fast import EmbedQuery, LabelKey, LearnedLabel, SegmentRequest, as_uint8_array, ensemble
 from worker.engine.loading import LoadedModel
-from worker.engine.postprocess import SegmentResult, upsample
+from worker.engine.postprocess import upsample
+from worker.engine.types import SegmentResult
 
 
 class StockEngine:
