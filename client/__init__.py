@@ -23,9 +23,10 @@ from typing import Any
 
 import httpx
 
-from shared.enums import FINISHED_JOB, BatchStatus
-
-FINISHED = FINISHED_JOB
+# The contract's final statuses (../shared/API.md, Jobs and Batches): spelled here, so the client ships
+# without the server's packages; tests/test_client_contract.py holds them to shared.enums.
+FINISHED = frozenset({"succeeded", "failed", "canceled"})
+BATCH_FINISHED = frozenset({"completed", "canceled"})
 
 
 class ClipmaskError(Exception):
@@ -107,7 +108,7 @@ class Batch:
 
     @property
     def finished(self) -> bool:
-        return self.status in (BatchStatus.COMPLETED, BatchStatus.CANCELED)
+        return self.status in BATCH_FINISHED
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Batch:
