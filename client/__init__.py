@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-# The contract's final statuses (../shared/API.md, Jobs and Batches): spelled here, so the client ships
+# The contract's final statuses (its Jobs and Batches sections): spelled here, so the client ships
 # without the server's packages; tests/test_client_contract.py holds them to shared.enums.
 FINISHED = frozenset({"succeeded", "failed", "canceled"})
 BATCH_FINISHED = frozenset({"completed", "canceled"})

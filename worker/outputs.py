@@ -1,6 +1,6 @@
 """Encoding what a job asked for, from the engine's masks, soft maps and label map.
 
-The formats are the contract's (../API.md "What to segment and what to return"):
+The formats are the HTTP contract's ("What to segment and what to return"; README.md walks through them):
 - mask: 8-bit grayscale PNG, 0 or 255, image size;
 - soft: 8-bit grayscale PNG of round(255 * p), image size;
 - rle: COCO run-length encoding of the binary mask, as pycocotools.mask.encode gives it;

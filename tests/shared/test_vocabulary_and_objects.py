@@ -23,7 +23,8 @@ pytestmark = pytest.mark.unit
 
 def test_the_state_machine_has_exactly_the_contracts_edges():
     edges = {(source, target) for target, sources in ALLOWED_FROM.items() for source in sources}
-    contract = {  # API.md: queued -> running, canceled; running -> succeeded, failed, canceled, queued
+    # the contract's Jobs section: queued -> running, canceled; running -> succeeded, failed, canceled, queued
+    contract = {
         (JobStatus.QUEUED, JobStatus.RUNNING), (JobStatus.QUEUED, JobStatus.CANCELED),
         (JobStatus.RUNNING, JobStatus.SUCCEEDED), (JobStatus.RUNNING, JobStatus.FAILED),
         (JobStatus.RUNNING, JobStatus.CANCELED), (JobStatus.RUNNING, JobStatus.QUEUED),

@@ -9,7 +9,8 @@ from shared.webhooks import Dispatcher, Outcome
 
 pytestmark = pytest.mark.unit
 
-CONTRACT_S = [5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]  # API.md: 5 s, 5 min, ... 24 h
+# the contract's Webhooks section: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h
+CONTRACT_S = [5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
 
 
 def _dispatcher(schedule: list[float]) -> Dispatcher:
