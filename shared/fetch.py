@@ -155,9 +155,14 @@ class _Watchdog:
         self._heap: list[tuple[float, int, Exchange]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._compacted = 1024  # the heap's size after its last sweep of ended exchanges
 
     def watch(self, exchange: Exchange) -> None:
         with self._wake:
+            if len(self._heap) > 2 * self._compacted:  # most exchanges end long before their deadline
+                self._heap = [entry for entry in self._heap if not entry[2].done]
+                heapq.heapify(self._heap)
+                self._compacted = max(1024, len(self._heap))
             heapq.heappush(self._heap, (exchange.deadline, next(self._order), exchange))
             if self._thread is None or not self._thread.is_alive():  # (a forked child starts its own)
                 self._thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)

@@ -348,3 +348,22 @@ def test_a_policy_never_borrows_another_policys_connections(keepalive):
     with pytest.raises(AddressRefused):  # the connection kept for the open policy is not this one's
         fetch_image_bytes(f"{server.base}/10", STRICT)
     assert server.connections == 1
+
+
+def test_the_deadline_watchdog_keeps_no_more_than_the_live_exchanges():
+    """Exchanges mostly end long before their deadline; the watchdog sweeps the ended ones instead
+    of holding every fetch of the last minute."""
+    from shared.fetch import _Watchdog, exchange_deadline
+
+    dog = _Watchdog()
+    import shared.fetch as fetch
+
+    real, fetch._WATCHDOG = fetch._WATCHDOG, dog
+    try:
+        for _ in range(5000):
+            with exchange_deadline(60):
+                pass
+        with exchange_deadline(60) as live:
+            assert len(dog._heap) <= 2 * 1024 + 1 and not live.done
+    finally:
+        fetch._WATCHDOG = real
