@@ -305,12 +305,14 @@ class Clipmask:
         return data
 
     # ---- models ------------------------------------------------------------------------------
-    def create_model(self, folder: str | Path, model_id: str) -> dict[str, Any]:
-        """Upload the folder `clipmask finetune` wrote (clipmask-model.json, decoder.safetensors)."""
+    def create_model(self, folder: str | Path, model_id: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Upload the folder `clipmask finetune` wrote (clipmask-model.json, decoder.safetensors). A
+        retry after a lost answer replays the first 201 (the Idempotency-Key) instead of 409 model_exists."""
         root = Path(folder)
         files = {"manifest": ("clipmask-model.json", (root / "clipmask-model.json").read_bytes()),
                  "weights": ("decoder.safetensors", (root / "decoder.safetensors").read_bytes())}
-        return self._request("POST", "/v1/models", data={"id": model_id}, files=files)
+        return self._request("POST", "/v1/models", data={"id": model_id}, files=files,
+                             headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex})
 
     def get_model(self, model_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/models/{model_id}")
@@ -336,9 +338,12 @@ class Clipmask:
                 return data
             params["cursor"] = body["next_cursor"]
 
-    def create_preset(self, preset_id: str, labels: list[dict[str, Any]]) -> dict[str, Any]:
-        """labels: [{"name": "blouse", "prompts": ["a blouse", "a women's top"]}, ...]"""
-        return self._request("POST", "/v1/presets", json={"id": preset_id, "labels": labels})
+    def create_preset(self, preset_id: str, labels: list[dict[str, Any]], *,
+                      idempotency_key: str | None = None) -> dict[str, Any]:
+        """labels: [{"name": "blouse", "prompts": ["a blouse", "a women's top"]}, ...]; retried safely
+        (an Idempotency-Key, generated unless given)."""
+        return self._request("POST", "/v1/presets", json={"id": preset_id, "labels": labels},
+                             headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex})
 
     def delete_preset(self, preset_id: str) -> None:
         resp = self._http.delete(f"/v1/presets/{preset_id}")

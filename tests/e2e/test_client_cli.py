@@ -152,7 +152,11 @@ def test_cli_submit_with_a_preset_writes_every_output_next_to_the_masks(api_url,
 def test_client_presets_and_waiting_create(api_url, tenant, tmp_path):
     with Clipmask(api_url, tenant.api_key) as cm:
         assert [p["id"] for p in cm.list_presets()][:2] == ["clothing", "human_parsing"]
-        cm.create_preset("tops", [{"name": "blouse", "prompts": ["a blouse", "a women's top"]}])
+        made = cm.create_preset("tops", [{"name": "blouse", "prompts": ["a blouse", "a women's top"]}],
+                                idempotency_key="tops-once")
+        # a retry whose first answer was lost: the same key replays the 201, not 409 preset_exists
+        assert cm.create_preset("tops", [{"name": "blouse", "prompts": ["a blouse", "a women's top"]}],
+                                idempotency_key="tops-once") == made
         job = cm.create_job(make_image(40, 40), preset="tops", prompts=["belt"], outputs=["soft", "rle"], wait=30)
         assert job.status == "succeeded"  # answered once final, no polling
         assert [(r.prompt, r.source) for r in job.results] == [("blouse", "preset"), ("belt", "text")]

@@ -47,6 +47,17 @@ def test_a_zombie_or_a_gone_pid_is_not_running(tmp_path):
         zombie.wait()
 
 
+def run_one_job(api: str, headers: dict[str, str], body: dict) -> dict:
+    """POST a job to the stack at `api` and poll it until it has ended (60 s at most)."""
+    job = requests.post(f"http://{api}/v1/jobs", json=body, headers=headers, timeout=10).json()
+    deadline = time.monotonic() + 60
+    while (job := requests.get(f"http://{api}/v1/jobs/{job['id']}", headers=headers, timeout=10).json()
+           )["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return job
+
+
 def test_an_absolute_run_folder_and_a_restart_after_sigkill(settings, storage, tenant, image_server, tmp_path):
     run = tmp_path / "abs-run"  # absolute: `$PWD//abs/path` broke every request before
     api = f"127.0.0.1:{free_port()}"
@@ -77,14 +88,7 @@ def test_an_absolute_run_folder_and_a_restart_after_sigkill(settings, storage, t
         assert _status(env)["worker"].startswith("worker running")
 
         url = image_server.add("/stack.jpg", make_image(24, 24))
-        headers = {**tenant.headers}
-        job = requests.post(f"http://{api}/v1/jobs", json={"image_url": url, "prompts": ["a"]}, headers=headers,
-                            timeout=10).json()
-        deadline = time.monotonic() + 60
-        while (job := requests.get(f"http://{api}/v1/jobs/{job['id']}", headers=headers, timeout=10).json()
-               )["status"] in ("queued", "running"):
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        job = run_one_job(api, tenant.headers, {"image_url": url, "prompts": ["a"]})
         assert job["status"] == "succeeded"
     finally:
         subprocess.run([STACK, "down"], cwd=ROOT, env=env, capture_output=True, timeout=120)
@@ -135,13 +139,7 @@ def test_masks_outlive_a_restart_of_the_stack(settings, tenant, image_server, tm
         server = int((run / "pids" / "s3.pid").read_text())
         assert "weed" in open(f"/proc/{server}/cmdline").read()  # `clipmask dev-s3` execs it; S3 answered since
         url = image_server.add("/persist.jpg", make_image(40, 30))
-        job = requests.post(f"http://{api}/v1/jobs", json={"image_url": url, "prompts": ["a", "b"]}, headers=headers,
-                            timeout=10).json()
-        deadline = time.monotonic() + 60
-        while (job := requests.get(f"http://{api}/v1/jobs/{job['id']}", headers=headers, timeout=10).json()
-               )["status"] in ("queued", "running"):
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        job = run_one_job(api, headers, {"image_url": url, "prompts": ["a", "b"]})
         assert job["status"] == "succeeded", job
         masks = [requests.get(r["mask_url"], timeout=10).content for r in job["results"]]
         assert all(m.startswith(b"\x89PNG") for m in masks)
