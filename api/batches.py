@@ -21,17 +21,13 @@ from werkzeug.datastructures import FileStorage
 
 from api.auth import current_tenant, require_tenant
 from api.idempotency import ACCEPTED_HEADERS, fingerprint, idempotency, respond
+from api.labels import ImagePrompts, LabelResolver, check_s3_input, job_labels, job_spec
 from api.openapi import Answers, spec
 from api.pagination import page
 from api.parsing import (
-    ImagePrompts,
-    LabelResolver,
-    check_s3_input,
     form_fields,
     is_json_request,
     is_multipart_request,
-    job_labels,
-    job_spec,
     json_body,
     loads,
     parse_status,

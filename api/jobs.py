@@ -12,20 +12,16 @@ from sqlalchemy import select
 
 from api.auth import current_tenant, require_tenant
 from api.idempotency import ACCEPTED_HEADERS, fingerprint, idempotency, respond
+from api.labels import ImagePrompts, LabelResolver, check_s3_input, job_labels, job_spec
 from api.metrics import JOBS_CREATED
 from api.openapi import PREFER_APPLIED, Answers, spec
 from api.pagination import page
 from api.parsing import (
-    ImagePrompts,
-    LabelResolver,
     check_image_bytes,
-    check_s3_input,
     decode_base64_image,
     form_fields,
     is_json_request,
     is_multipart_request,
-    job_labels,
-    job_spec,
     json_body,
     parse_status,
     refuse_unstorable_ids,
