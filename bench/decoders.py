@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine import CLOTHES, catalog_jpegs, model_path
 from worker.engine import FastEngine, SegmentRequest, load_clipseg
-from worker.engine.fast import Decoder
 from worker.engine.finetuned import decoder_tensors
+from worker.engine.types import Decoder
 
 
 def median_s(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]

@@ -33,7 +33,8 @@ from shared.settings import Settings
 from shared.storage import ObjectStorage
 from shared.tenants import create_tenant
 from tests.support.services import migrated_database
-from worker.runner import RunnerDeps, run_job
+from worker.deps import RunnerDeps
+from worker.runner import run_job
 
 
 def worker(settings: Settings, threads: int, jobs: Any, start: Any, results: Any) -> None:

@@ -54,10 +54,10 @@ from shared.storage import ObjectStorage
 from shared.tables import Job
 from shared.tenants import create_tenant
 from tests.support.services import migrated_database
-from worker.engine.fast import SegmentRequest
+from worker.deps import RunnerDeps
 from worker.engine.postprocess import upsample
-from worker.engine.types import SegmentResult, Wanted
-from worker.runner import RunnerDeps, run_job
+from worker.engine.types import SegmentRequest, SegmentResult, Wanted
+from worker.runner import run_job
 from worker.stops import CancelWatch
 
 OUTPUT_SETS = {"mask": ["mask"], "all": ["mask", "soft", "rle", "cutout", "label_map", "overlay"]}
@@ -286,8 +286,8 @@ def host_steps(deps: RunnerDeps, sessions, tenant_id: str, url: str, labels: lis
     from shared import jobs as jobstate
     from shared.fetch import fetch_image_bytes
     from shared.images import decode, jpeg_header
-    from worker.outputs import png_gray
-    from worker.runner import MODEL_INPUT, upload_all
+    from worker.deps import MODEL_INPUT
+    from worker.outputs import png_gray, upload_all
 
     data = fetch_image_bytes(url, deps.fetch_policy).data
     masks, _ = upsample(realistic_logits(len(labels)), prompts=labels, height=height, width=width, threshold=0.4,

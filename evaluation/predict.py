@@ -42,8 +42,8 @@ class EnginePredictor:
                  matting_max_pixels: int = 4_000_000) -> None:
         from shared.modelfile import is_model_folder
         from worker.engine import FastEngine, SegmentRequest, Wanted, load_clipseg
-        from worker.engine.fast import LearnedLabel
         from worker.engine.finetuned import apply_decoder, read_model_folder
+        from worker.engine.types import LearnedLabel
 
         self._request, self._wanted = SegmentRequest, Wanted(soft=True)
         tuned = read_model_folder(model) if is_model_folder(model) else None

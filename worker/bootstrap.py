@@ -18,9 +18,9 @@ from shared.queue import make_celery
 from shared.settings import Settings
 from shared.storage import ObjectStorage
 from worker import metrics
+from worker.deps import RunnerDeps, Segments
 from worker.engine.refine import PixelBudget
 from worker.leases import LeaseKeeper
-from worker.runner import RunnerDeps, Segments
 from worker.stops import CancelWatch
 
 log = logging.getLogger(__name__)

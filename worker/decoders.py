@@ -23,7 +23,7 @@ from shared.errors import JobFailure
 from shared.modelfile import LABEL_EMBEDDINGS
 from shared.storage import ObjectStorage
 from shared.tuned_models import find_model
-from worker.engine.fast import Decoder
+from worker.engine.types import Decoder
 
 
 class ModelNotFound(JobFailure):

@@ -1,4 +1,5 @@
-"""Encoding what a job asked for, from the engine's masks, soft maps and label map.
+"""Encoding what a job asked for, from the engine's masks, soft maps and label map, under the
+job's deterministic keys (`encode_outputs`), and uploading them together (`upload_all`).
 
 The formats are the HTTP contract's ("What to segment and what to return"; README.md walks through them):
 - mask: 8-bit grayscale PNG, 0 or 255, image size;
@@ -17,10 +18,18 @@ import io
 import struct
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from shared.storage import ObjectStorage, mask_key, output_key
+from shared.tables import Job
+from worker.engine.jpeg import EncodedJpeg
+from worker.engine.types import SegmentResult
 
 OUTPUT_KINDS = ("mask", "soft", "rle", "cutout", "label_map", "overlay")
 OVERLAY_ALPHA = 0.5
@@ -141,3 +150,83 @@ def overlay_jpeg(image: np.ndarray, label_map: np.ndarray, labels: int) -> bytes
     Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), mode="RGB").save(
         buf, format="JPEG", quality=OVERLAY_QUALITY)
     return buf.getvalue()
+
+
+@dataclass
+class Encoded:
+    """A job's results rows, output keys and the objects to upload, before any upload."""
+
+    results: list[dict[str, Any]]
+    output_keys: dict[str, str]
+    uploads: list[tuple[str, bytes, str]]  # (key, bytes, content type)
+
+
+def encode_outputs(job: Job, labels: list[dict[str, Any]], outputs: list[str], image: Image.Image | EncodedJpeg,
+                   result: SegmentResult) -> Encoded:
+    """Everything the job asked for, from one model pass, under deterministic keys. `image` is
+    decoded (an Image) whenever the outputs need its pixels (cutout, overlay)."""
+    pixels = None
+    if {"cutout", "overlay"} & set(outputs):
+        if isinstance(image, EncodedJpeg):
+            raise ValueError("cutouts and overlays need the decoded image")
+        pixels = np.asarray(image)
+    encoded = Encoded([], {}, [])
+
+    def stage(name: str, data: bytes, content_type: str) -> str:
+        key = output_key(tenant_id=job.tenant_id, job_id=job.id, name=name)
+        encoded.uploads.append((key, data, content_type))
+        return key
+
+    for index, (label, item) in enumerate(zip(labels, result.masks, strict=True)):
+        entry: dict[str, Any] = {
+            "prompt": item.prompt, "source": label.get("source", "text"), "bbox": item.bbox,
+            "area_fraction": round(item.area_fraction, 6), "score": round(item.score, 6), "refine": item.refine,
+        }
+        if "mask" in outputs:
+            key = mask_key(tenant_id=job.tenant_id, job_id=job.id, index=index)
+            encoded.uploads.append((key, png_gray(item.mask), "image/png"))
+            entry["mask_key"] = key
+        if "soft" in outputs and item.soft is not None:
+            entry["soft_key"] = stage(f"{index}.soft.png", png_gray(item.soft, sub_filter=True), "image/png")
+        if "rle" in outputs:
+            entry["rle"] = coco_rle(item.mask)
+        if "cutout" in outputs and pixels is not None and item.soft is not None:
+            cut = cutout_png(pixels, item.soft, item.bbox)
+            entry["cutout_key"] = None if cut is None else stage(f"{index}.cutout.png", cut, "image/png")
+        if result.mask_embeddings is not None:
+            vector = result.mask_embeddings[index]
+            entry["embedding"] = None if vector is None else vector_list(vector)
+        encoded.results.append(entry)
+    if result.label_map is not None:
+        if "label_map" in outputs:
+            encoded.output_keys["label_map"] = stage("label_map.png", label_map_png(result.label_map, len(labels)),
+                                                     "image/png")
+        if "overlay" in outputs and pixels is not None:
+            encoded.output_keys["overlay"] = stage("overlay.jpg", overlay_jpeg(pixels, result.label_map, len(labels)),
+                                                   "image/jpeg")
+    return encoded
+
+
+def vector_list(vector: np.ndarray) -> list[float]:
+    """An embedding as JSON numbers: float32 precision, which is what it has."""
+    return [float(f"{x:.7g}") for x in vector.tolist()]
+
+
+@cache
+def _upload_pool() -> ThreadPoolExecutor:
+    """A job's objects go up together (their PUTs wait on the network, not the CPU): one pool per
+    process, made on its first job with more than one object (not at import)."""
+    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="upload")
+
+
+def upload_all(storage: ObjectStorage, uploads: list[tuple[str, bytes, str]]) -> None:
+    """PUT every (key, bytes, content type) at once; the first failure (StorageFailed) is raised
+    once all have ended, so no PUT of this job is still running when the caller goes on."""
+    if len(uploads) <= 1:
+        for key, data, content_type in uploads:
+            storage.put(key, data, content_type=content_type)
+        return
+    futures = [_upload_pool().submit(storage.put, key, data, content_type=kind) for key, data, kind in uploads]
+    wait(futures)
+    for future in futures:
+        future.result()

@@ -21,214 +21,32 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs as jobstate
 from shared.db import session_scope
 from shared.enums import JobStatus
 from shared.errors import ImageFetchFailed, JobFailure, StorageFailed
-from shared.fetch import FetchPolicy, fetch_image_bytes
+from shared.fetch import fetch_image_bytes
 from shared.followups import Effects
 from shared.images import decode, jpeg_header
 from shared.presets import labels_of
 from shared.s3uri import input_refusal, parse_s3_uri
-from shared.storage import ObjectStorage, job_object_keys, mask_key, output_key
+from shared.storage import job_object_keys
 from shared.tables import Job, Tenant
-from worker.decoders import DecoderCache
-from worker.engine.embed import VisualPrompt
-from worker.engine.fast import LabelKey, LearnedLabel, SegmentRequest
+from worker.conditions import label_conditions, with_learned
+from worker.deps import MODEL_INPUT, RunnerDeps, Segments, TransientError
 from worker.engine.jpeg import EncodedJpeg
-from worker.engine.refine import PixelBudget, apply_mattes
-from worker.engine.types import SegmentResult, Wanted
-from worker.examples import ExampleCache
-from worker.leases import LeaseKeeper
-from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, png_gray
-from worker.stops import CancelWatch
+from worker.engine.refine import apply_mattes
+from worker.engine.types import SegmentRequest, SegmentResult, Wanted
+from worker.outputs import encode_outputs, upload_all, vector_list
 
 log = logging.getLogger(__name__)
-
-# The smallest decode that still feeds the model at full quality, when the segmenter doesn't say
-# (`input_size`): CLIPSeg's input is 352x352, and a DCT-scaled JPEG at least that large is then
-# resized on the device like any other image.
-MODEL_INPUT = (352, 352)
-
-
-class Segments(Protocol):
-    """The engine as the runner sees it (worker.engine.Segmenter); it may also carry `model_revision`."""
-
-    def run(self, request: SegmentRequest) -> SegmentResult: ...
-
-
-class TransientError(Exception):
-    """The database or another dependency is down; the task should be retried later."""
-
-
-def _no_stage(stage: str, seconds: float) -> None:
-    pass
-
-
-def _no_finish(status: str, code: str | None, seconds: float) -> None:
-    pass
-
-
-def _no_follow_up(effects: Effects) -> None:
-    pass
-
-
-@dataclass
-class RunnerDeps:
-    sessions: sessionmaker[Session]
-    storage: ObjectStorage
-    segmenter: Callable[[], Segments]  # built lazily: the model loads once, on first use
-    fetch_policy: FetchPolicy
-    max_pixels: int
-    model_id: str
-    on_stage: Callable[[str, float], None] = _no_stage  # (fetch|decode|infer|matte|encode|upload, seconds)
-    on_finish: Callable[[str, str | None, float], None] = _no_finish  # (status, error code, seconds)
-    lease_s: float = 60.0
-    leases: LeaseKeeper | None = None  # the process's heartbeat; None: leases are not renewed
-    # after the commit that finished a job: send its deliveries, finalize its batch (followups.after_commit)
-    follow_up: Callable[[Effects], None] = _no_follow_up
-    # decode JPEGs at a reduced DCT scale (never below MODEL_INPUT) when no output needs full pixels
-    reduced_decode: bool = True
-    # visual-prompt examples by URL, fetched once a while per process (worker/examples.py)
-    examples: ExampleCache = field(default_factory=ExampleCache)
-    # tenants' fine-tuned decoders, by revision (worker/decoders.py)
-    decoders: DecoderCache = field(default_factory=DecoderCache)
-    # refine: matting - the pixels a job's mattes may solve in all (settings.matting_max_pixels), and
-    # those the process's job threads may be solving at once (settings.matting_process_pixels)
-    matting_max_pixels: int = 4_000_000
-    matting_budget: PixelBudget = field(default_factory=lambda: PixelBudget(8_000_000))
-    # the jobs canceled meanwhile, heard on Postgres' channel (worker/stops.py): a stage boundary asks
-    # the database only for a job it heard of; None: every boundary asks
-    cancels: CancelWatch | None = None
-    # a job taken this often without reaching a final state fails `attempts_exhausted` when next taken
-    max_attempts: int = jobstate.NO_ATTEMPTS_CAP
-
-
-@dataclass
-class Encoded:
-    """A job's results rows, output keys and the objects to upload, before any upload."""
-
-    results: list[dict[str, Any]]
-    output_keys: dict[str, str]
-    uploads: list[tuple[str, bytes, str]]  # (key, bytes, content type)
-
-
-def encode_outputs(job: Job, labels: list[dict[str, Any]], outputs: list[str], image: Image.Image | EncodedJpeg,
-                   result: SegmentResult) -> Encoded:
-    """Everything the job asked for, from one model pass, under deterministic keys. `image` is
-    decoded (an Image) whenever the outputs need its pixels (cutout, overlay)."""
-    pixels = None
-    if {"cutout", "overlay"} & set(outputs):
-        if isinstance(image, EncodedJpeg):
-            raise ValueError("cutouts and overlays need the decoded image")
-        pixels = np.asarray(image)
-    encoded = Encoded([], {}, [])
-
-    def stage(name: str, data: bytes, content_type: str) -> str:
-        key = output_key(tenant_id=job.tenant_id, job_id=job.id, name=name)
-        encoded.uploads.append((key, data, content_type))
-        return key
-
-    for index, (label, item) in enumerate(zip(labels, result.masks, strict=True)):
-        entry: dict[str, Any] = {
-            "prompt": item.prompt, "source": label.get("source", "text"), "bbox": item.bbox,
-            "area_fraction": round(item.area_fraction, 6), "score": round(item.score, 6), "refine": item.refine,
-        }
-        if "mask" in outputs:
-            key = mask_key(tenant_id=job.tenant_id, job_id=job.id, index=index)
-            encoded.uploads.append((key, png_gray(item.mask), "image/png"))
-            entry["mask_key"] = key
-        if "soft" in outputs and item.soft is not None:
-            entry["soft_key"] = stage(f"{index}.soft.png", png_gray(item.soft, sub_filter=True), "image/png")
-        if "rle" in outputs:
-            entry["rle"] = coco_rle(item.mask)
-        if "cutout" in outputs and pixels is not None and item.soft is not None:
-            cut = cutout_png(pixels, item.soft, item.bbox)
-            entry["cutout_key"] = None if cut is None else stage(f"{index}.cutout.png", cut, "image/png")
-        if result.mask_embeddings is not None:
-            vector = result.mask_embeddings[index]
-            entry["embedding"] = None if vector is None else vector_list(vector)
-        encoded.results.append(entry)
-    if result.label_map is not None:
-        if "label_map" in outputs:
-            encoded.output_keys["label_map"] = stage("label_map.png", label_map_png(result.label_map, len(labels)),
-                                                     "image/png")
-        if "overlay" in outputs and pixels is not None:
-            encoded.output_keys["overlay"] = stage("overlay.jpg", overlay_jpeg(pixels, result.label_map, len(labels)),
-                                                   "image/jpeg")
-    return encoded
-
-
-def vector_list(vector: np.ndarray) -> list[float]:
-    """An embedding as JSON numbers: float32 precision, which is what it has."""
-    return [float(f"{x:.7g}") for x in vector.tolist()]
-
-
-def label_conditions(labels: list[dict[str, Any]], job: Job, deps: RunnerDeps, *,
-                     size: tuple[int, int] = MODEL_INPUT) -> list[LabelKey]:
-    """What each label is conditioned on: its phrasings, or its example image fetched and decoded
-    under the job image's rules (SSRF guard, byte and pixel caps, the same error codes), kept at
-    the model's input `size`. An example by URL is fetched once per worker process a short while
-    (deps.examples), not once per job of a batch that shares it."""
-    keys: list[LabelKey] = []
-    examples = 0
-    for label in labels:
-        if label.get("source") != "image":
-            keys.append(tuple(label["prompts"]))
-            continue
-        where = f"image_prompts[{examples}]"
-        examples += 1
-        example = label["example"]
-
-        def load(example: dict[str, Any] = example) -> VisualPrompt:
-            data = (deps.storage.get(example["key"]) if "key" in example
-                    else fetch_image_bytes(example["image_url"], deps.fetch_policy).data)
-            return VisualPrompt.of(decode(data, max_pixels=deps.max_pixels, at_least=size).image, size=size)
-
-        try:
-            keys.append(load() if "key" in example else deps.examples.get(example["image_url"], load))
-        except StorageFailed:
-            raise
-        except JobFailure as exc:
-            raise type(exc)(f"{where} ({label['name']!r}): {exc.message}", code=exc.code) from exc
-    return keys
-
-
-def embed_query(query: dict[str, Any], deps: RunnerDeps, *, image: bytes | None = None) -> dict[str, Any]:
-    """A search query's embedding as the API's RPC answer: {"vector", "model"}, or {"error": {code,
-    message}} for an image that can't be fetched or decoded (same rules as a job's image). The
-    query is {"text"}, {"image_url"}, or the `image` bytes the API staged."""
-    from worker.engine.fast import EmbedQuery
-
-    try:
-        if "text" in query:
-            wanted = EmbedQuery(text=str(query["text"]))
-        else:
-            if image is not None:
-                data = image
-            else:
-                data = fetch_image_bytes(str(query["image_url"]), deps.fetch_policy).data
-            picture = decode(data, max_pixels=deps.max_pixels, at_least=MODEL_INPUT).image
-            wanted = EmbedQuery(image=np.asarray(picture))
-        segmenter = deps.segmenter()
-        vector = segmenter.embed(wanted)  # type: ignore[attr-defined]
-    except JobFailure as exc:
-        return {"error": {"code": exc.code, "message": exc.message}}
-    except Exception as exc:  # answered at once (the API says 503), never left to the API's timeout
-        log.exception("search query not embedded")
-        return {"error": {"code": "internal", "message": f"the worker failed: {type(exc).__name__}"}}
-    return {"vector": vector_list(vector), "model": deps.model_id}
-
 
 def run_job(job_id: str, *, deps: RunnerDeps, retry_storage: bool = False) -> str:
     """Run one job to a final state; returns that state ('skipped' if there was nothing to do).
@@ -318,11 +136,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             tuned = None if not job.model_ref else deps.decoders.get(
                 job.model_ref, job.tenant_id, sessions=deps.sessions, storage=deps.storage,
                 base=(deps.model_id, getattr(segmenter, "model_revision", None)))
-        if tuned is not None and tuned.label_embeddings is not None:  # its labels' learned embeddings
-            conditions = [LearnedLabel(f"{tuned.decoder.revision}:{label['model_label']}",
-                                       tuned.label_embeddings[label["model_label"]])
-                          if label.get("source") == "model" else condition
-                          for label, condition in zip(labels, conditions, strict=True)]
+        conditions = with_learned(labels, conditions, tuned)
         if (stopped := _boundary(deps, job.id)) is not None:
             log.info("job %s during the fetch; stopped before decoding", _why(stopped), extra=ctx)
             return _finish(deps, started, stopped)
@@ -333,16 +147,8 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             # masks come from logits and need only the picture's size; cutouts, overlays and a refine
             # (the photo is the guide) need its pixels, and so do mask embeddings (masked crops)
             host_pixels = bool({"cutout", "overlay"} & set(outputs)) or refine != "none" or "masks" in embed
-            full_pixels = host_pixels or not deps.reduced_decode
-            image: Image.Image | EncodedJpeg
-            # a JPEG the engine decodes with its batch on the device: only its header is read here
-            header = (jpeg_header(data, max_pixels=deps.max_pixels)
-                      if not host_pixels and getattr(segmenter, "decodes_jpeg", None) else None)
-            if header is not None:
-                image, (width, height) = EncodedJpeg(data, header, model_input), header.size
-            else:
-                decoded = decode(data, max_pixels=deps.max_pixels, at_least=None if full_pixels else model_input)
-                image, (width, height) = decoded.image, decoded.size
+            image, (width, height) = _decode(data, deps=deps, segmenter=segmenter, host_pixels=host_pixels,
+                                             model_input=model_input)
         del data
         # written with the job's final state, in its one transaction (not a round trip of their own)
         facts.update(image_width=width, image_height=height, model_revision=getattr(segmenter, "model_revision", None))
@@ -416,6 +222,20 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
                      started=started, facts=facts)
 
 
+def _decode(data: bytes, *, deps: RunnerDeps, segmenter: Segments, host_pixels: bool,
+            model_input: tuple[int, int]) -> tuple[Image.Image | EncodedJpeg, tuple[int, int]]:
+    """The image for the engine and the picture's size. A JPEG the engine decodes with its batch on
+    the device has only its header read here; else it is decoded on the host, at a reduced DCT scale
+    (never below the model's input) unless the outputs need the full pixels."""
+    if not host_pixels and getattr(segmenter, "decodes_jpeg", None):
+        header = jpeg_header(data, max_pixels=deps.max_pixels)
+        if header is not None:
+            return EncodedJpeg(data, header, model_input), header.size
+    full_pixels = host_pixels or not deps.reduced_decode
+    decoded = decode(data, max_pixels=deps.max_pixels, at_least=None if full_pixels else model_input)
+    return decoded.image, decoded.size
+
+
 class ModelOutputInvalid(JobFailure):
     code = "model_output_invalid"
 
@@ -430,23 +250,6 @@ def _check_finite(result: SegmentResult) -> None:
         where = f" for {', '.join(repr(p[:50]) for p in bad[:3])}" if bad else " in its embeddings"
         raise ModelOutputInvalid(f"the model gave non-finite output (NaN or infinity){where}; its weights are "
                                  "broken or overflow")
-
-
-# A job's objects go up together (their PUTs wait on the network, not the CPU); one pool per process.
-_UPLOADS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="upload")
-
-
-def upload_all(storage: ObjectStorage, uploads: list[tuple[str, bytes, str]]) -> None:
-    """PUT every (key, bytes, content type) at once; the first failure (StorageFailed) is raised
-    once all have ended, so no PUT of this job is still running when the caller goes on."""
-    if len(uploads) <= 1:
-        for key, data, content_type in uploads:
-            storage.put(key, data, content_type=content_type)
-        return
-    futures = [_UPLOADS.submit(storage.put, key, data, content_type=kind) for key, data, kind in uploads]
-    wait(futures)
-    for future in futures:
-        future.result()
 
 
 def _fetch(job: Job, deps: RunnerDeps) -> bytes:

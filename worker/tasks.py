@@ -27,7 +27,9 @@ from shared.retention import purge_from_settings
 from shared.search import answer_embedding
 from shared.settings import Settings
 from shared.webhooks import dispatcher_from_settings
-from worker.runner import RunnerDeps, TransientError, embed_query, run_job
+from worker.deps import RunnerDeps, TransientError
+from worker.query_embedding import embed_query
+from worker.runner import run_job
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,9 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from worker.engine import FastEngine, SegmentRequest, StockEngine, Wanted, load_clipseg
-from worker.engine.fast import ensemble
+from worker.engine.embed import ensemble
 from worker.engine.postprocess import upsample
-from worker.outputs import coco_rle, cutout_png, label_map_png, overlay_jpeg, palette
-from worker.runner import encode_outputs
+from worker.outputs import coco_rle, cutout_png, encode_outputs, label_map_png, overlay_jpeg, palette
 
 pytestmark = pytest.mark.unit
 

@@ -20,7 +20,8 @@ from shared.storage import mask_key, upload_key
 from shared.tables import Job
 from tests.support.images import make_image
 from worker.bootstrap import build_deps
-from worker.runner import TransientError, run_job
+from worker.deps import TransientError
+from worker.runner import run_job
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_a_cancel_during_the_uploads_leaves_no_masks(deps, sessions, storage, te
 def test_a_jobs_uploads_run_at_once_and_a_failure_waits_for_the_rest(storage):
     """upload_all: the PUTs overlap (4 PUTs of 0.3 s take well under 1.2 s), and a failing one is
     raised only after the others ended."""
-    from worker.runner import upload_all
+    from worker.outputs import upload_all
 
     ended: list[str] = []
 

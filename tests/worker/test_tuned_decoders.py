@@ -10,8 +10,8 @@ import torch
 
 from tests.support.engine import picture
 from worker.engine import FastEngine, SegmentRequest, load_clipseg
-from worker.engine.fast import Decoder, LearnedLabel
 from worker.engine.finetuned import decoder_tensors
+from worker.engine.types import Decoder, LearnedLabel
 
 pytestmark = pytest.mark.unit
 

@@ -13,11 +13,11 @@ from PIL import Image
 
 from worker.engine.batcher import DynamicBatcher
 from worker.engine.embed import VisualPrompt
-from worker.engine.fast import EmbedQuery, FastEngine, SegmentRequest
+from worker.engine.fast import FastEngine
 from worker.engine.jpeg import EncodedJpeg, jpeg_decoder_for
 from worker.engine.loading import LoadedModel, load_clipseg
 from worker.engine.stock import StockEngine
-from worker.engine.types import PromptMask, SegmentResult, Wanted
+from worker.engine.types import EmbedQuery, PromptMask, SegmentRequest, SegmentResult, Wanted
 
 __all__ = [
     "EmbedQuery", "EncodedJpeg", "FastEngine", "LoadedModel", "PromptMask", "SegmentRequest", "SegmentResult",

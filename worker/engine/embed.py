@@ -78,3 +78,14 @@ def masked_crop(image: np.ndarray, mask: np.ndarray, bbox: list[int] | None, gre
     crop = image[y0:y1, x0:x1].copy()
     crop[piece == 0] = grey
     return crop
+
+
+def ensemble(embeddings: torch.Tensor) -> torch.Tensor:
+    """Prompt ensembling as CLIP's zero-shot classifiers do it: the mean of the unit-length
+    phrasing embeddings, renormalised, then given the phrasings' mean length, since CLIPSeg's
+    decoder is conditioned on unnormalised embeddings (FiLM)."""
+    if embeddings.shape[0] == 1:
+        return embeddings[0]
+    norms = embeddings.norm(dim=-1, keepdim=True)
+    direction = (embeddings / norms).mean(dim=0)
+    return direction / direction.norm() * norms.mean()

@@ -25,7 +25,6 @@ import inspect
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -35,122 +34,24 @@ import torch.nn.functional as F
 from PIL import Image
 
 from worker.engine import refine as refine_methods
-from worker.engine.embed import VisualPrompt, masked_crop, neutral_grey, unit
+from worker.engine.embed import VisualPrompt, ensemble, masked_crop, neutral_grey, unit
 from worker.engine.jpeg import EncodedJpeg, JpegDecoder
 from worker.engine.loading import LoadedModel
 from worker.engine.postprocess import upsample
-from worker.engine.types import SegmentResult, Wanted
+from worker.engine.types import (
+    Decoder,
+    EmbedQuery,
+    LabelKey,
+    LearnedLabel,
+    Phrasings,
+    SegmentRequest,
+    SegmentResult,
+    as_uint8_array,
+)
 
-Phrasings = tuple[str, ...]
 # Hidden-state values per vision pass on the CPU: past about one real-checkpoint image, the
 # activations stop fitting the caches and every image in the pass gets slower.
 CPU_PASS_VALUES = 512 * 1024
-@dataclass(frozen=True, eq=False)
-class LearnedLabel:
-    """A label whose conditional embedding was learned (`clipmask finetune --prompt-tuning`): equal
-    and cached by `key` (the model's revision and the label's index)."""
-
-    key: str
-    embedding: torch.Tensor
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LearnedLabel) and other.key == self.key
-
-    def __hash__(self) -> int:
-        return hash(self.key)
-
-
-@dataclass(frozen=True, eq=False)
-class Decoder:
-    """A fine-tuned decoder's tensors ("decoder.<name>", as worker/engine/finetuned.py reads them),
-    run on the shared frozen backbone; known by `revision`, so an update never mixes weights."""
-
-    revision: str
-    tensors: dict[str, torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-
-# What a label is conditioned on: its text phrasings (ensembled), an example image, or a learned embedding.
-LabelKey = Phrasings | VisualPrompt | LearnedLabel
-
-
-@dataclass
-class SegmentRequest:
-    # RGB; an (H, W, 3) uint8 array is used as is; an EncodedJpeg is decoded with its batch on the
-    # device (engine.jpeg_decoder), for requests that need no host pixels (no guide, no mask embeddings)
-    image: Image.Image | np.ndarray | EncodedJpeg
-    prompts: list[str]  # one name per label (a text prompt is its own name)
-    threshold: float | Sequence[float]  # one for every label, or one per label
-    # per label its phrasings, or a VisualPrompt; None: each prompt is its label's one phrasing
-    phrasings: list[LabelKey] | None = None
-    wanted: Wanted = Wanted()
-    # (width, height) of the outputs; None: the image's own. A JPEG decoded at a reduced scale for
-    # the model (shared.images.decode) still gets masks at the full picture's size.
-    size: tuple[int, int] | None = None
-    embed_image: bool = False  # the whole image's CLIP embedding
-    embed_masks: bool = False  # each label's masked crop's CLIP embedding
-    decoder: Decoder | None = None  # a fine-tuned decoder; None: the base model's
-    # none: bilinear upsampling; guided (and matting, whose matte the caller makes from the guided
-    # masks, refine.matte): the guided filter with the image as guide, at the output size
-    refine: str = "none"
-
-    def output_size(self, arr: np.ndarray | EncodedJpeg) -> tuple[int, int]:
-        if self.size is not None:
-            return self.size
-        return arr.size if isinstance(arr, EncodedJpeg) else (arr.shape[1], arr.shape[0])
-
-    def guide(self, arr: np.ndarray | EncodedJpeg, device: torch.device) -> torch.Tensor | None:
-        """The guided filter's guide on `device` at the output size, or None for `refine: none`. An
-        image decoded smaller than the outputs (it shouldn't be: the runner decodes refined jobs in
-        full) is brought up to their size."""
-        if self.refine == "none":
-            return None
-        if self.refine not in refine_methods.METHODS:
-            raise ValueError(f"unknown refine method {self.refine!r}")
-        if isinstance(arr, EncodedJpeg):
-            raise ValueError("a refined request needs the decoded image, not an EncodedJpeg")
-        return refine_methods.guide_of(arr, device=device, size=self.output_size(arr))
-
-    def label_keys(self) -> list[LabelKey]:
-        if self.phrasings is None:
-            return [(p,) for p in self.prompts]
-        if len(self.phrasings) != len(self.prompts) or not all(
-                isinstance(p, VisualPrompt | LearnedLabel) or len(p) for p in self.phrasings):
-            raise ValueError("each label needs one or more phrasings")
-        return [p if isinstance(p, VisualPrompt | LearnedLabel) else tuple(p) for p in self.phrasings]
-
-
-@dataclass
-class EmbedQuery:
-    """A search query to embed: a text (CLIP text features) or an image (CLIP image features)."""
-
-    text: str | None = None
-    image: np.ndarray | None = None
-
-
-def ensemble(embeddings: torch.Tensor) -> torch.Tensor:
-    """Prompt ensembling as CLIP's zero-shot classifiers do it: the mean of the unit-length
-    phrasing embeddings, renormalised, then given the phrasings' mean length, since CLIPSeg's
-    decoder is conditioned on unnormalised embeddings (FiLM)."""
-    if embeddings.shape[0] == 1:
-        return embeddings[0]
-    norms = embeddings.norm(dim=-1, keepdim=True)
-    direction = (embeddings / norms).mean(dim=0)
-    return direction / direction.norm() * norms.mean()
-
-
-def as_uint8_array(image: Image.Image | np.ndarray | EncodedJpeg) -> np.ndarray:
-    if isinstance(image, EncodedJpeg):
-        raise ValueError("an EncodedJpeg is decoded by the engine's jpeg_decoder, and this engine has none")
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError("images must be RGB uint8 (H, W, 3)")
-    return arr
-
-
 CacheKey = Phrasings | str
 
 
@@ -533,7 +434,7 @@ class FastEngine:
             width, height = req.output_size(arr)
             masks, label_map = upsample(logits, prompts=req.prompts, height=height, width=width,
                                         threshold=req.threshold, wanted=req.wanted,
-                                        guide=req.guide(arr, self.loaded.device))
+                                        guide=refine_methods.request_guide(req, arr, self.loaded.device))
             results.append(SegmentResult(masks, logits.cpu(), label_map, image_vectors.get(i)))
         self._embed_masks(requests, arrays, results)
         return results

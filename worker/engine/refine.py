@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worker.engine.types import PromptMask
+from worker.engine.jpeg import EncodedJpeg
+from worker.engine.types import PromptMask, SegmentRequest
 
 METHODS = ("none", "guided", "matting")
 RADIUS_FRACTION = 0.025
@@ -51,6 +52,20 @@ class GuidedParams:
         radius = max(1, round(RADIUS_FRACTION * math.hypot(height, width)))
         subsample = max(1, min(round(max(height, width) / COARSE_SIDE), radius))
         return cls(radius, EPS, subsample)
+
+
+def request_guide(request: SegmentRequest, arr: np.ndarray | EncodedJpeg,
+                  device: torch.device) -> torch.Tensor | None:
+    """A request's guide on `device` at its output size, or None for `refine: none`. An image decoded
+    smaller than the outputs (it shouldn't be: the runner decodes refined jobs in full) is brought up
+    to their size."""
+    if request.refine == "none":
+        return None
+    if request.refine not in METHODS:
+        raise ValueError(f"unknown refine method {request.refine!r}")
+    if isinstance(arr, EncodedJpeg):
+        raise ValueError("a refined request needs the decoded image, not an EncodedJpeg")
+    return guide_of(arr, device=device, size=request.output_size(arr))
 
 
 def guide_of(image: np.ndarray, *, device: torch.device, size: tuple[int, int] | None = None) -> torch.Tensor:

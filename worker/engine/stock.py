@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from worker.engine.embed import VisualPrompt, features, masked_crop, neutral_grey, unit
-from worker.engine.fast import EmbedQuery, LabelKey, LearnedLabel, SegmentRequest, as_uint8_array, ensemble
+from worker.engine import refine
+from worker.engine.embed import VisualPrompt, ensemble, features, masked_crop, neutral_grey, unit
 from worker.engine.loading import LoadedModel
 from worker.engine.postprocess import upsample
-from worker.engine.types import SegmentResult
+from worker.engine.types import EmbedQuery, LabelKey, LearnedLabel, SegmentRequest, SegmentResult, as_uint8_array
 
 
 class StockEngine:
@@ -118,7 +118,7 @@ class StockEngine:
         width, height = request.size or image.size
         masks, label_map = upsample(logits, prompts=request.prompts, height=height, width=width,
                                     threshold=request.threshold, wanted=request.wanted,
-                                    guide=request.guide(np.asarray(image), self.loaded.device))
+                                    guide=refine.request_guide(request, np.asarray(image), self.loaded.device))
         result = SegmentResult(masks, logits.cpu(), label_map)
         if request.embed_image:
             result.image_embedding = self.image_embeddings([image])[0]
