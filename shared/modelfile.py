@@ -6,7 +6,7 @@ phrasings and calibrated thresholds, training settings, validation metrics) and
 CLIPSegForImageSegmentation and, when the labels' embeddings were trained too, `label_embeddings`
 (labels x projection size). The uploader (`POST /v1/models`, shared/tuned_models.py), the loader (a
 folder given to `clipmask eval` or the engine, worker/engine/finetuned.py) and the writer
-(`clipmask finetune`, evaluation/finetune.py) all check a folder with the functions here, so what
+(`clipmask finetune`, evaluation/finetune/output.py) all check a folder with the functions here, so what
 one accepts the others accept (tests/shared/test_modelfile.py holds them to it).
 
 The checks read the safetensors header and the raw bytes (numpy), never torch: the API can run them.
