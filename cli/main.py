@@ -164,11 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     from cli.remote import add_commands as add_client_commands
     from evaluation.finetune import add_command as add_finetune_command
     from evaluation.run import add_command as add_eval_command
+    from evaluation.sample_data import add_command as add_sample_data_command
 
     add_commands(sub, tenant)
     add_client_commands(sub)
     add_eval_command(sub)
     add_finetune_command(sub)
+    add_sample_data_command(sub)
 
     refine = sub.add_parser("refine", help="refine a coarse mask or probability map (any model's, 8-bit grayscale, "
                             "any size) with the photo's edges; writes round(255 p) at the photo's size")

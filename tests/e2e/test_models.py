@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from api import create_app
 from cli.main import main
+from evaluation.sample_data import CLASSES, person, write_folder
 from tests.support.api import wait_for_job
-from tests.support.garments import CLASSES, person, write_folder
 from tests.support.services import private_queues
 
 pytestmark = pytest.mark.usefixtures("worker")

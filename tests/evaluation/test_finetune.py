@@ -1,5 +1,5 @@
-"""`clipmask finetune` on a synthetic set the tiny random-weight CLIPSeg can learn (tests/support/
-garments.py), then `clipmask eval --model DIR` on the folder it wrote: the decoder learns, the
+"""`clipmask finetune` on a synthetic set the tiny random-weight CLIPSeg can learn (evaluation/
+sample_data.py), then `clipmask eval --model DIR` on the folder it wrote: the decoder learns, the
 folder is what the format says, and eval scores it through the engine as a worker would run it."""
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from PIL import Image
 
 from cli.main import main
 from evaluation.finetune import mirror_lookup, variant
+from evaluation.sample_data import CLASSES, person, write_folder
 from shared.modelfile import MANIFEST, WEIGHTS
-from tests.support.garments import CLASSES, person, write_folder
 from worker.engine.finetuned import InvalidModel, read_model_folder
 
-pytestmark = pytest.mark.unit
+# Training runs here: these need no services but take ~17 s, so they run with the service tests
+# (`make test`), not `make test-unit`; the augmentation's test is a unit test.
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,7 @@ def test_a_broken_model_folder_is_refused_with_its_reason(tuned, garments, tmp_p
         read_model_folder(broken)
 
 
+@pytest.mark.unit
 def test_mirroring_swaps_left_and_right_labels():
     import random
 

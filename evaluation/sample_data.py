@@ -1,14 +1,18 @@
-"""A synthetic labelled set a small model can learn: people-shaped layouts of garments as coloured,
-textured regions (hat, upper clothes, pants, a left and a right shoe) on a textured background,
-jittered in place and size. Used by the fine-tuning tests and `bench/finetune.py`.
+"""`clipmask sample-data DIR`: a synthetic labelled set to try `eval` and `finetune` on before you
+have your own: people-shaped layouts of garments as coloured, textured regions (hat, upper clothes,
+pants, a left and a right shoe) on a textured background, jittered in place and size, written in the
+folder layout `clipmask eval` reads (images/, masks/, labels.json). A small model can learn it; the
+fine-tuning tests and `bench/finetune.py` use it too.
 
 Shoes follow the human-parsing convention: `left_shoe` is the person's left, on the image's right.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -53,3 +57,18 @@ def write_folder(root: Path, count: int, *, seed: int = 0) -> Path:
         Image.fromarray(truth, mode="L").save(root / "masks" / f"p{i:04d}.png")
     (root / "labels.json").write_text(json.dumps(LABELS))
     return root
+
+
+def run(args: argparse.Namespace) -> int:
+    root = write_folder(Path(args.directory), args.count, seed=args.seed)
+    print(json.dumps({"dataset": str(root), "images": args.count, "labels": CLASSES}))
+    return 0
+
+
+def add_command(sub: Any) -> None:
+    parser = sub.add_parser("sample-data", help="write a small synthetic labelled set (people in garments: "
+                            "hat, upper_clothes, pants, left_shoe, right_shoe) for eval and finetune")
+    parser.add_argument("directory")
+    parser.add_argument("--count", type=int, default=40, help="images (default 40)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=lambda args, settings: run(args))
