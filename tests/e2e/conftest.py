@@ -1,4 +1,5 @@
-"""Fixtures the end-to-end modules share: a worker with an embedded beat on queues of its own."""
+"""Fixtures the end-to-end modules share: the API over real HTTP beside the session's worker, and a
+worker with an embedded beat on queues of its own."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import uuid
 import pytest
 
 from api import create_app
-from tests.support.services import start_worker, stop_process
+from tests.support.services import serving, start_worker, stop_process
+
+
+@pytest.fixture(scope="module")
+def api_url(settings, storage, worker):
+    """The API served over real HTTP (the CLI and the client reach it as users do)."""
+    with serving(create_app(settings)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

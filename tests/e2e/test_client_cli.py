@@ -15,17 +15,10 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from api import create_app
 from client import Clipmask, ClipmaskError
 from shared.tables import Batch
 from tests.support.images import make_image
-from tests.support.services import ROOT, serving
-
-
-@pytest.fixture(scope="module")
-def api_url(settings, storage, worker):
-    with serving(create_app(settings)) as url:
-        yield url
+from tests.support.services import ROOT
 
 
 def cli(args: list[str], api_url: str, key: str, **kwargs) -> subprocess.CompletedProcess:
