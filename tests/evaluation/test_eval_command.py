@@ -16,7 +16,8 @@ from PIL import Image
 
 from cli.main import main
 
-pytestmark = pytest.mark.unit
+# Each of these runs the engine over a dataset and writes a report (13 s together): they need no
+# services but run with the service tests (`make test`); `make test-unit` keeps the bad-dataset check.
 
 LABELS = {"0": "background", "1": "hat", "2": "pants", "3": "glove"}  # glove: not in the preset
 
@@ -141,6 +142,7 @@ def test_without_labels_json_parquet_uses_the_atr_order(tmp_path, tiny_model_dir
     assert [c for c, row in metrics["classes"].items() if row["in_mean"]] == present
 
 
+@pytest.mark.unit
 def test_bad_datasets_get_a_clear_message(folder_dataset, tmp_path, tiny_model_dir, capsys):
     broken = tmp_path / "broken"
     (broken / "images").mkdir(parents=True)
