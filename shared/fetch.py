@@ -295,7 +295,7 @@ def policy_from_settings(settings: Settings) -> FetchPolicy:
 
 # A plain http(s) URL: a host name or IPv4 address, an optional port, a path and query of URL-safe
 # characters. Both checks below accept every such URL (a property test says so), so the API checks
-# a 10,000-item batch's URLs without urllib3's parser for each (56 us a URL there, 2 here).
+# a 10,000-item batch's URLs without urllib3's parser for each (bench/README.md has the cost of each).
 _PLAIN_URL = re.compile(r"https?://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::([0-9]{1,5}))?"
                         r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?(?:\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?")
 

@@ -32,8 +32,8 @@ MAX_LABELS = 32
 MAX_PROMPTS = 8
 MAX_TEXT = 200
 MAX_MANIFEST_BYTES = 1 << 20
-# A decoder declares tens of tensors: its header is a few KB. A 15.6 MiB header cost an API thread
-# 134 MiB and seconds of CPU to parse.
+# A decoder declares tens of tensors: its header is a few KB. A header of megabytes costs an API
+# thread many times its size in memory and seconds of CPU to parse (bench/README.md).
 MAX_HEADER_BYTES = 256 << 10
 # The float dtypes a CLIPSeg decoder's weights come in (the base's are F32; half precision loads into
 # it too). Anything else (integers, 8-bit floats, a name safetensors doesn't know) is refused: the

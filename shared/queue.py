@@ -83,9 +83,9 @@ def enqueue_segment(app: Celery, *, job_id: str, queue: str) -> None:
     """Put one job id on the queue; fails fast (about a second) when Redis is down.
 
     The first message a process sends to a queue goes through Celery's send_task, which declares
-    the queue; the rest are LPUSHed straight into its list by `_Pusher` (0.13 ms of CPU against
-    send_task's 0.9 ms, measured on the 2-core CI machine; the single-job create path's largest
-    cost after the database). Like the batch path's, those messages carry no task-sent event:
+    the queue; the rest are LPUSHed straight into its list by `_Pusher`, a fraction of send_task's
+    CPU (bench/README.md; it was the single-job create path's largest cost after the database).
+    Like the batch path's, those messages carry no task-sent event:
     Flower shows a task from the moment a worker receives it."""
     pusher = _pusher(app)
     if queue not in pusher.declared:
@@ -133,8 +133,9 @@ def _pusher(app: Celery) -> _Pusher:
 def enqueue_segments(app: Celery, *, job_ids: list[str], queue: str, chunk: int = 2000) -> None:
     """Many job ids, one message each, LPUSHed through Redis pipelines (one round trip per chunk).
 
-    Celery's send_task costs about 0.3 ms a message (plus a task-sent event each), 3 s for a
-    10,000-item batch. The first id goes through send_task, which declares the queue as usual;
+    Celery's send_task costs a fraction of a millisecond a message (plus a task-sent event each),
+    seconds for a 10,000-item batch (bench/README.md). The first id goes through send_task,
+    which declares the queue as usual;
     the rest are the same protocol-2 messages built here from that shape, without sent events.
     """
     if not job_ids:

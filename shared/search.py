@@ -43,7 +43,7 @@ class QueryRefused(ClipmaskError):
     """The worker could not embed the query (an image that can't be fetched or decoded)."""
 
 
-# At most this many matching rows are scanned exactly (about 4 us a row) instead of through HNSW.
+# At most this many matching rows are scanned exactly (milliseconds in all) instead of through HNSW.
 EXACT_BELOW = 1000
 # The HNSW index holds half-precision vectors; this many times `limit` of its nearest are ordered
 # again by their exact (fp32) distance, which is also the score (bench/README.md, migration 0009).
@@ -96,8 +96,8 @@ def search(session: Session, tenant_id: str, query: Query) -> list[Hit]:
     Few matching rows (EXACT_BELOW or fewer: a small tenant, a batch, a narrow metadata filter)
     are scanned exactly, which takes milliseconds. Past that, the HNSW index is made the plan:
     Postgres prices a distance at one operator cost, so left alone it picks a sequential or btree
-    scan and a sort, as slow as the exact scan (measured: 39 ms at 10k rows, 230 ms at 100k,
-    against about 3 ms through the index). With no explicit sort allowed, only the index's
+    scan and a sort, as slow as the exact scan and ten to a hundred times slower than the index
+    (bench/README.md, "Figures that were in comments"). With no explicit sort allowed, only the index's
     ordered scan is left; its iterative scan reads past rows the filters exclude, and an answer
     still short of `limit` (the index scan gave up first) is taken exactly instead."""
     where, params = _filters(tenant_id, query)

@@ -116,8 +116,8 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(default=3, ge=1, le=100)
     # POST /v1/search waits this long for a worker to embed a text or image query (then 503)
     search_timeout_s: float = Field(default=15.0, gt=0, le=60)
-    # HNSW candidates per search (pgvector hnsw.ef_search); at 1M vectors, with migration 0009's
-    # index, recall@10 0.989 at 200 (p99 14.6 ms) and 0.999 at 400 (p99 14.4 ms) (bench/README.md)
+    # HNSW candidates per search (pgvector hnsw.ef_search): more finds more of the true nearest
+    # neighbours, slower; recall and latency per value are in bench/README.md (make bench-search)
     search_ef_search: int = Field(default=200, ge=10, le=1000)
     job_retry_backoff_s: float = Field(default=2.0, gt=0)  # first retry delay, doubling each time
 

@@ -47,10 +47,9 @@ def _deflaters() -> dict[str, Callable[[Any, int], bytes]]:
     return out
 
 
-# The PNG writer's deflate: ISA-L where installed. On 1024x1536 masks shaped like a trained model's,
-# level 1 takes 0.25 ms a mask against zlib's 2.59 and writes 3.8 KiB against 10.3 (soft maps:
-# 0.24 ms and 17.7 KiB against 2.78 ms and 21.9 KiB); zlib-ng was 0.55 ms and larger than zlib
-# (bench/README.md, `python bench/deflate.py`). Any of them is a zlib stream every PNG reader takes.
+# The PNG writer's deflate: ISA-L where installed, faster than zlib and smaller on masks shaped like
+# a trained model's (bench/README.md, `python bench/deflate.py`, has the figures and zlib-ng's).
+# Any of them is a zlib stream every PNG reader takes.
 DEFLATERS = _deflaters()
 DEFLATE = "isal" if "isal" in DEFLATERS else "zlib"
 

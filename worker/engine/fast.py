@@ -10,9 +10,9 @@ Compared with the stock call (image repeated per prompt, all vision layers), per
 - resizes and normalises on the device (antialiased bilinear, like the processor's PIL resize),
   and upsamples/thresholds on the device (postprocess.py);
 - on the CPU, runs the vision encoder in passes of about one real-checkpoint image's activations
-  (measured with its architecture: 8 images in one pass cost 12-15% more per image than one at
-  a time, the activations no longer fitting the caches; a small model's images still go
-  together, where per-pass overhead dominates), and the decoder in the same chunks;
+  (measured with its architecture, bench/README.md: larger passes cost more per image, the
+  activations no longer fitting the caches; a small model's images still go together, where
+  per-pass overhead dominates), and the decoder in the same chunks;
 - runs the decoder's per-image parts (the reductions of the vision activations) before they are
   repeated per label, and its stride-equals-kernel transposed convolutions as one matmul each.
 Everything it reads (sizes, mean/std, layers) comes from the checkpoint's own files.
@@ -125,7 +125,7 @@ def _layer_extra(layer: torch.nn.Module) -> tuple[None, ...]:
 def _stride_conv_transpose(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A ConvTranspose2d whose stride equals its kernel (no padding, dilation or groups) writes
     each input pixel's k x k block alone: one (pixels, Cin) x (Cin, Cout*k*k) matmul, then a
-    reshuffle. The conv's own kernel is 2x slower on the CPU for CLIPSeg's decoder."""
+    reshuffle. The conv's own kernel is slower on the CPU for CLIPSeg's decoder (bench/README.md)."""
     assert isinstance(module, torch.nn.ConvTranspose2d)
     cin, cout, kh, kw = module.weight.shape
     batch, _, height, width = x.shape

@@ -105,7 +105,7 @@ def band_px(height: int, width: int) -> int:
 
 def _square_max(x: torch.Tensor, radius: int) -> torch.Tensor:
     """The maximum over each (2r+1)-pixel square, as a row pass then a column pass (a square
-    kernel's max pool is 20x slower at the band widths used here)."""
+    kernel's max pool is much slower at the band widths used here; bench/README.md)."""
     k = 2 * radius + 1
     rows = F.max_pool2d(x, (1, k), stride=1, padding=(0, radius))
     return F.max_pool2d(rows, (k, 1), stride=1, padding=(radius, 0))
