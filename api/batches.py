@@ -244,7 +244,7 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
     # The batch's own webhook gets batch.completed unless only job events were asked for.
     wants_completed = events is None or BatchEvent.COMPLETED in events
     return BatchSpec(items=items, metadata=fields.metadata,
-                     webhook_url=fields.webhook_url if wants_completed else None)
+                     webhook_url=fields.webhook_url if wants_completed else None, priority=fields.priority)
 
 
 @bp.post("")

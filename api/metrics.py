@@ -17,9 +17,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from sqlalchemy import func, select
 
 from api.openapi import Answers, spec
-from api.services import services
+from api.services import db, services
+from shared.enums import JobStatus
+from shared.tables import Job
 
 bp = Blueprint("metrics", __name__)
 
@@ -49,6 +52,30 @@ class QueueDepthCollector(Collector):
         yield family
 
 
+class TenantShareCollector(Collector):
+    """clipmask_tenant_queued{tenant} and clipmask_tenant_running{tenant}: each tenant's batch items
+    on the bulk lane, waiting (in Postgres or in the queue) and at a worker: the scheduler's view."""
+
+    def __init__(self, rows: list[tuple[str, str, int]]) -> None:
+        self.rows = rows
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        queued = GaugeMetricFamily("clipmask_tenant_queued", "A tenant's batch items waiting to run",
+                                   labels=["tenant"])
+        running = GaugeMetricFamily("clipmask_tenant_running", "A tenant's batch items running", labels=["tenant"])
+        for tenant_id, status, count in self.rows:
+            (running if status == JobStatus.RUNNING else queued).add_metric([tenant_id], float(count))
+        yield queued
+        yield running
+
+
+def _tenant_rows(lane: str) -> list[tuple[str, str, int]]:
+    rows = db().execute(select(Job.tenant_id, Job.status, func.count()).where(
+        Job.lane == lane, Job.batch_id.isnot(None), Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        .group_by(Job.tenant_id, Job.status)).all()
+    return [(tenant_id, status, int(count)) for tenant_id, status, count in rows]
+
+
 def _route() -> str:
     rule = request.url_rule
     return rule.rule if rule is not None else "unmatched"
@@ -74,7 +101,8 @@ def install(app: Flask) -> None:
 @bp.get("/metrics")
 @spec.validate(resp=Answers(200, None, "Prometheus text format: clipmask_http_requests_total, "
                                        "clipmask_http_request_duration_seconds, clipmask_jobs_created_total, "
-                                       "clipmask_queue_depth", public=True),
+                                       "clipmask_queue_depth, clipmask_tenant_queued and clipmask_tenant_running "
+                                       "(per tenant, the bulk lane)", public=True),
                security={}, operation_id="metrics", tags=["operations"], skip_validation=True)
 def metrics() -> Response:
     """Prometheus metrics"""
@@ -87,4 +115,5 @@ def metrics() -> Response:
     queues = CollectorRegistry()
     names = [settings.interactive_queue, settings.bulk_queue, settings.events_queue]
     queues.register(QueueDepthCollector(settings.redis_url, settings.redis_key_prefix, names))
+    queues.register(TenantShareCollector(_tenant_rows(settings.bulk_queue)))
     return Response(generate_latest(registry) + generate_latest(queues), mimetype=CONTENT_TYPE_LATEST)

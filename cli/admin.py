@@ -173,6 +173,49 @@ def key_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def tenant_update(args: argparse.Namespace, settings: Settings) -> int:
+    """A tenant's share of the bulk lane: its weight (1 to 100; -1: the default, 1) and the cap on its
+    items sent to workers and not finished (-1: no cap; 0 holds its batches back)."""
+    if args.weight is not None and args.weight != -1 and not 1 <= args.weight <= 100:
+        print("--weight is 1 to 100 (or -1 for the default, 1)", file=sys.stderr)
+        return 2
+    if args.max_running is not None and args.max_running < -1:
+        print("--max-running is 0 or more (or -1 for no cap)", file=sys.stderr)
+        return 2
+    with session_scope(sessions_for(settings)) as session:
+        tenant = session.get(Tenant, args.tenant_id)
+        if tenant is None:
+            print(f"no tenant {args.tenant_id}", file=sys.stderr)
+            return 1
+        if args.weight is not None:
+            tenant.weight = None if args.weight == -1 else args.weight
+        if args.max_running is not None:
+            tenant.max_running = None if args.max_running == -1 else args.max_running
+        answer = {"tenant_id": tenant.id, "weight": tenant.weight or 1, "max_running": tenant.max_running}
+    _emit(answer)
+    return 0
+
+
+def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    """The bulk lane's dispatcher in the foreground (for CLIPMASK_DISPATCHER=off deployments, or a
+    standby beside the embedded ones): leads while it holds the lane's lock, until SIGTERM/SIGINT."""
+    import signal
+    import threading
+
+    from shared.queue import make_celery
+    from shared.scheduler import LeaderLock, dispatcher_from_settings, run
+
+    engine = make_engine(settings.database_url, pool_size=1)
+    dispatcher = dispatcher_from_settings(settings, sessions=make_session_factory(engine),
+                                          celery=make_celery(settings))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run(dispatcher, LeaderLock(engine, f"clipmask.dispatch:{settings.bulk_queue}"), stop=stop,
+        interval_s=settings.dispatch_interval_s)
+    return 0
+
+
 def reconcile_now(args: argparse.Namespace, settings: Settings) -> int:
     from shared.queue import make_celery
     from shared.reconcile import reconcile_from_settings
@@ -231,6 +274,16 @@ def add_commands(sub: argparse._SubParsersAction, tenant_sub: argparse._SubParse
     revoke = keys.add_parser("revoke", help="revoke a key, given in clear or by id (key_...)")
     revoke.add_argument("key")
     revoke.set_defaults(func=key_revoke)
+
+    share = tenant_sub.add_parser("update", help="set a tenant's share of the bulk lane (fair share)")
+    share.add_argument("tenant_id")
+    share.add_argument("--weight", type=int, help="1 to 100: its share against other tenants' (-1: default 1)")
+    share.add_argument("--max-running", type=int, help="at most this many of its items at workers at once "
+                        "(-1: no cap)")
+    share.set_defaults(func=tenant_update)
+
+    feed = sub.add_parser("dispatch", help="run the bulk lane's dispatcher in the foreground")
+    feed.set_defaults(func=dispatch)
 
     rec = sub.add_parser("reconcile", help="requeue jobs whose worker died or whose message was lost, now")
     rec.add_argument("--queued-after", type=float, help="seconds a job may stay queued before re-enqueueing")

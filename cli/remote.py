@@ -187,7 +187,8 @@ def cmd_batch(args: argparse.Namespace, _settings: Any) -> int:
                 total = _catalog_items(catalog)
                 batch = cm.create_batch(file=catalog, prompts=args.prompt or None, preset=args.preset,
                                         outputs=args.output or None, threshold=args.threshold,
-                                        refine=args.refine, idempotency_key=f"clipmask-cli-{digest[:48]}")
+                                        refine=args.refine, priority=args.priority,
+                                        idempotency_key=f"clipmask-cli-{digest[:48]}")
                 state = {"catalog_sha256": digest, "batch_id": batch.id, "total": total, "order": None}
                 _save(state_path, state)
                 print(f"submitted batch {batch.id} ({total} items)", file=sys.stderr)
@@ -336,4 +337,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--out", required=True)
     common(batch)
     batch.add_argument("--poll", type=float, default=1.0, help="seconds between progress polls")
+    batch.add_argument("--priority", choices=["low", "normal", "high"],
+                       help="the order of your batches in the bulk lane (default normal)")
     batch.set_defaults(func=cmd_batch)

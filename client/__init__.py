@@ -104,6 +104,7 @@ class Batch:
     results_url: str | None
     metadata: dict[str, str]
     webhook_url: str | None
+    priority: str | None  # low | normal | high (None from a server before fair share)
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -265,14 +266,16 @@ class Clipmask:
                      threshold: float | None = None, webhook_url: str | None = None,
                      webhook_events: list[str] | None = None, metadata: dict[str, str] | None = None,
                      idempotency_key: str | None = None, model: str | None = None,
-                     refine: str | None = None) -> Batch:
+                     refine: str | None = None, priority: str | None = None) -> Batch:
         """Items as a list of dicts, or `file`: a JSONL or CSV catalog uploaded as is. `prompts`,
-        `preset`, `outputs` and the rest are the defaults for items that set none."""
+        `preset`, `outputs` and the rest are the defaults for items that set none; `priority` (low,
+        normal, high) orders this tenant's batches."""
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         fields: dict[str, Any] = {k: v for k, v in (("prompts", prompts), ("preset", preset), ("outputs", outputs),
                                                     ("threshold", threshold), ("model", model), ("refine", refine),
                                                     ("webhook_url", webhook_url), ("webhook_events", webhook_events),
-                                                    ("metadata", metadata)) if v is not None}
+                                                    ("metadata", metadata), ("priority", priority))
+                                  if v is not None}
         if file is None:
             return Batch.from_api(self._request("POST", "/v1/batches", json={"items": items, **fields},
                                                 headers=headers))

@@ -98,6 +98,7 @@ def batch_object(batch: Batch, storage: ObjectStorage, *, counts: dict[str, int]
         "created_at": isoformat(batch.created_at), "finished_at": isoformat(batch.finished_at),
         "results_url": storage.presign_get(batch.results_key, long=long_urls) if batch.results_key else None,
         "metadata": dict(batch.metadata_ or {}), "webhook_url": batch.webhook_url,
+        "priority": batch.priority or "normal",
     }
 
 

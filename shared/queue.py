@@ -245,6 +245,16 @@ class BrokerView:
     def close(self) -> None:
         self.client.close()
 
+    def ready(self, queue: str) -> int:
+        """Messages waiting in `queue`'s lists for a worker to take them (the dispatcher keeps this low)."""
+        return sum(int(n) for n in self._pipe_llen(queue))
+
+    def _pipe_llen(self, queue: str) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for suffix in PRIORITY_LISTS:
+            pipe.llen(self.prefix + queue + suffix)
+        return pipe.execute()
+
     def count(self, queue: str) -> int:
         """Messages held for `queue`: ready in its lists, or delivered and not yet acknowledged."""
         ready = sum(int(self.client.llen(self.prefix + queue + suffix)) for suffix in PRIORITY_LISTS)

@@ -139,7 +139,8 @@ def reconcile_from_settings(
         return reconcile(
             sessions=sessions, batch=settings.reconcile_batch, broker=broker,
             queues={settings.interactive_queue: Job.batch_id.is_(None),
-                    settings.bulk_queue: Job.batch_id.isnot(None)},
+                    # batch items the dispatcher sent; those still waiting in Postgres have no message
+                    settings.bulk_queue: Job.batch_id.isnot(None) & Job.dispatched_at.isnot(None)},
             enqueue=lambda job_id, batch_id: enqueue_segment(celery, job_id=job_id,
                                                              queue=segment_queue(settings, batch_id)),
             finalize=lambda batch_id: celery.send_task(FINALIZE_TASK, args=[batch_id]),

@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     interactive_queue: str = "interactive"
     # Batch items go here, so a big catalog never sits in front of single jobs.
     bulk_queue: str = "bulk"
+    # The bulk lane's dispatcher (shared/scheduler.py): `embedded` runs one in every worker process
+    # (one leads, the others stand by), `off` leaves it to a `clipmask dispatch` process.
+    dispatcher: Literal["embedded", "off"] = "embedded"
+    # Ready messages it keeps in the bulk queue: the most a newcomer's first item waits behind (with
+    # the workers' prefetched ones); enough that workers never wait on a tick.
+    dispatch_depth: int = Field(default=32, ge=1, le=10_000)
+    dispatch_interval_s: float = Field(default=0.05, gt=0, le=5)  # how often it looks for room
     # Webhook sends and batch finalisation (light work; any worker may take it).
     events_queue: str = "events"
 

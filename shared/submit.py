@@ -12,8 +12,11 @@ they only parse what they were given into `JobSpec`s. The steps, in this order:
 3. Uploads go to object storage, then the rows (job, or batch and jobs) and the key's record are
    written and committed together. If a concurrent request with the same key committed first,
    the unique key makes ours fail: its uploads are deleted and its answer is the winner's.
-4. The ids go onto the queue. If that fails, nothing was answered 202, so the rows, the key and
-   the uploads are withdrawn and QueueUnavailable is raised: nothing accepted is ever stranded.
+4. A single job's id goes onto the interactive queue. If that fails, nothing was answered 202,
+   so the rows, the key and the uploads are withdrawn and QueueUnavailable is raised: nothing
+   accepted is ever stranded. A batch's items are not enqueued: their rows are the bulk lane's
+   queue, and the dispatcher (shared/scheduler.py) sends them to workers as slots free, sharing
+   the fleet between tenants; a batch is accepted whether or not Redis answers.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from shared.errors import IdempotencyKeyReused, QueueFull, QueueUnavailable
 from shared.images import sniff
 from shared.present import batch_counts, batch_object, job_object
 from shared.presets import expand
-from shared.queue import enqueue_segment, enqueue_segments
+from shared.queue import enqueue_segment
+from shared.scheduler import PRIORITIES
 from shared.settings import Settings
 from shared.storage import ObjectStorage, examples_lock, upload_key
 from shared.tables import Batch, IdempotencyKey, Job, Tenant
@@ -106,6 +110,7 @@ class BatchSpec:
     items: list[JobSpec]
     metadata: dict[str, str] = field(default_factory=dict)
     webhook_url: str | None = None  # the batch's own (batch.completed); None when only job events were asked
+    priority: str = "normal"  # low | normal | high: the order of this tenant's batches in the bulk lane
 
 
 @dataclass(frozen=True)
@@ -207,13 +212,17 @@ class Submitter:
             batch_id = f"batch_{uuid.uuid4().hex}"
             created = utcnow()
             batch = Batch(id=batch_id, tenant_id=tenant.id, status=BatchStatus.RUNNING, created_at=created,
-                          total=len(spec.items), metadata_=spec.metadata, webhook_url=spec.webhook_url)
+                          total=len(spec.items), metadata_=spec.metadata, webhook_url=spec.webhook_url,
+                          priority=spec.priority)
             job_ids = [str(uuid.uuid4()) for _ in spec.items]
             staged = _Staged({}, f"/v1/batches/{batch_id}", job_ids, self.policy.bulk_queue, batch_id=batch_id)
             self._lock_examples(session, tenant, spec.items)
             # created_at steps by a microsecond, so listings and the manifest keep the input order
             rows = [self._row(tenant, item, job_id, created + dt.timedelta(microseconds=index), staged)
                     for index, (job_id, item) in enumerate(zip(job_ids, spec.items, strict=True))]
+            waiting = {"lane": self.policy.bulk_queue, "priority": PRIORITIES[spec.priority], "enqueued_at": None}
+            for row in rows:  # waiting for the dispatcher: dispatched_at stays null
+                row.update(waiting)
             insert_batch(session, batch, rows)
             counts = batch_counts(batch.total, {JobStatus.QUEUED: batch.total})
             staged.body = batch_object(batch, self.storage, counts=counts)
@@ -289,11 +298,10 @@ class Submitter:
             if replayed is None:
                 raise
             return replayed
+        if staged.batch_id is not None:
+            return Accepted(202, staged.body, headers)  # the dispatcher sends its items
         try:
-            if staged.batch_id is None:
-                enqueue_segment(self.celery, job_id=staged.job_ids[0], queue=staged.queue)
-            else:
-                enqueue_segments(self.celery, job_ids=staged.job_ids, queue=staged.queue)
+            enqueue_segment(self.celery, job_id=staged.job_ids[0], queue=staged.queue)
         except Exception as exc:
             self._withdraw(session, tenant, idempotency, staged, exc)
             raise QueueUnavailable() from exc

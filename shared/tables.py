@@ -16,6 +16,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -58,6 +59,10 @@ class Tenant(Base):
     rate_limit_per_s: Mapped[float | None] = mapped_column(Float)
     rate_limit_burst: Mapped[int | None] = mapped_column(Integer)
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    # the bulk lane's share (shared/scheduler.py): its weight (None: 1) and the cap on its jobs sent
+    # to workers and not finished (None: no cap beyond the fleet's)
+    weight: Mapped[int | None] = mapped_column(Integer)
+    max_running: Mapped[int | None] = mapped_column(Integer)
     # Buckets whose objects this tenant's jobs may read as image_s3_uri; None or []: none.
     input_buckets: Mapped[list[str] | None] = mapped_column(JSONType)
 
@@ -120,6 +125,11 @@ class Job(Base):
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     # When the id was last put on the queue (the reconciler re-enqueues long-queued jobs).
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # a batch item waits in Postgres until the dispatcher sends it to `lane` (its bulk queue):
+    # dispatched_at is then set; single jobs are sent at once and keep it null
+    dispatched_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    lane: Mapped[str | None] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")  # the batch's: 0 low, 2 high
 
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", created_at.desc(), id.desc()),
@@ -127,6 +137,11 @@ class Job(Base):
         Index("ix_jobs_tenant_batch_created", "tenant_id", "batch_id", created_at.desc(), id.desc()),
         Index("ix_jobs_unfinished", "status", "lease_expires_at", postgresql_where=status.in_(UNFINISHED_JOB)),
         Index("ix_jobs_batch_status", "batch_id", "status", postgresql_where=batch_id.isnot(None)),
+        Index("ix_jobs_undispatched", "lane", "tenant_id", priority.desc(), "created_at", "id",
+              postgresql_where=text("dispatched_at IS NULL AND status = 'queued' AND batch_id IS NOT NULL")),
+        Index("ix_jobs_in_flight", "lane", "tenant_id",
+              postgresql_where=text("dispatched_at IS NOT NULL AND status IN ('queued', 'running') "
+                                    "AND batch_id IS NOT NULL")),
     )
 
 
@@ -164,6 +179,7 @@ class Batch(Base):
     metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSONType, default=dict)
     webhook_url: Mapped[str | None] = mapped_column(Text)
     results_key: Mapped[str | None] = mapped_column(Text)  # the JSONL manifest, once written
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")  # low|normal|high
 
     __table_args__ = (
         Index("ix_batches_tenant_created", "tenant_id", created_at.desc(), id.desc()),

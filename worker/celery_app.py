@@ -27,8 +27,19 @@ def _load_model(**_kwargs: object) -> None:
     if deps.cancels is not None:  # listening before the first job: its boundaries need not ask
         deps.cancels.start()
     deps.storage.ensure_bucket()
+    if settings.dispatcher == "embedded":  # the bulk lane's dispatcher: one process leads, the others stand by
+        _start_dispatcher()
     deps.segmenter()
     threading.Thread(target=_warm_matting, name="warm-matting", daemon=True).start()
+
+
+def _start_dispatcher() -> None:
+    from shared.db import make_engine, make_session_factory
+    from shared.scheduler import start_in_thread
+
+    engine = make_engine(settings.database_url, pool_size=1)
+    start_in_thread(settings, sessions=make_session_factory(engine), celery=app, engine=engine,
+                    stop=threading.Event())
 
 
 def _warm_matting() -> None:

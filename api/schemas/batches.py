@@ -22,6 +22,11 @@ from api.schemas.common import (
 from api.schemas.jobs import ImagePrompt
 from shared.enums import BatchEvent, BatchStatus, JobEvent
 
+BatchPriority = Literal["low", "normal", "high"]
+PRIORITY_DESCRIPTION = ("The order of this tenant's batches in the bulk lane: high before normal before low, "
+                        "then oldest first. Within a tenant only: other tenants' share of the workers (by "
+                        "weight) is unchanged.")
+
 
 class BatchItem(BaseModel):
     """One catalog item; fields it leaves out come from the batch."""
@@ -69,6 +74,7 @@ class BatchCreate(BaseModel):
         default=None, description="Subset of events to deliver; default all four.")
     metadata: dict[str, str] = Field(default_factory=dict, description="The batch's own, and items' defaults.",
                                      json_schema_extra=METADATA)
+    priority: BatchPriority = Field(default="normal", description=PRIORITY_DESCRIPTION)
 
 
 class BatchCreateMultipart(BaseModel):
@@ -88,6 +94,7 @@ class BatchCreateMultipart(BaseModel):
     webhook_events: list[JobEvent | BatchEvent] | None = None
     metadata: str | None = Field(default=None, description="A JSON object of strings, as a string.",
                                  json_schema_extra={"contentMediaType": "application/json"})
+    priority: BatchPriority = "normal"
 
 
 class BatchCounts(BaseModel):
@@ -111,6 +118,7 @@ class BatchObject(BaseModel):
     results_url: str | None = Field(description="Presigned URL of a JSONL file, one job object per line.")
     metadata: dict[str, str]
     webhook_url: str | None
+    priority: BatchPriority = Field(description=PRIORITY_DESCRIPTION)
 
 
 class BatchEventPayload(BaseModel):

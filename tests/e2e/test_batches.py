@@ -192,12 +192,15 @@ def test_items_go_to_the_bulk_queue_and_cancel_cancels_what_is_left(settings, te
     items = [{"image_url": f"https://x.test/{i}.jpg"} for i in range(250)]
     created = client.post("/v1/batches", json={"prompts": ["a"], "items": items}, headers=tenant.headers).get_json()
     broker = redis.Redis.from_url(own.redis_url)
-    try:
-        assert broker.llen(own.redis_key_prefix + own.bulk_queue) == 250  # one message per item
+    try:  # the items wait on the bulk lane as rows: the dispatcher sends them as workers free up
+        assert broker.llen(own.redis_key_prefix + own.bulk_queue) == 0
         assert broker.llen(own.redis_key_prefix + own.interactive_queue) == 0
     finally:
-        broker.delete(own.redis_key_prefix + own.bulk_queue)
         broker.close()
+    with sessions() as session:
+        waiting = session.execute(select(Job.lane, Job.dispatched_at, Job.status)
+                                  .where(Job.batch_id == created["id"])).all()
+    assert set(waiting) == {(own.bulk_queue, None, "queued")} and len(waiting) == 250
 
     other = make_tenant()
     for method, path in [("get", ""), ("get", "/jobs"), ("post", "/cancel")]:

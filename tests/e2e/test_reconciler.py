@@ -13,6 +13,7 @@ from api import create_app
 from shared.db import make_engine, make_session_factory, session_scope
 from shared.queue import make_celery
 from shared.reconcile import reconcile_from_settings
+from shared.scheduler import dispatcher_from_settings
 from shared.tables import Job
 from shared.tenants import create_tenant
 from tests.support.images import make_image
@@ -43,6 +44,11 @@ def test_a_backlog_is_not_flooded_and_a_deleted_queue_is_recovered_exactly_once(
                         headers=headers)
     assert batch.status_code == 202
     batch_id = batch.get_json()["id"]
+    # the dispatcher sends every item at once (a lane as deep as the batch): the broker holds them all
+    feeder = dispatcher_from_settings(own.model_copy(update={"dispatch_depth": ITEMS}), sessions=sessions,
+                                      celery=celery)
+    while feeder.tick().sent:
+        pass
     assert broker.llen(bulk) == ITEMS
 
     def reconcile_and_measure() -> int:
