@@ -8,7 +8,7 @@ export VENV
 # every run compiles the project and rewrites every test module's asserts again (collection 12.8 s -> 6.7 s).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install install-browser up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-wait bench-outputs bench-pipeline bench-search bench-manifest bench-decoders bench-refine compose-test gpu-check gpu-bundle clean
+.PHONY: install install-browser up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-fairness bench-wait bench-outputs bench-pipeline bench-search bench-manifest bench-decoders bench-refine compose-test gpu-check gpu-bundle clean
 
 install: $(VENV)/.installed
 
@@ -106,6 +106,10 @@ gpu-bundle:
 # 5,000 jobs through a private stack on the tiny model (BENCH_ARGS="--jobs 500" for less)
 bench-load: install
 	scripts/bench_stack.sh bench/load.py $(BENCH_ARGS)
+
+# the bulk lane's fair share: shares by weight, a newcomer's wait, dispatch capacity, batch accept
+bench-fairness: install
+	$(PY) bench/fairness.py $(BENCH_ARGS)
 
 # batch accept time, single-job POST throughput/latency, interactive latency during a bulk run
 bench-api: install

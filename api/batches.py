@@ -2,7 +2,8 @@
 
 Every item is validated before anything is written; the first bad one fails the request with
 422 naming its index. Then one transaction writes the batch row and every job row (multi-row
-INSERTs), and the job ids go onto the bulk queue through Redis pipelines.
+INSERTs). Nothing goes onto a queue: the bulk lane's dispatcher (shared/scheduler.py) sends the
+items to workers as slots free, sharing them between tenants.
 """
 
 from __future__ import annotations

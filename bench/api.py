@@ -1,7 +1,7 @@
 """API benchmarks against a running stack (`make bench-api` starts a private one on the tiny model).
 
-1. Accepting a 10,000-item batch: wall time of POST /v1/batches (validate, write 10k rows, enqueue
-   10k messages), best and median of --repeat runs. Target: 2 s or less.
+1. Accepting a 10,000-item batch: wall time of POST /v1/batches (validate, write 10k rows; the
+   dispatcher sends them later), best and median of --repeat runs. Target: 2 s or less.
 2. Single-job POST: throughput and p50/p99 latency for 1, 8 and 32 concurrent clients, with the
    worker idle (the private stack's worker processes are stopped with SIGSTOP meanwhile, then
    continued), so the figure is the API's, not its share of two cores the worker also uses.

@@ -29,7 +29,7 @@ import contextlib
 import heapq
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.enums import JobStatus
-from shared.tables import Job, Tenant
+from shared.tables import Job
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,21 @@ WITH RECURSIVE t(tenant_id) AS (
             ORDER BY j.tenant_id LIMIT 1)
     FROM t WHERE t.tenant_id IS NOT NULL
 )
-SELECT tenant_id FROM t WHERE tenant_id IS NOT NULL
+SELECT t.tenant_id, tenants.weight, tenants.max_running FROM t JOIN tenants ON tenants.id = t.tenant_id
+""")
+# each planned tenant's next `k` waiting items marked dispatched, in one statement; rows another
+# dispatcher holds are skipped (the caller sorts what comes back into the lane's order)
+_TAKE = text("""
+UPDATE jobs SET dispatched_at = now(), enqueued_at = now()
+WHERE id IN (
+    SELECT next.id FROM unnest(CAST(:tenants AS text[]), CAST(:counts AS int[])) AS p(tenant_id, k)
+    CROSS JOIN LATERAL (
+        SELECT id FROM jobs
+        WHERE lane = :lane AND tenant_id = p.tenant_id AND dispatched_at IS NULL AND status = 'queued'
+          AND batch_id IS NOT NULL
+        ORDER BY priority DESC, created_at, id LIMIT p.k
+        FOR UPDATE SKIP LOCKED) AS next)
+RETURNING id, tenant_id, priority, created_at
 """)
 
 
@@ -132,35 +146,29 @@ class Dispatcher:
         if free <= 0:
             return TickReport(free, [], 0)
         with self.sessions() as session:
-            tenants = [row[0] for row in session.execute(_WAITING_TENANTS, {"lane": self.lane})]
-            if not tenants:
+            rows = session.execute(_WAITING_TENANTS, {"lane": self.lane}).all()
+            if not rows:
                 self.stride.forget(())
                 session.rollback()
                 return TickReport(free, [], 0)
-            shares = self._shares(session, tenants)
+            shares = self._shares(session, rows)
             order = self.stride.plan(free, shares)
             wanted: dict[str, int] = {}
             for tenant_id in order:
                 wanted[tenant_id] = wanted.get(tenant_id, 0) + 1
-            taken = {tenant_id: self._take(session, tenant_id, count) for tenant_id, count in wanted.items()}
-            sent = _interleave(order, taken)
-            if sent:
-                session.execute(update(Job).where(Job.id.in_([job_id for job_id, _ in sent]))
-                                .values(dispatched_at=func.now(), enqueued_at=func.now())
-                                .execution_options(synchronize_session=False))
+            taken = self._take(session, wanted)
             session.commit()
-        self.stride.forget(tenants)
+        self.stride.forget(shares)
+        sent = _interleave(order, taken)
         if sent:
             try:
                 self.push([job_id for job_id, _ in sent])
             except Exception:
                 self._take_back([job_id for job_id, _ in sent])
                 raise
-        return TickReport(free, sent, len(tenants))
+        return TickReport(free, sent, len(rows))
 
-    def _shares(self, session: Session, tenants: list[str]) -> dict[str, Share]:
-        rows = session.execute(select(Tenant.id, Tenant.weight, Tenant.max_running)
-                               .where(Tenant.id.in_(tenants))).all()
+    def _shares(self, session: Session, rows: Sequence[Any]) -> dict[str, Share]:
         shares = {tenant_id: Share(weight or DEFAULT_WEIGHT) for tenant_id, weight, _ in rows}
         capped = {tenant_id: cap for tenant_id, _, cap in rows if cap is not None}
         if capped:
@@ -173,13 +181,13 @@ class Dispatcher:
                 shares[tenant_id].room = cap - int(in_flight.get(tenant_id, 0))
         return shares
 
-    def _take(self, session: Session, tenant_id: str, count: int) -> list[str]:
-        """The tenant's next `count` waiting items, locked (items another dispatcher holds are skipped)."""
-        return list(session.execute(
-            select(Job.id).where(Job.lane == self.lane, Job.tenant_id == tenant_id, Job.batch_id.isnot(None),
-                                 Job.status == JobStatus.QUEUED, Job.dispatched_at.is_(None))
-            .order_by(Job.priority.desc(), Job.created_at, Job.id).limit(count)
-            .with_for_update(skip_locked=True)).scalars())
+    def _take(self, session: Session, wanted: dict[str, int]) -> dict[str, list[str]]:
+        """Each tenant's next items (as many as planned, or fewer), marked dispatched, in the lane's order."""
+        rows = session.execute(_TAKE, {"lane": self.lane, "tenants": list(wanted), "counts": list(wanted.values())})
+        taken: dict[str, list[str]] = {tenant_id: [] for tenant_id in wanted}
+        for job_id, tenant_id, _, _ in sorted(rows, key=lambda r: (-r[2], r[3], r[0])):
+            taken[tenant_id].append(job_id)
+        return taken
 
     def _take_back(self, job_ids: list[str]) -> None:
         """Redis refused the push: the items wait again (best effort; else the reconciler sends them)."""

@@ -207,7 +207,7 @@ class Submitter:
 
     def submit_batch(self, session: Session, *, tenant: Tenant, spec: BatchSpec,
                      idempotency: Idempotency | None = None) -> Accepted:
-        """Accept a batch: one transaction for the batch row and every job row, ids onto the bulk queue."""
+        """Accept a batch: one transaction for the batch row and every job row; the dispatcher sends them."""
         def stage(session: Session) -> _Staged:
             batch_id = f"batch_{uuid.uuid4().hex}"
             created = utcnow()
