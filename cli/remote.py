@@ -4,7 +4,8 @@ Both read the API address and key from --base-url/--api-key or CLIPMASK_API_URL/
 
 Output files have a stable layout under `{out}/{name}/`, where name is the image's file stem
 (submit) or the catalog row number, zero-padded (batch): per label `{NN}_{label}.png` (mask),
-`{NN}_{label}.soft.png`, `{NN}_{label}.cutout.png`, `{NN}_{label}.rle.json`, and per image
+`{NN}_{label}.soft.png`, `{NN}_{label}.cutout.png`, `{NN}_{label}.rle.json`,
+`{NN}_{label}.instances.json` (the label's instances: box, score, area, RLE), and per image
 `label_map.png` and `overlay.jpg`, for the outputs the job asked for. `clipmask batch` keeps its state
 in `{out}/.clipmask-batch.json`; run it again after an interruption and it resumes the same batch
 (never resubmits), skipping masks already on disk. The submit request carries an Idempotency-Key
@@ -31,7 +32,7 @@ from client import Batch, Clipmask, ClipmaskError, Job
 from shared.enums import UNFINISHED_JOB, BatchStatus, JobStatus
 
 STATE = ".clipmask-batch.json"
-OUTPUT_CHOICES = ["mask", "soft", "rle", "cutout", "label_map", "overlay"]
+OUTPUT_CHOICES = ["mask", "soft", "rle", "cutout", "label_map", "overlay", "instances"]
 
 
 def _slug(text: str) -> str:
@@ -54,18 +55,19 @@ def output_files(out: Path, name: str, job: Job) -> list[tuple[str, Path]]:
 
 
 def save_outputs(cm: Clipmask, out: Path, name: str, job: Job, *, skip_existing: bool = False) -> list[Path]:
-    """Download a job's files and write its RLEs as JSON next to them."""
+    """Download a job's files and write its RLEs and instances as JSON next to them."""
     saved = []
     for url, path in output_files(out, name, job):
         if not (skip_existing and path.exists()):
             cm.download(url, path)
         saved.append(path)
     for i, r in enumerate(job.results):
-        if r.rle is not None:
-            path = out / name / f"{i:02d}_{_slug(r.prompt)}.rle.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(r.rle))
-            saved.append(path)
+        for kind, value in (("rle", r.rle), ("instances", r.instances)):
+            if value is not None:
+                path = out / name / f"{i:02d}_{_slug(r.prompt)}.{kind}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(value))
+                saved.append(path)
     return saved
 
 

@@ -54,6 +54,8 @@ class MaskResult:
     cutout_url: str | None = None
     rle: dict[str, Any] | None = None
     refine: str | None = None  # none, guided or matting: how this label's outputs were refined
+    # outputs: instances - [{"bbox", "score", "area_fraction", "rle"}], best first
+    instances: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> MaskResult:

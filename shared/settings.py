@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # job's labels are matted in order while their boxes add up to at most this many pixels (about 4 s
     # of one core on the 2-core dev machine, bench/README.md), the rest stay guided
     matting_max_pixels: int = Field(default=4_000_000, ge=0)
+    # outputs: instances - the 8-connected components of a label's mask covering at least this share
+    # of the image (CLIPSeg's instances), at most max_instances per label, best first
+    instances_min_fraction: float = Field(default=0.001, gt=0, lt=1)
+    max_instances: int = Field(default=100, ge=1, le=1000)
     # ... and a worker process's job threads solve at most this many pixels at once in all (the solver
     # holds about 400 bytes a pixel: 8M is about 3.2 GB); a matte waits for its pixels
     matting_process_pixels: int = Field(default=8_000_000, ge=1)

@@ -114,7 +114,7 @@ def _seconds(value: float) -> dt.timedelta:
 
 
 # What a job on a CLIPSeg base may ask for beyond prompts (the contract's capability names)
-CLIPSEG_CAPABILITIES = ["image_prompts", "embed", "finetune"]
+CLIPSEG_CAPABILITIES = ["image_prompts", "embed", "instances", "finetune"]
 
 
 def base_object(base: ServedBase, *, live_s: float) -> dict[str, Any]:

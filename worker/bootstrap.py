@@ -21,6 +21,7 @@ from worker import metrics
 from worker.deps import RunnerDeps, Segments
 from worker.engine.refine import PixelBudget
 from worker.leases import LeaseKeeper
+from worker.outputs import InstanceRules
 from worker.stops import CancelWatch
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
                       lease_s=settings.job_lease_s, leases=LeaseKeeper(sessions, lease_s=settings.job_lease_s),
                       follow_up=follow_up, matting_max_pixels=settings.matting_max_pixels,
                       matting_budget=PixelBudget(settings.matting_process_pixels),
-                      cancels=CancelWatch(settings.database_url), max_attempts=settings.job_max_attempts)
+                      cancels=CancelWatch(settings.database_url), max_attempts=settings.job_max_attempts,
+                      instances=InstanceRules(settings.instances_min_fraction, settings.max_instances))
 
 
 def build_worker_app(settings: Settings) -> tuple[Celery, Callable[[], RunnerDeps]]:

@@ -20,6 +20,7 @@ from worker.engine.refine import PixelBudget
 from worker.engine.types import SegmentRequest, SegmentResult
 from worker.examples import ExampleCache
 from worker.leases import LeaseKeeper
+from worker.outputs import InstanceRules
 from worker.stops import CancelWatch
 
 # The smallest decode that still feeds the model at full quality, when the segmenter doesn't say
@@ -79,3 +80,5 @@ class RunnerDeps:
     cancels: CancelWatch | None = None
     # a job taken this often without reaching a final state fails `attempts_exhausted` when next taken
     max_attempts: int = jobstate.NO_ATTEMPTS_CAP
+    # outputs: instances - a component's least share of the image, and the most per label
+    instances: InstanceRules = field(default_factory=InstanceRules)

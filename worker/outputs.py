@@ -8,13 +8,16 @@ The formats are the HTTP contract's ("What to segment and what to return"; READM
 - cutout: RGBA PNG of the image cropped to the mask's box, alpha = round(255 * p) (None if empty);
 - label_map: palette ("P") PNG, 0 where no label reaches the threshold, else 1 + the label's index;
   the palette colours each label, so the file is also a picture;
-- overlay: JPEG of the image with each label's pixels tinted in its palette colour.
+- overlay: JPEG of the image with each label's pixels tinted in its palette colour;
+- instances: per label, the 8-connected components of its mask (at least a share of the image),
+  each with its tight box, mean probability as score, area and COCO RLE, best first.
 """
 
 from __future__ import annotations
 
 import colorsys
 import io
+import math
 import struct
 import zlib
 from collections.abc import Callable
@@ -31,7 +34,7 @@ from shared.tables import Job
 from worker.engine.jpeg import EncodedJpeg
 from worker.engine.types import SegmentResult
 
-OUTPUT_KINDS = ("mask", "soft", "rle", "cutout", "label_map", "overlay")
+OUTPUT_KINDS = ("mask", "soft", "rle", "cutout", "label_map", "overlay", "instances")
 OVERLAY_ALPHA = 0.5
 OVERLAY_QUALITY = 85
 
@@ -109,6 +112,45 @@ def coco_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 
 
+@dataclass(frozen=True)
+class InstanceRules:
+    """What counts as an instance of a label's mask (settings instances_min_fraction, max_instances)."""
+
+    min_fraction: float = 0.001  # of the image's pixels
+    limit: int = 100
+
+
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def instances_of(mask: np.ndarray, soft: np.ndarray, rules: InstanceRules = InstanceRules()) -> list[dict[str, Any]]:
+    """A label's instances: the 8-connected components of its binary mask covering at least
+    `rules.min_fraction` of the image, each scored by its mean probability (soft / 255), best first
+    (then larger first), at most `rules.limit`; each with its tight box, its area and its own COCO RLE."""
+    from scipy import ndimage
+
+    components, count = ndimage.label(mask > 0, structure=EIGHT_CONNECTED)
+    if count == 0:
+        return []
+    flat = components.ravel()
+    areas = np.bincount(flat, minlength=count + 1)
+    sums = np.bincount(flat, weights=soft.ravel().astype(np.float64), minlength=count + 1)
+    minimum = max(1, math.ceil(rules.min_fraction * mask.size))
+    kept = [i for i in range(1, count + 1) if areas[i] >= minimum]
+    kept.sort(key=lambda i: (-sums[i] / areas[i], -areas[i], i))
+    boxes = ndimage.find_objects(components)
+    found = []
+    for index in kept[: rules.limit]:
+        rows, cols = boxes[index - 1]
+        found.append({
+            "bbox": [int(cols.start), int(rows.start), int(cols.stop), int(rows.stop)],
+            "score": round(float(sums[index] / areas[index] / 255.0), 6),
+            "area_fraction": round(float(areas[index] / mask.size), 6),
+            "rle": coco_rle(components == index),
+        })
+    return found
+
+
 def cutout_png(image: np.ndarray, soft: np.ndarray, bbox: list[int] | None) -> bytes | None:
     """RGBA crop of the (H, W, 3) image to bbox with the soft map as alpha; None for an empty mask."""
     if bbox is None:
@@ -161,7 +203,7 @@ class Encoded:
 
 
 def encode_outputs(job: Job, labels: list[dict[str, Any]], outputs: list[str], image: Image.Image | EncodedJpeg,
-                   result: SegmentResult) -> Encoded:
+                   result: SegmentResult, instances: InstanceRules = InstanceRules()) -> Encoded:
     """Everything the job asked for, from one model pass, under deterministic keys. `image` is
     decoded (an Image) whenever the outputs need its pixels (cutout, overlay)."""
     pixels = None
@@ -189,6 +231,8 @@ def encode_outputs(job: Job, labels: list[dict[str, Any]], outputs: list[str], i
             entry["soft_key"] = stage(f"{index}.soft.png", png_gray(item.soft, sub_filter=True), "image/png")
         if "rle" in outputs:
             entry["rle"] = coco_rle(item.mask)
+        if "instances" in outputs and item.soft is not None:
+            entry["instances"] = instances_of(item.mask, item.soft, instances)
         if "cutout" in outputs and pixels is not None and item.soft is not None:
             cut = cutout_png(pixels, item.soft, item.bbox)
             entry["cutout_key"] = None if cut is None else stage(f"{index}.cutout.png", cut, "image/png")

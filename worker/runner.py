@@ -155,7 +155,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         if (stopped := _boundary(deps, job.id)) is not None:
             log.info("job %s before inference; it takes no batcher slot", _why(stopped), extra=ctx)
             return _finish(deps, started, stopped)
-        wanted = Wanted(soft=bool({"soft", "cutout"} & set(outputs)),
+        wanted = Wanted(soft=bool({"soft", "cutout", "instances"} & set(outputs)),
                         label_map=bool({"label_map", "overlay"} & set(outputs)))
         # each label's own threshold (a preset's calibrated one) unless the job gave one for all
         thresholds = [float(label.get("threshold", job.threshold)) for label in labels]
@@ -175,7 +175,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
             log.info("matted %d of %d labels (%d pixels solved)", sum(m.refine == "matting" for m in result.masks),
                      len(result.masks), solved, extra=ctx)
         with stages.time("encode"):
-            encoded = encode_outputs(job, labels, outputs, image, result)
+            encoded = encode_outputs(job, labels, outputs, image, result, deps.instances)
         image_embedding = None if result.image_embedding is None else vector_list(result.image_embedding)
         del result
         if encoded.uploads and (stopped := _boundary(deps, job.id)) is not None:

@@ -11,10 +11,10 @@ from pydantic.config import JsonDict
 from api.problems import ApiProblem
 from shared.fetch import check_url_syntax
 
-OutputKind = Literal["mask", "soft", "rle", "cutout", "label_map", "overlay"]
+OutputKind = Literal["mask", "soft", "rle", "cutout", "label_map", "overlay", "instances"]
 
 
-OUTPUT_KINDS: tuple[str, ...] = ("mask", "soft", "rle", "cutout", "label_map", "overlay")
+OUTPUT_KINDS: tuple[str, ...] = ("mask", "soft", "rle", "cutout", "label_map", "overlay", "instances")
 
 
 RefineMethod = Literal["none", "guided", "matting"]

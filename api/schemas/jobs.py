@@ -81,7 +81,8 @@ class JobParams(BaseModel):
                                json_schema_extra={"maxLength": 64})
     outputs: list[OutputKind] = Field(
         default_factory=default_outputs, min_length=1,
-        description="What to return per label (mask, soft, rle, cutout) and per image (label_map, overlay).")
+        description="What to return per label (mask, soft, rle, cutout, instances) and per image (label_map, "
+                    "overlay).")
     image_prompts: list[ImagePrompt] = Field(
         default_factory=list, max_length=MAX_IMAGE_PROMPTS,
         description=f"Up to {MAX_IMAGE_PROMPTS} example images: segment what looks like each (results after the "
@@ -234,6 +235,18 @@ class CocoRle(BaseModel):
     counts: str = Field(description="pycocotools' compressed counts string.")
 
 
+class Instance(BaseModel):
+    """One instance of a label: a connected part of its mask (clipseg)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bbox: Annotated[list[int], Field(min_length=4, max_length=4)] = Field(
+        description="[x0, y0, x1, y1], exclusive end: the tight box of the instance's own mask.")
+    score: float = Field(description="0 to 1: its mean probability (clipseg).")
+    area_fraction: float
+    rle: CocoRle = Field(description="COCO RLE of the instance's own mask, as for the rle output.")
+
+
 class MaskResult(BaseModel):
     """One label's result; fields by `outputs` (those not asked for are absent)."""
 
@@ -258,6 +271,11 @@ class MaskResult(BaseModel):
                                         "no outline to matte). Absent on jobs from before refine existed.")
     embedding: list[float] | None = Field(default=None, description="(embed: masks) L2-normalised CLIP image "
                                           "embedding of the label's masked crop; null for an empty mask.")
+    instances: list[Instance] | None = Field(default=None, description="(instances) The label's instances, best "
+                                             "first, at most CLIPMASK_MAX_INSTANCES (100): for clipseg the "
+                                             "8-connected components of its mask covering at least "
+                                             "CLIPMASK_INSTANCES_MIN_FRACTION (0.1%) of the image, each scored by "
+                                             "its mean probability.")
 
 
 class JobOutputs(BaseModel):

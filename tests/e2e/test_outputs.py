@@ -152,3 +152,23 @@ def test_retention_deletes_every_output(client, tenant, image_server, storage, s
         session.get(Job, job["id"]).created_at -= dt.timedelta(days=60)
     purge_expired(sessions=sessions, storage=storage, older_than=dt.timedelta(days=30))
     assert storage.list_keys(prefix) == []
+
+
+def test_instances_are_parts_of_each_labels_mask_best_first(client, tenant, image_server):
+    job = run(client, tenant, image_server, prompts=["shirt", "pants"], outputs=["mask", "instances"], threshold=0.3)
+    width, height = job["image"]["width"], job["image"]["height"]
+    seen = 0
+    for result in job["results"]:
+        mask = np.asarray(fetch(result["mask_url"]))
+        scores = [i["score"] for i in result["instances"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) <= 100
+        covered = np.zeros_like(mask)
+        for instance in result["instances"]:
+            own = coco_mask.decode({"size": instance["rle"]["size"], "counts": instance["rle"]["counts"].encode()})
+            assert own.shape == (height, width) and (mask[own > 0] == 255).all()
+            assert own.sum() / own.size == pytest.approx(instance["area_fraction"], abs=1e-6)
+            assert own.sum() >= 0.001 * own.size and 0 < instance["score"] <= 1
+            covered |= own
+            seen += 1
+        assert not (covered & (mask == 0)).any()
+    assert seen  # the tiny model's masks at 0.3 have parts

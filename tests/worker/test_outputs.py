@@ -337,3 +337,26 @@ def test_boxes_and_areas_are_those_of_the_masks(labels, height, width, seed, thr
             continue
         ys, xs = np.nonzero(on)
         assert item.bbox == [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def test_instances_are_the_8_connected_parts_scored_by_mean_probability():
+    from worker.outputs import InstanceRules, instances_of
+
+    mask = np.zeros((100, 100), np.uint8)
+    soft = np.zeros((100, 100), np.uint8)
+    mask[10:20, 10:20], soft[10:20, 10:20] = 255, 150  # a square
+    mask[50:60, 50:55], soft[50:60, 50:55] = 255, 240  # an L whose two arms touch only at a corner:
+    mask[60:65, 55:70], soft[60:65, 55:70] = 255, 240  # 8-connected, so one instance
+    mask[90, 90], soft[90, 90] = 255, 255  # one pixel: under 0.1% of the image
+    found = instances_of(mask, soft, InstanceRules(min_fraction=0.001, limit=100))
+    assert [f["bbox"] for f in found] == [[50, 50, 70, 65], [10, 10, 20, 20]]  # best first
+    assert [f["score"] for f in found] == [pytest.approx(240 / 255, abs=1e-6), pytest.approx(150 / 255, abs=1e-6)]
+    assert [f["area_fraction"] for f in found] == [pytest.approx(0.0125), pytest.approx(0.01)]
+    for instance in found:  # each rle is the instance's own mask, inside the label's
+        own = coco_mask.decode({"size": instance["rle"]["size"], "counts": instance["rle"]["counts"].encode()})
+        ys, xs = np.nonzero(own)
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == instance["bbox"]
+        assert (mask[own > 0] == 255).all()
+    assert len(instances_of(mask, soft, InstanceRules(min_fraction=0.00001, limit=100))) == 3  # the speck counts
+    assert len(instances_of(mask, soft, InstanceRules(limit=1))) == 1
+    assert instances_of(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)) == []
