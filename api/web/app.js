@@ -142,7 +142,7 @@ function buildRequest() {
   const model = $('model').value;
   const threshold = $('threshold').value;
   const refine = $('refine').value;
-  const outputs = ['mask', 'cutout', 'overlay'];
+  const outputs = ['mask', 'cutout', 'overlay', 'instances'];
   const file = chosenFile();
   if (file) {
     const form = new FormData();
@@ -182,6 +182,43 @@ function thumb(src, alt) {
   return img;
 }
 
+const SVG = 'http://www.w3.org/2000/svg';
+
+// Each label's instances as boxes over the overlay, in the image's own pixel coordinates, with the
+// instance's score; colours follow the label map's palette order loosely (one hue per label).
+function drawInstances(job) {
+  const svg = $('instance-boxes');
+  svg.replaceChildren();
+  if (!job.image) return;
+  svg.setAttribute('viewBox', `0 0 ${job.image.width} ${job.image.height}`);
+  const stroke = Math.max(1, Math.round(job.image.width / 300));
+  job.results.forEach((r, i) => {
+    const colour = `hsl(${(i * 137) % 360} 85% 50%)`;
+    (r.instances || []).forEach((inst) => {
+      const [x0, y0, x1, y1] = inst.bbox;
+      const rect = document.createElementNS(SVG, 'rect');
+      rect.setAttribute('x', x0);
+      rect.setAttribute('y', y0);
+      rect.setAttribute('width', x1 - x0);
+      rect.setAttribute('height', y1 - y0);
+      rect.setAttribute('fill', 'none');
+      rect.setAttribute('stroke', colour);
+      rect.setAttribute('stroke-width', stroke);
+      rect.dataset.label = r.prompt;
+      const title = document.createElementNS(SVG, 'title');
+      title.textContent = `${r.prompt} ${inst.score.toFixed(2)}`;
+      rect.append(title);
+      const text = document.createElementNS(SVG, 'text');
+      text.setAttribute('x', x0 + stroke);
+      text.setAttribute('y', y0 + 10 * stroke);
+      text.setAttribute('fill', colour);
+      text.setAttribute('font-size', 10 * stroke);
+      text.textContent = `${r.prompt} ${inst.score.toFixed(2)}`;
+      svg.append(rect, text);
+    });
+  });
+}
+
 function render(job) {
   $('result-section').hidden = false;
   const overlay = job.outputs && job.outputs.overlay_url;
@@ -190,6 +227,7 @@ function render(job) {
     $('overlay').src = overlay;
     $('overlay-download').href = overlay;
   }
+  drawInstances(job);
   const labels = $('labels');
   labels.replaceChildren();
   job.results.forEach((r, i) => {
@@ -202,7 +240,8 @@ function render(job) {
     facts.className = 'hint';
     facts.textContent = `score ${r.score.toFixed(2)}, ${(100 * r.area_fraction).toFixed(1)}% of the image` +
       (r.bbox ? '' : ' (nothing found above the threshold)') +
-      (r.refine && r.refine !== 'none' ? `, edges: ${r.refine}` : '');
+      (r.refine && r.refine !== 'none' ? `, edges: ${r.refine}` : '') +
+      (r.instances ? `, ${r.instances.length} instance${r.instances.length === 1 ? '' : 's'}` : '');
     const pair = document.createElement('div');
     pair.className = 'pair';
     const downloads = document.createElement('p');

@@ -91,6 +91,16 @@ def test_segmenting_a_photo_with_the_clothing_preset(browser, page_url, tenant, 
                     f".label-card:nth-child({i + 1}) img:nth-of-type(2)"):
             assert rendered(page, img), img
     page.screenshot(path=str(SHOTS / "3-after.png"), full_page=True)
+    job_id = page.text_content("#status").split()[1].rstrip(":")
+    job = requests.get(f"{page_url}/v1/jobs/{job_id}", headers=tenant.headers, timeout=10).json()
+    boxes = page.query_selector_all("#instance-boxes rect")  # each instance's box drawn over the overlay
+    assert len(boxes) == sum(len(r["instances"]) for r in job["results"]) > 0
+    for box, (label, instance) in zip(boxes, [(r["prompt"], i) for r in job["results"] for i in r["instances"]],
+                                      strict=True):
+        x0, y0, x1, y1 = instance["bbox"]
+        assert [box.get_attribute(k) for k in ("x", "y", "width", "height")] == [str(x0), str(y0), str(x1 - x0),
+                                                                                  str(y1 - y0)]
+        assert box.text_content() == f"{label} {instance['score']:.2f}"
 
     links = page.query_selector_all(".label-card a")
     assert [a.text_content() for a in links[:2]] == ["mask", "cutout"]
