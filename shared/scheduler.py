@@ -29,6 +29,7 @@ import contextlib
 import heapq
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +125,32 @@ class Stride:
         self.passes = {t: p for t, p in self.passes.items() if t in keep}
 
 
+MAX_DEPTH = 4096
+
+
+@dataclass
+class DrainRate:
+    """How fast workers take messages from the lane: what left the list between two looks (what was
+    there, plus what was pushed, minus what is there now), as a moving average per second."""
+
+    per_s: float = 0.0
+    _last: tuple[float, int] | None = None  # (when, ready messages then, after that tick's push)
+
+    def saw(self, ready: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self._last is not None:
+            when, before = self._last
+            elapsed = now - when
+            if elapsed > 0:
+                rate = max(0, before - ready) / elapsed
+                self.per_s = rate if self.per_s == 0 else 0.8 * self.per_s + 0.2 * rate
+        self._last = (now, ready)
+
+    def pushed(self, count: int) -> None:
+        if self._last is not None:
+            self._last = (self._last[0], self._last[1] + count)
+
+
 @dataclass
 class TickReport:
     free: int
@@ -136,13 +163,24 @@ class Dispatcher:
     puts ids there in order (raising when Redis refuses)."""
 
     def __init__(self, *, sessions: sessionmaker[Session], lane: str, depth: int,
-                 ready: Callable[[], int], push: Callable[[list[str]], None], max_per_tick: int = 512) -> None:
+                 ready: Callable[[], int], push: Callable[[list[str]], None], horizon_s: float = 0.0,
+                 max_depth: int = MAX_DEPTH, max_per_tick: int = 1024) -> None:
         self.sessions, self.lane, self.depth = sessions, lane, depth
         self.ready, self.push, self.max_per_tick = ready, push, max_per_tick
+        self.horizon_s, self.max_depth = horizon_s, max_depth
         self.stride = Stride()
+        self.drain = DrainRate()
+
+    def target(self) -> int:
+        """How many ready messages to keep: `depth`, or what the fleet takes in `horizon_s` when that
+        is more (a fast fleet is never starved by a tick's round trips; a slow one keeps a short
+        queue, so a newcomer waits behind little)."""
+        return max(self.depth, min(self.max_depth, int(self.drain.per_s * self.horizon_s)))
 
     def tick(self) -> TickReport:
-        free = min(self.depth - self.ready(), self.max_per_tick)
+        ready = self.ready()
+        self.drain.saw(ready)
+        free = min(self.target() - ready, self.max_per_tick)
         if free <= 0:
             return TickReport(free, [], 0)
         with self.sessions() as session:
@@ -166,6 +204,7 @@ class Dispatcher:
             except Exception:
                 self._take_back([job_id for job_id, _ in sent])
                 raise
+            self.drain.pushed(len(sent))
         return TickReport(free, sent, len(rows))
 
     def _shares(self, session: Session, rows: Sequence[Any]) -> dict[str, Share]:
@@ -280,6 +319,7 @@ def dispatcher_from_settings(settings: Any, *, sessions: sessionmaker[Session], 
     broker = BrokerView(settings, unacked_within_s=0)
     return Dispatcher(
         sessions=sessions, lane=settings.bulk_queue, depth=settings.dispatch_depth,
+        horizon_s=settings.dispatch_horizon_s,
         ready=lambda: broker.ready(settings.bulk_queue),
         push=lambda ids: enqueue_segments(celery, job_ids=ids, queue=settings.bulk_queue))
 

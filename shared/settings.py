@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     # Ready messages it keeps in the bulk queue: the most a newcomer's first item waits behind (with
     # the workers' prefetched ones); enough that workers never wait on a tick.
     dispatch_depth: int = Field(default=32, ge=1, le=10_000)
+    # ...or what the workers take in this many seconds, when that is more (a fast fleet is fed in
+    # big ticks; a newcomer still waits about this long behind what is queued, at most)
+    dispatch_horizon_s: float = Field(default=0.5, ge=0, le=60)
     dispatch_interval_s: float = Field(default=0.05, gt=0, le=5)  # how often it looks for room
     # Webhook sends and batch finalisation (light work; any worker may take it).
     events_queue: str = "events"

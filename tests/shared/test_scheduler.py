@@ -17,7 +17,7 @@ from api import create_app
 from shared.db import make_engine, make_session_factory, session_scope
 from shared.enums import JobStatus
 from shared.queue import BrokerView, make_celery, segment_job_id
-from shared.scheduler import Dispatcher, LeaderLock, Share, Stride, dispatcher_from_settings, run
+from shared.scheduler import Dispatcher, DrainRate, LeaderLock, Share, Stride, dispatcher_from_settings, run
 from shared.tables import Job, Tenant
 from tests.support.services import private_queues
 
@@ -52,6 +52,20 @@ def test_a_tenant_at_its_cap_gets_no_slot_and_the_others_take_them():
     assert Counter(order) == {"a": 2, "b": 8}
 
 
+@pytest.mark.unit
+def test_the_lane_is_kept_as_deep_as_the_fleet_takes_in_the_horizon():
+    rate = DrainRate()
+    rate.saw(10, now=0.0)
+    rate.pushed(20)  # 30 ready after that tick
+    rate.saw(5, now=1.0)  # 25 taken in a second
+    assert rate.per_s == pytest.approx(25)
+    dispatcher = Dispatcher(sessions=None, lane="l", depth=32, ready=lambda: 0, push=lambda ids: None,  # type: ignore[arg-type]
+                            horizon_s=0.5)
+    for per_s, target in ((10, 32), (1000, 500), (1e6, 4096)):  # a slow fleet keeps the floor
+        dispatcher.drain.per_s = per_s
+        assert dispatcher.target() == target
+
+
 # ---- on Postgres and Redis ----------------------------------------------------------------
 
 
@@ -60,7 +74,9 @@ class Lane:
     stand-in that takes what the dispatcher pushed (and can finish jobs, for max_running)."""
 
     def __init__(self, settings, sessions, *, depth: int = 10) -> None:
-        self.settings = private_queues(settings, f"fair-{uuid.uuid4().hex[:6]}", dispatch_depth=depth)
+        # a fixed depth (no horizon): the stand-in fleet takes everything between ticks
+        self.settings = private_queues(settings, f"fair-{uuid.uuid4().hex[:6]}", dispatch_depth=depth,
+                                       dispatch_horizon_s=0)
         self.client = create_app(self.settings).test_client()
         self.sessions = sessions
         self.celery = make_celery(self.settings)
