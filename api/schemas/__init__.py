@@ -52,6 +52,7 @@ from api.schemas.jobs import (
     JobParams,
     MaskResult,
     ModelInfo,
+    check_metadata,
 )
 from api.schemas.models import BaseInfo, ModelCreateMultipart, ModelLabel, ModelList, ModelObject
 from api.schemas.presets import PRESET_FIELD_CODES, PresetCreate, PresetLabel, PresetList, PresetObject
@@ -75,6 +76,7 @@ __all__ = [
     "HTTP_URL",
     "METADATA",
     "check_http_url",
+    "check_metadata",
     "validation_problem",
     "Problem",
     "IdempotencyHeader",

@@ -165,15 +165,20 @@ class JobParams(BaseModel):
     @field_validator("metadata", mode="before")
     @classmethod
     def _metadata(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            if len(value) > MAX_METADATA_PAIRS:
-                raise ValueError(f"at most {MAX_METADATA_PAIRS} pairs are allowed")
-            for key, item in value.items():
-                if not isinstance(item, str):
-                    raise ValueError(f"the value of {key!r} must be a string")
-                if len(key) > MAX_METADATA_CHARS or len(item) > MAX_METADATA_CHARS:
-                    raise ValueError(f"keys and values are at most {MAX_METADATA_CHARS} characters")
-        return value
+        return check_metadata(value)
+
+
+def check_metadata(value: Any) -> Any:
+    """A job's metadata rules (at most 16 pairs of strings of at most 500 characters), ValueError else."""
+    if isinstance(value, dict):
+        if len(value) > MAX_METADATA_PAIRS:
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} pairs are allowed")
+        for key, item in value.items():
+            if not isinstance(item, str):
+                raise ValueError(f"the value of {key!r} must be a string")
+            if len(key) > MAX_METADATA_CHARS or len(item) > MAX_METADATA_CHARS:
+                raise ValueError(f"keys and values are at most {MAX_METADATA_CHARS} characters")
+    return value
 
 
 class JobCreateJson(JobParams):

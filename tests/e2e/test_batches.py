@@ -150,6 +150,10 @@ def test_presets_and_outputs_as_batch_defaults_items_and_csv_columns(wh_client, 
     ({"prompts": ["a"], "items": ["https://x.test/1.jpg"]}, "invalid_batch_item", "items[0]"),
     ({"prompts": ["a"], "items": [{"image_url": "https://x.test/1.jpg", "metadata": {"k": 1}}]},
      "invalid_batch_item", "items[0].metadata"),
+    ({"prompts": ["a"], "metadata": {f"b{i}": "v" for i in range(10)},  # 10 + 7 pairs: one too many
+      "items": [{"image_url": "https://x.test/1.jpg"}, {"image_url": "https://x.test/2.jpg"},
+                {"image_url": "https://x.test/3.jpg", "metadata": {f"i{i}": "v" for i in range(7)}}]},
+     "invalid_batch_item", "items[2].metadata"),
     ({"prompts": ["a"], "webhook_events": ["batch.exploded"], "items": [{"image_url": "https://x.test/1.jpg"}]},
      "invalid_webhook_events", None),
     ({"prompts": ["a"], "items": [{"image_url": "https://x.test/1.jpg"}, {"image_url": "https://x.test/2.jpg",
@@ -252,3 +256,25 @@ def test_racing_finalizers_complete_a_batch_exactly_once(settings, client, tenan
         assert session.execute(select(func.count()).select_from(WebhookDelivery).where(
             WebhookDelivery.batch_id == batch_id, WebhookDelivery.event_type == "batch.completed")).scalar_one() == 1
     redis.Redis.from_url(own.redis_url).delete(own.redis_key_prefix + own.bulk_queue)
+
+
+def test_an_item_that_sets_only_its_image_gets_the_same_job_as_one_that_repeats_the_batchs_fields(
+        settings, tenant, sessions):
+    # items with only image_url/metadata share the batch's fields, validated once: the job must be the
+    # one the full per-item validation makes
+    own = settings.model_copy(update={"bulk_queue": f"{settings.bulk_queue}-same-{uuid.uuid4().hex[:6]}"})
+    client = create_app(own).test_client()
+    defaults = {"prompts": ["shirt"], "preset": "clothing", "outputs": ["mask", "rle"], "threshold": 0.3,
+                "refine": "guided", "embed": ["image"]}
+    body = {**defaults, "metadata": {"catalog": "c"}, "items": [
+        {"image_url": "https://x.test/1.jpg", "metadata": {"sku": "1"}},
+        {"image_url": "https://x.test/1.jpg", "metadata": {"sku": "1"}, **{k: v for k, v in defaults.items()}}]}
+    created = client.post("/v1/batches", json=body, headers=tenant.headers)
+    assert created.status_code == 202, created.get_json()
+    jobs = client.get(f"/v1/batches/{created.get_json()['id']}/jobs", headers=tenant.headers).get_json()["data"]
+    varying = {"id", "created_at"}
+    assert [{k: v for k, v in j.items() if k not in varying} for j in jobs][0] == \
+        [{k: v for k, v in j.items() if k not in varying} for j in jobs][1]
+    with sessions() as session:
+        rows = session.execute(select(Job).where(Job.batch_id == created.get_json()["id"])).scalars().all()
+    assert rows[0].labels == rows[1].labels and rows[0].metadata_ == {"catalog": "c", "sku": "1"}
