@@ -8,7 +8,7 @@ export VENV
 # every run compiles the project and rewrites every test module's asserts again (collection 12.8 s -> 6.7 s).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install install-browser up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-fairness bench-wait bench-outputs bench-pipeline bench-search bench-manifest bench-decoders bench-refine compose-test gpu-check gpu-bundle clean
+.PHONY: install install-browser stock-venv up down status demo test test-unit fuzz lint typecheck bench bench-load bench-api bench-fairness bench-wait bench-outputs bench-pipeline bench-search bench-manifest bench-decoders bench-refine compose-test gpu-check gpu-bundle clean
 
 install: $(VENV)/.installed
 
@@ -31,8 +31,21 @@ status:
 demo: install
 	scripts/demo.sh
 
-test: install install-browser
+test: install install-browser stock-venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The reference environment for the SAM 3 stock-equivalence test (tests/worker/test_sam3.py): stock
+# Sam3Processor needs torchvision, which does not import beside the CPU torch above; torch 2.14.1 and
+# torchvision 0.29.1 do (a CUDA build: 5.5 GB, about 70 s from the machine's wheels; README "SAM 3 and
+# torchvision"). Only that test's stock side runs in it.
+STOCK_VENV ?= .venv-stock
+stock-venv: $(STOCK_VENV)/.installed
+
+$(STOCK_VENV)/.installed: pyproject.toml
+	test -x $(STOCK_VENV)/bin/python || python3 -m venv $(STOCK_VENV)
+	$(STOCK_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1 \
+	  "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')" pillow numpy
+	touch $@
 
 # Debian's chromium for the web page's browser test (Playwright drives it; no browser download)
 install-browser:

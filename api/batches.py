@@ -223,7 +223,7 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
         except ApiProblem as exc:
             raise _item_problem(index, "prompts", exc.detail) from exc
         return job_spec(params, labels=labels, input=image_input, image_prompts=shown, examples=stored,
-                        model_ref=resolve.model(params.model)[0])
+                        model_ref=resolve.model(params.model)[0], base=resolve.base(params.model)[0])
 
     items: list[JobSpec] = []
     template: JobSpec | None = None

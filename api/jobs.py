@@ -78,7 +78,7 @@ def _parse_json() -> tuple[JobSpec, str, str]:
     resolve = LabelResolver()
     labels = job_labels(resolve, params, shown)
     extra: dict[str, Any] = {"labels": labels, "image_prompts": shown, "examples": examples,
-                             "model_ref": resolve.model(params.model)[0]}
+                             "model_ref": resolve.model(params.model)[0], "base": resolve.base(params.model)[0]}
     if parsed.image_s3_uri is not None:
         check_s3_input(parsed.image_s3_uri, "image_s3_uri")
         return job_spec(params, input={"image_s3_uri": parsed.image_s3_uri}, **extra), fingerprint(body), "s3"
@@ -113,7 +113,8 @@ def _parse_multipart() -> tuple[JobSpec, str, str]:
     check_image_bytes(data, "image")
     digest = hashlib.sha256(data).hexdigest()
     job = job_spec(params, labels=labels, input={}, image=data, filename=upload.filename or None,
-                   image_prompts=shown, examples=examples, model_ref=resolve.model(params.model)[0])
+                   image_prompts=shown, examples=examples, model_ref=resolve.model(params.model)[0],
+                   base=resolve.base(params.model)[0])
     return job, fingerprint({**fields, "image": digest}), "upload"
 
 

@@ -14,9 +14,11 @@ from api.problems import ApiProblem
 from api.schemas import JobParams
 from api.services import db, services
 from shared import presets, tuned_models
+from shared.families import unsupported_fields
 from shared.s3uri import input_refusal, parse_s3_uri
 from shared.storage import example_key
 from shared.submit import JobSpec
+from shared.tables import ServedBase
 
 
 class LabelResolver:
@@ -26,6 +28,26 @@ class LabelResolver:
     def __init__(self) -> None:
         self._presets: dict[str, presets.PresetDef] = {}
         self._models: dict[str, tuple[dict[str, str] | None, list[dict[str, Any]]]] = {}
+        self._bases: dict[str | None, tuple[str | None, str | None]] = {}
+
+    def base(self, model_id: str | None) -> tuple[str | None, str | None]:
+        """(the base the job runs on, None for the deployment's default; that base's family, None
+        while no worker has served it yet) for the job's `model` (already resolved by model())."""
+        if model_id is None:  # the default base; its family only when a field needs it (family())
+            return None, None
+        if model_id not in self._bases:
+            session, settings = db(), services().settings
+            base_id: str | None = model_id
+            if model_id is not None and model_id != settings.default_base:
+                row = tuned_models.current_base(session, model_id, ttl_s=settings.served_base_ttl_s)
+                if row is None:  # a tenant's fine-tuned model: its base
+                    tuned = tuned_models.find_model(session, current_tenant().id, model_id)
+                    base_id = tuned.base_id if tuned is not None else None
+            if base_id == settings.default_base:
+                base_id = None
+            served = session.get(ServedBase, base_id or settings.default_base)
+            self._bases[model_id] = (base_id, None if served is None else served.family)
+        return self._bases[model_id]
 
     def model(self, model_id: str | None) -> tuple[dict[str, str] | None, list[dict[str, Any]]]:
         """(the job's model_ref, the model's own labels) for `model`: (None, []) for the deployment's
@@ -34,7 +56,7 @@ class LabelResolver:
             return None, []
         if model_id not in self._models:
             session, tenant, settings = db(), current_tenant(), services().settings
-            if model_id == settings.model or tuned_models.current_base(session, model_id,
+            if model_id == settings.default_base or tuned_models.current_base(session, model_id,
                                                                 ttl_s=settings.served_base_ttl_s) is not None:
                 self._models[model_id] = (None, [])
             else:
@@ -125,13 +147,36 @@ class ImagePrompts:
 
 def job_labels(resolve: LabelResolver, params: JobParams, image_prompts: list[dict[str, Any]], *,
                field: str = "prompts") -> list[dict[str, Any]]:
+    check_family(resolve, params)
     return resolve(params.preset, params.prompts, field=field, image_prompts=image_prompts,
                    embed=[str(e) for e in params.embed], model=params.model)
 
 
+def check_family(resolve: LabelResolver, params: JobParams) -> None:
+    """422 unsupported_for_model for a field the family of the job's base cannot serve."""
+    resolve.model(params.model)  # 422 unknown_model first
+    fields = {"image_prompts": bool(params.image_prompts), "embed": bool(params.embed)}
+    if not any(fields.values()):
+        return
+    if params.model is None:
+        served = db().get(ServedBase, services().settings.default_base)
+        family = None if served is None else served.family
+    else:
+        family = resolve.base(params.model)[1]
+    if family is None:
+        return  # no worker served this base yet: the worker checks it (jobs stay queued until one does)
+    refused = unsupported_fields(family, fields)
+    if refused:
+        name = params.model or services().settings.default_base
+        raise ApiProblem(422, "unsupported_for_model", f"{', '.join(refused)}: model {name!r} ({family}) cannot "
+                         "serve it; GET /v1/models lists each base's capabilities.",
+                         errors=[{"field": f, "message": f"not supported by the {family} family"} for f in refused])
+
+
 def job_spec(params: JobParams, *, labels: list[dict[str, Any]], input: dict[str, Any], image: bytes | None = None,
              filename: str | None = None, image_prompts: list[dict[str, Any]] | None = None,
-             examples: dict[str, bytes] | None = None, model_ref: dict[str, str] | None = None) -> JobSpec:
+             examples: dict[str, bytes] | None = None, model_ref: dict[str, str] | None = None,
+             base: str | None = None) -> JobSpec:
     """What the submission service takes, from validated fields and the image source. A job that gives
     its own `threshold` applies it to every label: its preset labels' own thresholds are dropped."""
     events = None if params.webhook_events is None else [str(e) for e in params.webhook_events]
@@ -141,4 +186,4 @@ def job_spec(params: JobParams, *, labels: list[dict[str, Any]], input: dict[str
                    webhook_url=params.webhook_url, webhook_events=events, image=image, filename=filename,
                    labels=labels, preset=params.preset, outputs=[str(o) for o in params.outputs],
                    image_prompts=image_prompts or [], examples=examples or {}, embed=[str(e) for e in params.embed],
-                   model_ref=model_ref, refine=str(params.refine))
+                   model_ref=model_ref, refine=str(params.refine), base=base)

@@ -4,7 +4,8 @@
   clipmask tenant list|disable ID, key create TENANT|revoke KEY
   clipmask jobs list [--status S], jobs retry ID|--failed
   clipmask retention [--days N]   delete finished jobs older than the retention period
-  clipmask dev-model DIR          tiny random-weight CLIPSeg for offline runs (--size full: real shape)
+  clipmask dev-model DIR          tiny random-weight CLIPSeg for offline runs (--size full: real shape;
+                                  --family sam3: a SAM 3)
   clipmask dev-s3 DIR --port P    SeaweedFS's S3 server, objects kept under DIR (the native stack's storage)
   clipmask migrate                alembic upgrade head
   clipmask init-storage           create the bucket if missing
@@ -39,10 +40,11 @@ def cmd_tenant_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dev_model(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.engine.devmodel import write_dev_model
+    from worker.engine.devmodel import write_dev_model, write_sam3_dev_model
 
-    out = write_dev_model(args.directory, size=args.size)
-    print(json.dumps({"model_dir": str(out), "size": args.size, "random_weights": True}))
+    write = write_sam3_dev_model if args.family == "sam3" else write_dev_model
+    out = write(args.directory, size=args.size)
+    print(json.dumps({"model_dir": str(out), "family": args.family, "size": args.size, "random_weights": True}))
     return 0
 
 
@@ -149,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.set_defaults(func=cmd_tenant_create)
 
-    dev = sub.add_parser("dev-model", help="write a random-weight CLIPSeg into DIR (no download)")
+    dev = sub.add_parser("dev-model", help="write a random-weight CLIPSeg (or SAM 3) into DIR (no download)")
     dev.add_argument("directory")
+    dev.add_argument("--family", choices=["clipseg", "sam3"], default="clipseg")
     dev.add_argument("--size", choices=["tiny", "full"], default="tiny")
     dev.set_defaults(func=cmd_dev_model)
 

@@ -30,6 +30,8 @@ def result_entry(item: dict[str, Any], storage: ObjectStorage, *, long_urls: boo
         entry["refine"] = item["refine"]
     if "rle" in item:
         entry["rle"] = item["rle"]
+    if "presence" in item:
+        entry["presence"] = item["presence"]
     if "instances" in item:
         entry["instances"] = item["instances"]
     if "embedding" in item:

@@ -6,9 +6,11 @@ The API only sends task names and job ids; it never imports worker code (no torc
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -75,7 +77,20 @@ def make_celery(settings: Settings) -> Celery:
 RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.4, "interval_max": 1}
 
 
-def segment_queue(settings: Settings, batch_id: str | None) -> str:
+def base_queues(settings: Settings, base: str | None) -> tuple[str, str]:
+    """(interactive, bulk) queues of the workers serving `base`: the plain ones for the default base
+    (or None), else the same names with the base's slug, `interactive.facebook-sam3-1a2b3c4d`."""
+    if base is None or base == settings.default_base:
+        return settings.interactive_queue, settings.bulk_queue
+    slug = re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")[-40:].strip("-")
+    tag = f"{slug}-{hashlib.sha1(base.encode()).hexdigest()[:8]}"
+    return f"{settings.interactive_queue}.{tag}", f"{settings.bulk_queue}.{tag}"
+
+
+def segment_queue(settings: Settings, batch_id: str | None, lane: str | None = None) -> str:
+    """A job's queue: the lane it was given (its base's queue), else the default base's."""
+    if lane:
+        return lane
     return settings.bulk_queue if batch_id else settings.interactive_queue
 
 

@@ -73,11 +73,13 @@ class ReconcileReport:
 
 
 def reconcile(
-    *, sessions: sessionmaker[Session], enqueue: Callable[[str, str | None], None], queued_after: dt.timedelta,
+    *, sessions: sessionmaker[Session], enqueue: Callable[[str, str | None, str | None], None],
+    queued_after: dt.timedelta,
     broker: Broker, queues: dict[str, ColumnElement[bool]], finalize: Callable[[str], None] | None = None,
     batch: int = 1000,
 ) -> ReconcileReport:
-    """One run. `queues` maps each queue name to the condition that selects its jobs."""
+    """One run. `queues` maps each queue name to the condition that selects its jobs; `enqueue`
+    takes a job's id, batch and lane."""
     with session_scope(sessions) as session:
         expired = select(Job.id).where(
             Job.status == JobStatus.RUNNING, Job.lease_expires_at < func.now()
@@ -85,11 +87,11 @@ def reconcile(
         requeued = list(session.execute(
             update(Job).where(Job.id.in_(expired), Job.status == JobStatus.RUNNING)
             .values(status=JobStatus.QUEUED, lease_expires_at=None, enqueued_at=func.now())
-            .returning(Job.id, Job.batch_id).execution_options(synchronize_session=False)
+            .returning(Job.id, Job.batch_id, Job.lane).execution_options(synchronize_session=False)
         ).all())
-    for job_id, batch_id in requeued:
+    for job_id, batch_id, lane in requeued:
         log.warning("requeued a running job whose worker stopped heartbeating", extra={"job_id": job_id})
-        enqueue(job_id, batch_id)
+        enqueue(job_id, batch_id, lane)
 
     checks, reenqueued = [], []
     for queue, of_queue in queues.items():
@@ -102,20 +104,20 @@ def reconcile(
             continue
         held = broker.job_ids(queue)
         with session_scope(sessions) as session:
-            stale = session.execute(select(Job.id, Job.batch_id).where(
+            stale = session.execute(select(Job.id, Job.batch_id, Job.lane).where(
                 Job.status == JobStatus.QUEUED, of_queue,
                 func.coalesce(Job.enqueued_at, Job.created_at) < func.now() - queued_after,
             ).limit(batch).with_for_update(skip_locked=True)).all()
-            missing = set(lost((job_id for job_id, _ in stale), held))
-            again = [(job_id, batch_id) for job_id, batch_id in stale if job_id in missing]
+            missing = set(lost((job_id for job_id, _, _ in stale), held))
+            again = [(job_id, batch_id, lane) for job_id, batch_id, lane in stale if job_id in missing]
             if again:
-                session.execute(update(Job).where(Job.id.in_([j for j, _ in again])).values(enqueued_at=func.now())
+                session.execute(update(Job).where(Job.id.in_([j for j, _, _ in again])).values(enqueued_at=func.now())
                                 .execution_options(synchronize_session=False))
         log.warning("queue %s: %d jobs queued, the broker holds %d messages; %d lost messages re-enqueued",
                     queue, check.queued_in_db, check.held_by_broker, len(again))
-        for job_id, batch_id in again:
-            enqueue(job_id, batch_id)
-        reenqueued += [job_id for job_id, _ in again]
+        for job_id, batch_id, lane in again:
+            enqueue(job_id, batch_id, lane)
+        reenqueued += [job_id for job_id, _, _ in again]
 
     batches = []
     if finalize is not None:
@@ -124,7 +126,7 @@ def reconcile(
         for batch_id in batches:
             log.info("asked to finalize a batch whose jobs all finished", extra={"batch_id": batch_id})
             finalize(batch_id)
-    return ReconcileReport([j for j, _ in requeued], reenqueued, batches, checks)
+    return ReconcileReport([j for j, _, _ in requeued], reenqueued, batches, checks)
 
 
 def reconcile_from_settings(
@@ -132,19 +134,38 @@ def reconcile_from_settings(
 ) -> ReconcileReport:
     """One reconciler run as configured (beat's task and `clipmask reconcile` both call this)."""
     from shared.queue import FINALIZE_TASK, BrokerView, enqueue_segment, segment_queue
+    from shared.tables import ServedBase
 
     queued_after = settings.reconcile_queued_after_s if queued_after_s is None else queued_after_s
+    with sessions() as session:
+        bases = [b for b in session.execute(select(ServedBase.id)).scalars() if b != settings.default_base]
     broker = BrokerView(settings, unacked_within_s=queued_after)
     try:
         return reconcile(
             sessions=sessions, batch=settings.reconcile_batch, broker=broker,
-            queues={settings.interactive_queue: Job.batch_id.is_(None),
-                    # batch items the dispatcher sent; those still waiting in Postgres have no message
-                    settings.bulk_queue: Job.batch_id.isnot(None) & Job.dispatched_at.isnot(None)},
-            enqueue=lambda job_id, batch_id: enqueue_segment(celery, job_id=job_id,
-                                                             queue=segment_queue(settings, batch_id)),
+            queues=queue_conditions(settings, bases),
+            enqueue=lambda job_id, batch_id, lane: enqueue_segment(celery, job_id=job_id,
+                                                                   queue=segment_queue(settings, batch_id, lane)),
             finalize=lambda batch_id: celery.send_task(FINALIZE_TASK, args=[batch_id]),
             queued_after=dt.timedelta(seconds=queued_after),
         )
     finally:
         broker.close()  # a run every 30 s: don't leave a connection pool per run to the garbage collector
+
+
+def queue_conditions(settings: Settings, other_bases: list[str]) -> dict[str, ColumnElement[bool]]:
+    """Each queue and the jobs that wait on it: the default base's (jobs without a lane, and batch
+    items on its bulk lane), then each other base's lanes."""
+    from shared.queue import base_queues
+
+    # batch items the dispatcher sent; those still waiting in Postgres have no message
+    sent = Job.batch_id.isnot(None) & Job.dispatched_at.isnot(None)
+    queues: dict[str, ColumnElement[bool]] = {
+        settings.interactive_queue: Job.batch_id.is_(None) & Job.lane.is_(None),
+        settings.bulk_queue: sent & (Job.lane.is_(None) | (Job.lane == settings.bulk_queue)),
+    }
+    for base in other_bases:
+        interactive, bulk = base_queues(settings, base)
+        queues[interactive] = Job.batch_id.is_(None) & (Job.lane == interactive)
+        queues[bulk] = sent & (Job.lane == bulk)
+    return queues

@@ -314,21 +314,22 @@ def run(dispatcher: Dispatcher, lock: LeaderLock, *, stop: threading.Event, inte
 
 def dispatcher_from_settings(settings: Any, *, sessions: sessionmaker[Session], celery: Any) -> Dispatcher:
     """The bulk lane's dispatcher as configured, pushing through the deployment's Celery app."""
-    from shared.queue import BrokerView, enqueue_segments
+    from shared.queue import BrokerView, base_queues, enqueue_segments
 
     broker = BrokerView(settings, unacked_within_s=0)
+    lane = base_queues(settings, settings.model)[1]  # the bulk lane of the base this process serves
     return Dispatcher(
-        sessions=sessions, lane=settings.bulk_queue, depth=settings.dispatch_depth,
+        sessions=sessions, lane=lane, depth=settings.dispatch_depth,
         horizon_s=settings.dispatch_horizon_s,
-        ready=lambda: broker.ready(settings.bulk_queue),
-        push=lambda ids: enqueue_segments(celery, job_ids=ids, queue=settings.bulk_queue))
+        ready=lambda: broker.ready(lane),
+        push=lambda ids: enqueue_segments(celery, job_ids=ids, queue=lane))
 
 
 def start_in_thread(settings: Any, *, sessions: sessionmaker[Session], celery: Any, engine: Engine,
                     stop: threading.Event) -> threading.Thread:
     """A dispatcher in a daemon thread of this process (a worker's, with CLIPMASK_DISPATCHER=embedded)."""
     dispatcher = dispatcher_from_settings(settings, sessions=sessions, celery=celery)
-    lock = LeaderLock(engine, f"clipmask.dispatch:{settings.bulk_queue}")
+    lock = LeaderLock(engine, f"clipmask.dispatch:{dispatcher.lane}")
     thread = threading.Thread(target=run, args=(dispatcher, lock), kwargs={
         "stop": stop, "interval_s": settings.dispatch_interval_s}, name="dispatcher", daemon=True)
     thread.start()

@@ -95,7 +95,11 @@ class Settings(BaseSettings):
     fetch_max_redirects: int = 5
 
     # --- model / engine --------------------------------------------------------------------
-    model: str = "CIDAS/clipseg-rd64-refined"  # hub id or local directory
+    model: str = "CIDAS/clipseg-rd64-refined"  # hub id or local directory: the base a worker serves
+    # The deployment's default base (a job without `model`); unset: CLIPMASK_MODEL. A worker serving
+    # another base (make up's CLIPMASK_EXTRA_MODELS) keeps it, so that every process names the same
+    # queues: the default base's are the plain `interactive` and `bulk`, another base's get a suffix.
+    default_model: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # on CUDA
     # on the CPU: auto is bf16 where the CPU multiplies bf16 natively (AVX512-BF16, AMX), else fp32
@@ -179,6 +183,11 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30, gt=0)
     retention_interval_s: float = Field(default=3600, gt=0)
     retention_chunk: int = Field(default=500, ge=1, le=10_000)
+
+    @property
+    def default_base(self) -> str:
+        """The base a job without `model` runs on."""
+        return self.default_model or self.model
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

@@ -61,11 +61,20 @@ class SubmitPolicy:
     max_queued_jobs: int
     interactive_queue: str
     bulk_queue: str
+    # base id -> its (interactive, bulk) queues, for bases other than the default (shared.queue.base_queues)
+    queues_of: Callable[[str | None], tuple[str, str]] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SubmitPolicy:
+        from shared.queue import base_queues
+
         return cls(settings.idempotency_ttl_s, settings.max_queued_jobs, settings.interactive_queue,
-                   settings.bulk_queue)
+                   settings.bulk_queue, lambda base: base_queues(settings, base))
+
+    def queues(self, base: str | None) -> tuple[str, str]:
+        if base is None or self.queues_of is None:
+            return self.interactive_queue, self.bulk_queue
+        return self.queues_of(base)
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,7 @@ class JobSpec:
     embed: list[str] = field(default_factory=list)
     model_ref: dict[str, str] | None = None  # a tenant's fine-tuned model: {"id", "revision"}
     refine: str = "none"  # none | guided | matting (worker/engine/refine.py)
+    base: str | None = None  # the base model it runs on (its queue's); None: the deployment's default
 
     @classmethod
     def again(cls, job: Job) -> JobSpec:
@@ -102,7 +112,7 @@ class JobSpec:
                    copy_upload_from=job.upload_key, labels=job.labels, preset=job.preset,
                    outputs=list(job.outputs_requested or ["mask"]), image_prompts=list(job.image_prompts or []),
                    embed=list(job.embed or []), model_ref=None if job.model_ref is None else dict(job.model_ref),
-                   refine=job.refine or "none")
+                   refine=job.refine or "none", base=job.base)
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,7 @@ class Submitter:
         """Accept one job onto the interactive queue."""
         def stage(session: Session) -> _Staged:
             job_id = str(uuid.uuid4())
-            staged = _Staged({}, f"/v1/jobs/{job_id}", [job_id], self.policy.interactive_queue)
+            staged = _Staged({}, f"/v1/jobs/{job_id}", [job_id], self.policy.queues(spec.base)[0])
             self._lock_examples(session, tenant, [spec])
             row = self._row(tenant, spec, job_id, utcnow(), staged)
             # one Core INSERT of the row, without the ORM's unit of work (0.94 against 1.13 CPU ms for
@@ -220,9 +230,9 @@ class Submitter:
             # created_at steps by a microsecond, so listings and the manifest keep the input order
             rows = [self._row(tenant, item, job_id, created + dt.timedelta(microseconds=index), staged)
                     for index, (job_id, item) in enumerate(zip(job_ids, spec.items, strict=True))]
-            waiting = {"lane": self.policy.bulk_queue, "priority": PRIORITIES[spec.priority], "enqueued_at": None}
-            for row in rows:  # waiting for the dispatcher: dispatched_at stays null
-                row.update(waiting)
+            waiting = {"priority": PRIORITIES[spec.priority], "enqueued_at": None}
+            for row, item in zip(rows, spec.items, strict=True):  # waiting for the dispatcher: dispatched_at stays null
+                row.update(waiting, lane=self.policy.queues(item.base)[1])  # its base's bulk lane
             insert_batch(session, batch, rows)
             counts = batch_counts(batch.total, {JobStatus.QUEUED: batch.total})
             staged.body = batch_object(batch, self.storage, counts=counts)
@@ -266,7 +276,9 @@ class Submitter:
             "labels": spec.labels if spec.labels is not None else expand(None, spec.prompts), "preset": spec.preset,
             "outputs_requested": list(spec.outputs), "output_keys": {},
             "image_prompts": spec.image_prompts, "embed": list(spec.embed), "model_ref": spec.model_ref,
-            "refine": spec.refine,
+            "refine": spec.refine, "base": spec.base,
+            # a single job of another base than the default waits on that base's queue
+            "lane": staged.queue if staged.batch_id is None and spec.base is not None else None,
         }
 
     def _submit(self, session: Session, *, tenant: Tenant, idempotency: Idempotency | None, adding: int,

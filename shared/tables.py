@@ -129,6 +129,8 @@ class Job(Base):
     # dispatched_at is then set; single jobs are sent at once and keep it null
     dispatched_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     lane: Mapped[str | None] = mapped_column(Text)
+    # the base model it runs on, when the job named one other than the default (its lane is that base's)
+    base: Mapped[str | None] = mapped_column(Text)
     priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")  # the batch's: 0 low, 2 high
 
     __table_args__ = (
@@ -207,6 +209,7 @@ class ServedBase(Base):
     revision: Mapped[str | None] = mapped_column(Text)
     decoder: Mapped[dict[str, list[int]]] = mapped_column(JSONType)  # "decoder.<name>" -> shape
     projection_dim: Mapped[int] = mapped_column(Integer)
+    family: Mapped[str] = mapped_column(Text, default="clipseg", server_default="clipseg")  # shared/families.py
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 

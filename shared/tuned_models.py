@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from shared import modelfile
 from shared.clock import isoformat, utcnow
 from shared.errors import ClipmaskError
+from shared.families import CAPABILITIES
 from shared.storage import ObjectStorage
 from shared.tables import ServedBase, TunedModel
 
@@ -86,10 +87,10 @@ def weights_key(*, tenant_id: str, revision: str) -> str:
 # ---- served bases --------------------------------------------------------------------------------
 
 def record_base(session: Session, *, model_id: str, revision: str | None, decoder: dict[str, list[int]],
-                projection_dim: int) -> None:
+                projection_dim: int, family: str = "clipseg") -> None:
     """Upsert what a worker loaded (each worker does so at start; the last one wins, all agree)."""
     row = {"id": model_id, "revision": revision, "decoder": decoder, "projection_dim": projection_dim,
-           "updated_at": utcnow()}
+           "family": family, "updated_at": utcnow()}
     session.execute(insert(ServedBase).values(row).on_conflict_do_update(index_elements=["id"], set_=row))
 
 
@@ -113,15 +114,11 @@ def _seconds(value: float) -> dt.timedelta:
     return dt.timedelta(seconds=value)
 
 
-# What a job on a CLIPSeg base may ask for beyond prompts (the contract's capability names)
-CLIPSEG_CAPABILITIES = ["image_prompts", "embed", "instances", "finetune"]
-
-
 def base_object(base: ServedBase, *, live_s: float) -> dict[str, Any]:
     served = base.updated_at > utcnow() - _seconds(live_s)
     return {"id": base.id, "object": "model", "builtin": True, "base": None, "revision": base.revision,
-            "labels": [], "metrics": {}, "created_at": isoformat(base.updated_at), "family": "clipseg",
-            "capabilities": list(CLIPSEG_CAPABILITIES), "served": served}
+            "labels": [], "metrics": {}, "created_at": isoformat(base.updated_at), "family": base.family,
+            "capabilities": list(CAPABILITIES.get(base.family, [])), "served": served}
 
 
 # ---- uploads ---------------------------------------------------------------------------------------
@@ -145,6 +142,9 @@ def check_upload(session: Session, manifest_bytes: bytes, weights: bytes, *, bas
         if served is None:
             names = ", ".join(b.id for b in current_bases(session, ttl_s=base_ttl_s)) or "none yet: start a worker"
             raise UnsupportedBase(f"manifest: base {base_id!r} is not a model this deployment serves ({names})")
+        if served.family != "clipseg":
+            raise UnsupportedBase(f"manifest: base {base_id!r} is a {served.family} model; fine-tuning is for "
+                                  "clipseg bases")
         if manifest.base_revision and served.revision and manifest.base_revision != served.revision:
             raise UnsupportedBase(f"manifest: trained on revision {manifest.base_revision} of {base_id}, this "
                                   f"deployment serves {served.revision}")

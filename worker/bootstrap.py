@@ -76,11 +76,15 @@ def build_deps(settings: Settings, celery: Celery) -> RunnerDeps:
         from worker.engine.finetuned import decoder_tensors
 
         model = segmenter.loaded.model
-        shapes = {name: list(t.shape) for name, t in decoder_tensors(model).items()}
+        family = getattr(segmenter, "family", "clipseg")
+        shapes, projection = {}, 0
+        if family == "clipseg":  # what a fine-tuned decoder must fit (fine-tuning is CLIPSeg's)
+            shapes = {name: list(t.shape) for name, t in decoder_tensors(model).items()}
+            projection = int(model.config.projection_dim)
         try:
             with session_scope(sessions) as session:
                 record_base(session, model_id=settings.model, revision=segmenter.model_revision, decoder=shapes,
-                            projection_dim=int(model.config.projection_dim))
+                            projection_dim=projection, family=family)
         except DBAPIError as exc:  # the next start records it; jobs don't depend on it
             log.warning("could not record the served base model: %s", exc)
         threading.Thread(target=_serving, name="clipmask-served-base", daemon=True).start()

@@ -7,7 +7,7 @@ first job doesn't pay for it), in the worker process itself.
 import logging
 import threading
 
-from celery.signals import worker_ready
+from celery.signals import celeryd_after_setup, worker_ready
 
 from shared.logs import configure_logging
 from shared.settings import Settings
@@ -18,6 +18,26 @@ log = logging.getLogger(__name__)
 settings = Settings()
 configure_logging(settings.log_level, settings.log_format)
 app, get_deps = build_worker_app(settings)
+
+
+@celeryd_after_setup.connect
+def _serve_own_base(sender: object, instance: object, **_kwargs: object) -> None:
+    """A worker takes jobs of the base it serves only: started with `-Q interactive,bulk,events`
+    (everywhere), a worker whose CLIPMASK_MODEL is not the deployment's default base swaps the
+    default base's queues for its own (shared.queue.base_queues)."""
+    from shared.queue import base_queues
+
+    own = base_queues(settings, settings.model)
+    default = (settings.interactive_queue, settings.bulk_queue)
+    if own == default:
+        return
+    queues = instance.app.amqp.queues  # type: ignore[attr-defined]
+    consuming = {q.name for q in queues.consume_from.values()} if queues.consume_from else set(default)
+    queues.deselect([name for name in default if name in consuming])
+    for default_name, name in zip(default, own, strict=True):
+        if default_name in consuming:
+            queues.select_add(name)
+    log.info("serving base %s: queues %s", settings.model, ", ".join(own))
 
 
 @worker_ready.connect

@@ -151,6 +151,17 @@ def instances_of(mask: np.ndarray, soft: np.ndarray, rules: InstanceRules = Inst
     return found
 
 
+def model_instances(found: list[Any], rules: InstanceRules = InstanceRules()) -> list[dict[str, Any]]:
+    """The instances a model kept (SAM 3's, best first: worker/engine/types.py Instance), at most
+    `rules.limit`, each with its tight box, score, area and own COCO RLE."""
+    out = []
+    for inst in found[: rules.limit]:
+        out.append({"bbox": inst.bbox, "score": round(float(inst.score), 6),
+                    "area_fraction": round(float(np.count_nonzero(inst.mask) / inst.mask.size), 6),
+                    "rle": coco_rle(inst.mask)})
+    return out
+
+
 def cutout_png(image: np.ndarray, soft: np.ndarray, bbox: list[int] | None) -> bytes | None:
     """RGBA crop of the (H, W, 3) image to bbox with the soft map as alpha; None for an empty mask."""
     if bbox is None:
@@ -231,7 +242,11 @@ def encode_outputs(job: Job, labels: list[dict[str, Any]], outputs: list[str], i
             entry["soft_key"] = stage(f"{index}.soft.png", png_gray(item.soft, sub_filter=True), "image/png")
         if "rle" in outputs:
             entry["rle"] = coco_rle(item.mask)
-        if "instances" in outputs and item.soft is not None:
+        if item.presence is not None:  # SAM 3: how sure the model is that the label appears at all
+            entry["presence"] = round(item.presence, 6)
+        if "instances" in outputs and item.instances is not None:  # the model's own (SAM 3)
+            entry["instances"] = model_instances(item.instances, instances)
+        elif "instances" in outputs and item.soft is not None:
             entry["instances"] = instances_of(item.mask, item.soft, instances)
         if "cutout" in outputs and pixels is not None and item.soft is not None:
             cut = cutout_png(pixels, item.soft, item.bbox)

@@ -130,6 +130,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         labels = labels_of(job.labels, list(job.prompts))
         segmenter = deps.segmenter()  # loads the model on the process's first job
         model_input = getattr(segmenter, "input_size", MODEL_INPUT)
+        _check_family(job, labels, getattr(segmenter, "family", "clipseg"))
         with stages.time("fetch"):
             data = _fetch(job, deps)
             conditions = label_conditions(labels, job, deps, size=model_input)
@@ -155,8 +156,11 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
         if (stopped := _boundary(deps, job.id)) is not None:
             log.info("job %s before inference; it takes no batcher slot", _why(stopped), extra=ctx)
             return _finish(deps, started, stopped)
-        wanted = Wanted(soft=bool({"soft", "cutout", "instances"} & set(outputs)),
-                        label_map=bool({"label_map", "overlay"} & set(outputs)))
+        family = getattr(segmenter, "family", "clipseg")
+        components = "instances" in outputs and family == "clipseg"  # found in the soft map (worker/outputs.py)
+        wanted = Wanted(soft=bool({"soft", "cutout"} & set(outputs)) or components,
+                        label_map=bool({"label_map", "overlay"} & set(outputs)),
+                        instances="instances" in outputs and family != "clipseg")
         # each label's own threshold (a preset's calibrated one) unless the job gave one for all
         thresholds = [float(label.get("threshold", job.threshold)) for label in labels]
         threshold: float | list[float] = thresholds if len(set(thresholds)) > 1 else job.threshold
@@ -234,6 +238,22 @@ def _decode(data: bytes, *, deps: RunnerDeps, segmenter: Segments, host_pixels: 
     full_pixels = host_pixels or not deps.reduced_decode
     decoded = decode(data, max_pixels=deps.max_pixels, at_least=None if full_pixels else model_input)
     return decoded.image, decoded.size
+
+
+def _check_family(job: Job, labels: list[dict[str, Any]], family: str) -> None:
+    """A job asking its base's family for what it cannot do fails unsupported_for_model (the API
+    refuses it when it knows the base's family; this covers a base no worker had served yet)."""
+    from shared.families import unsupported_fields
+
+    refused = unsupported_fields(family, {
+        "image_prompts": any(label.get("source") == "image" for label in labels),
+        "box_prompts": any(label.get("source") == "box" for label in labels),
+        "embed": bool(job.embed)})
+    if job.model_ref and family != "clipseg":
+        refused.append("model (a fine-tuned decoder)")
+    if refused:
+        raise JobFailure(f"{', '.join(refused)}: not supported by this job's base ({family})",
+                         code="unsupported_for_model")
 
 
 class ModelOutputInvalid(JobFailure):

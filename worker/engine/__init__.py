@@ -1,5 +1,6 @@
-"""CLIPSeg segmentation engine. Imports torch, transformers, numpy and PIL only (no Celery,
-Flask, SQLAlchemy or boto3), so it runs and benchmarks on its own, also on a GPU machine."""
+"""The segmentation engine: one family per file in worker/engine/families (CLIPSeg, SAM 3), behind
+one `Segmenter`. Imports torch, transformers, numpy and PIL only (no Celery, Flask, SQLAlchemy or
+boto3), so it runs and benchmarks on its own, also on a GPU machine."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from PIL import Image
 
 from worker.engine.batcher import DynamicBatcher
 from worker.engine.embed import VisualPrompt
+from worker.engine.families import family_of
+from worker.engine.families.sam3 import Sam3Engine, load_sam3
 from worker.engine.fast import FastEngine
 from worker.engine.jpeg import EncodedJpeg, jpeg_decoder_for
 from worker.engine.loading import LoadedModel, load_clipseg
@@ -34,7 +37,8 @@ class Segmenter:
     kind: str
     batcher: DynamicBatcher[Any, Any] | None
     stock: StockEngine | None
-    engine: FastEngine | None = None
+    engine: Any = None  # the family's engine: FastEngine (CLIPSeg), Sam3Engine
+    family: str = "clipseg"
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -89,13 +93,20 @@ def open_segmenter(
     max_batch_wait_ms: float = 5.0, text_cache_size: int = 4096, torch_compile: bool = False,
     on_batch: Callable[[int], None] | None = None, device_decode: str = "auto",
 ) -> Segmenter:
-    """Load the model once and start the inference thread (kind="fast") in the calling process.
-    `device_decode`: auto | on | off, whether JPEGs are decoded on the device (worker/engine/jpeg.py)."""
+    """Load the model once (its family read from its config) and start the inference thread
+    (kind="fast") in the calling process. `device_decode`: auto | on | off, whether JPEGs are decoded
+    on the device (worker/engine/jpeg.py; CLIPSeg)."""
+    if family_of(model) == "sam3":
+        loaded = load_sam3(model, device=device, dtype=dtype, cpu_dtype=cpu_dtype)
+        sam3 = Sam3Engine(loaded, text_cache_size=text_cache_size)
+        batcher: DynamicBatcher[Any, Any] = DynamicBatcher(sam3.run_batch, max_batch=max_batch_images,
+                                                           max_wait_ms=max_batch_wait_ms, on_batch=on_batch)
+        return Segmenter(loaded, "fast", batcher, None, sam3, family="sam3")
     loaded = load_clipseg(model, device=device, dtype=dtype, cpu_dtype=cpu_dtype)
     if kind == "stock":
         return Segmenter(loaded, kind, None, StockEngine(loaded))
     engine = FastEngine(loaded, text_cache_size=text_cache_size, compile=torch_compile,
                         jpeg_decoder=jpeg_decoder_for(device_decode, loaded.device))
-    batcher: DynamicBatcher[SegmentRequest | EmbedQuery, SegmentResult | np.ndarray] = DynamicBatcher(
-        engine.run_batch, max_batch=max_batch_images, max_wait_ms=max_batch_wait_ms, on_batch=on_batch)
+    batcher = DynamicBatcher(engine.run_batch, max_batch=max_batch_images, max_wait_ms=max_batch_wait_ms,
+                             on_batch=on_batch)
     return Segmenter(loaded, kind, batcher, None, engine)

@@ -114,3 +114,83 @@ def write_dev_model(directory: str | Path, *, size: str = "tiny", seed: int = 0)
 
 def is_dev_model(directory: str | Path) -> bool:
     return (Path(directory) / DEV_MARKER).exists()
+
+
+# A tiny SAM 3 with the real classes: every sub-model two layers or fewer, 32 wide, 112 px input (8 x 8
+# patches of 14), 20 queries; the text encoder keeps the real 32 positions.
+SAM3_TINY_WIDTH = 32
+SAM3_TINY_IMAGE = 112
+# Random init gives scores near 0.25 (sigmoid(0) x sigmoid(0)) and mask logits near 0: these gains spread
+# the query scores, lift the presence and spread the mask logits, so that some instances pass a 0.5
+# threshold and masks are cut at 0.5 for real (tests/worker/test_sam3.py asserts both).
+SAM3_SCORE_GAIN = 40.0
+SAM3_PRESENCE_BIAS = 1.5
+SAM3_MASK_GAIN = 8000.0
+
+
+def sam3_config(size: str = "tiny") -> Any:
+    """`Sam3Config()` itself for "full" (the facebook/sam3 architecture), or the tiny test one."""
+    from transformers import Sam3Config
+
+    if size == "full":
+        return Sam3Config()
+    if size != "tiny":
+        raise ValueError("size must be tiny or full")
+    width, grid = SAM3_TINY_WIDTH, SAM3_TINY_IMAGE // 14
+    small = dict(hidden_size=width, num_layers=1, num_attention_heads=2, intermediate_size=2 * width)
+    return Sam3Config(
+        vision_config=dict(
+            fpn_hidden_size=width, backbone_feature_sizes=[[grid * 4] * 2, [grid * 2] * 2, [grid] * 2],
+            backbone_config=dict(model_type="sam3_vit_model", hidden_size=width, intermediate_size=2 * width,
+                                 num_hidden_layers=2, num_attention_heads=2, image_size=SAM3_TINY_IMAGE,
+                                 patch_size=14, pretrain_image_size=SAM3_TINY_IMAGE, window_size=4,
+                                 global_attn_indexes=[1])),
+        text_config=dict(hidden_size=width, intermediate_size=2 * width, projection_dim=width, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32),
+        geometry_encoder_config=small, detr_encoder_config=small,
+        detr_decoder_config=dict(small, num_queries=20),
+        mask_decoder_config=dict(hidden_size=width, num_attention_heads=2),
+    )
+
+
+def write_sam3_dev_model(directory: str | Path, *, size: str = "tiny", seed: int = 0) -> Path:
+    """Build and save a random-weight SAM 3 (model, CLIP tokenizer, processor config) into `directory`,
+    in the files facebook/sam3 has, so that it loads like the real checkpoint."""
+    import torch
+    from transformers import CLIPTokenizer, Sam3Model
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    config = sam3_config(size)
+    vocab_size = build_tokenizer_files(out)
+    tokenizer = CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"))
+    tokenizer.model_max_length = 32
+    bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])  # type: ignore[misc]
+    if size == "tiny":
+        config.text_config.vocab_size = vocab_size
+    config.text_config.bos_token_id, config.text_config.eos_token_id, config.text_config.pad_token_id = bos, eos, eos
+    torch.manual_seed(seed)
+    model = Sam3Model(config).eval()
+    if size == "tiny":
+        with torch.no_grad():
+            query = model.dot_product_scoring.query_proj
+            query.weight.mul_(SAM3_SCORE_GAIN)
+            query.bias.mul_(SAM3_SCORE_GAIN)
+            presence = model.detr_decoder.presence_head.layer3
+            presence.weight.mul_(SAM3_SCORE_GAIN)
+            presence.bias.fill_(SAM3_PRESENCE_BIAS)
+            model.mask_decoder.instance_projection.weight.mul_(SAM3_MASK_GAIN)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image = config.vision_config.backbone_config.image_size
+    (out / "processor_config.json").write_text(json.dumps({
+        "image_processor": {
+            "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_processor_type": "Sam3ImageProcessor",
+            "mask_size": {"height": 288, "width": 288}, "resample": 2, "rescale_factor": 1 / 255,
+            "size": {"height": image, "width": image},
+        },
+        "point_pad_value": -10, "processor_class": "Sam3Processor", "target_size": image,
+    }, indent=2))
+    (out / DEV_MARKER).write_text(json.dumps({"family": "sam3", "size": size, "seed": seed, "random_weights": True}))
+    return out

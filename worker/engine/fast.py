@@ -39,6 +39,7 @@ from worker.engine.jpeg import EncodedJpeg, JpegDecoder
 from worker.engine.loading import LoadedModel
 from worker.engine.postprocess import upsample
 from worker.engine.types import (
+    BoxPrompt,
     Decoder,
     EmbedQuery,
     LabelKey,
@@ -60,6 +61,7 @@ def cache_key(label: LabelKey) -> CacheKey:
     example's pixels)."""
     if isinstance(label, VisualPrompt):
         return f"image:{label.digest}"
+    assert not isinstance(label, BoxPrompt), "box prompts are SAM 3's (the runner refuses them on CLIPSeg)"
     return f"learned:{label.key}" if isinstance(label, LearnedLabel) else label
 
 
@@ -369,7 +371,7 @@ class FastEngine:
         none = torch.zeros((0, *pixels.shape[-2:]), device=pixels.device)
         if sum(counts) == 0:  # embedding-only requests: no decoder pass
             return [none for _ in counts]
-        flat = [label if isinstance(label, tuple | VisualPrompt | LearnedLabel) else (label,)
+        flat = [label if isinstance(label, tuple | VisualPrompt | LearnedLabel | BoxPrompt) else (label,)
                 for group in labels for label in group]
         with self._lock:
             conditional = self.text_cache.get_many(flat, self._label_embeddings).to(self.dtype)

@@ -21,6 +21,15 @@ from worker.engine.jpeg import EncodedJpeg
 
 
 @dataclass
+class Instance:
+    """One instance a model found for a label (SAM 3): its own binary mask, score and tight box."""
+
+    mask: np.ndarray  # (H, W) bool
+    score: float
+    bbox: list[int] | None  # [x0, y0, x1, y1], exclusive end
+
+
+@dataclass
 class PromptMask:
     prompt: str
     mask: np.ndarray  # (H, W) uint8, 0 or 255
@@ -29,6 +38,9 @@ class PromptMask:
     area_fraction: float
     soft: np.ndarray | None = None  # (H, W) uint8 round(255 * p), when asked for
     refine: str = "none"  # what made p: none (bilinear), guided; matting when its soft map is a matte
+    # the model's own instances, best first, when asked for (SAM 3; CLIPSeg's come from the mask's components)
+    instances: list[Instance] | None = None
+    presence: float | None = None  # how sure the model is that the label appears at all (SAM 3)
 
 
 @dataclass
@@ -48,6 +60,7 @@ class Wanted:
 
     soft: bool = False
     label_map: bool = False
+    instances: bool = False  # the model's own instance masks (SAM 3)
 
 
 Phrasings = tuple[str, ...]
@@ -81,8 +94,18 @@ class Decoder:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-# What a label is conditioned on: its text phrasings (ensembled), an example image, or a learned embedding.
-LabelKey = Phrasings | VisualPrompt | LearnedLabel
+@dataclass(frozen=True)
+class BoxPrompt:
+    """Exemplar boxes (SAM 3): segment every instance like the positive boxes and unlike the
+    negative ones, in the image's pixel coordinates [x0, y0, x1, y1]."""
+
+    boxes: tuple[tuple[float, float, float, float], ...]
+    negative_boxes: tuple[tuple[float, float, float, float], ...] = ()
+
+
+# What a label is conditioned on: its text phrasings (ensembled), an example image, a learned
+# embedding, or exemplar boxes.
+LabelKey = Phrasings | VisualPrompt | LearnedLabel | BoxPrompt
 
 
 @dataclass
@@ -114,9 +137,9 @@ class SegmentRequest:
         if self.phrasings is None:
             return [(p,) for p in self.prompts]
         if len(self.phrasings) != len(self.prompts) or not all(
-                isinstance(p, VisualPrompt | LearnedLabel) or len(p) for p in self.phrasings):
+                isinstance(p, VisualPrompt | LearnedLabel | BoxPrompt) or len(p) for p in self.phrasings):
             raise ValueError("each label needs one or more phrasings")
-        return [p if isinstance(p, VisualPrompt | LearnedLabel) else tuple(p) for p in self.phrasings]
+        return [p if isinstance(p, VisualPrompt | LearnedLabel | BoxPrompt) else tuple(p) for p in self.phrasings]
 
 
 @dataclass
