@@ -12,13 +12,13 @@
 # hypothesis and pycocotools; step 5 also the stack's packages, Postgres with pgvector and Redis,
 # which scripts/gpu_bundle.sh packs into .gpu/site.tar.xz for a machine without them (carry .gpu).
 # Logs and one JSON line per run go to $GPU_OUT. GPU_STEPS picks steps (default: all:
-# tests engine engine16 compile outputs e2e); GPU_E2E_PROCESSES, GPU_E2E_JOBS size step 5.
+# tests sam3 engine engine16 compile outputs e2e); GPU_E2E_PROCESSES, GPU_E2E_JOBS size step 5.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 GPU_OUT=${GPU_OUT:-${OUT:-bench/out}}
 IMAGES=${GPU_IMAGES:-512}
-STEPS=" ${GPU_STEPS:-tests engine engine16 compile outputs e2e} "
+STEPS=" ${GPU_STEPS:-tests sam3 engine engine16 compile outputs e2e} "
 mkdir -p "$GPU_OUT"
 export PYTHONUNBUFFERED=1
 status=0
@@ -59,6 +59,9 @@ stack() {
 
 want tests && step engine-tests 600 "$PY" -m pytest -q -p no:cacheprovider tests/worker/test_engine_equivalence.py \
     tests/worker/test_device_decode.py
+# SAM 3 (full architecture, random weights): images/s at 1, 4, 16 prompts against stock per-prompt calls,
+# batch 1 and 8, peak GPU memory, load time and the first request's latency (bench/README.md "SAM 3")
+want sam3 && step sam3-bench 420 "$PY" bench/sam3.py --device cuda --images 32 --prompts 1,4,16 --batch 1,8 --json
 want engine && step engine-bench 600 "$PY" bench/engine.py --model full --device cuda --prompts 4 \
     --images "$IMAGES" --stock-images 32 --batch 32 --json
 want engine16 && step engine-bench-b64-p16 600 "$PY" bench/engine.py --model full --device cuda --prompts 16 \

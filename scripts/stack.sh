@@ -97,6 +97,21 @@ up() {
     --concurrency "${CLIPMASK_WORKER_CONCURRENCY:-8}" \
     -Q "${CLIPMASK_INTERACTIVE_QUEUE:-interactive},${CLIPMASK_BULK_QUEUE:-bulk},${CLIPMASK_EVENTS_QUEUE:-events}" \
     --loglevel INFO -E
+  # CLIPMASK_EXTRA_MODELS: more bases served beside the default, comma separated (hub ids or folders,
+  # CLIPSeg or SAM 3: `clipmask dev-model --family sam3 DIR` writes a tiny one). One supervised worker
+  # per base, on that base's own queues (shared.queue.base_queues); jobs pick a base with `model`.
+  local extra index=0
+  IFS=',' read -ra extra <<<"${CLIPMASK_EXTRA_MODELS:-}"
+  for model in "${extra[@]}"; do
+    [ -n "$model" ] || continue
+    index=$((index + 1))
+    CLIPMASK_DEFAULT_MODEL="${CLIPMASK_MODEL:-CIDAS/clipseg-rd64-refined}" CLIPMASK_MODEL="$model" \
+      CLIPMASK_WORKER_METRICS_PORT=$(( ${CLIPMASK_WORKER_METRICS_PORT:-9808} + 64 * index )) \
+      start_bg "worker-extra$index" "$BIN/python" -m worker.processes --name "clipmask-extra$index" -- \
+      --concurrency "${CLIPMASK_WORKER_CONCURRENCY:-8}" \
+      -Q "${CLIPMASK_INTERACTIVE_QUEUE:-interactive},${CLIPMASK_BULK_QUEUE:-bulk},${CLIPMASK_EVENTS_QUEUE:-events}" \
+      --loglevel INFO -E
+  done
   start_bg beat "$BIN/celery" -A shared.beat_app beat --schedule "$RUN/celerybeat-schedule" --loglevel INFO
   start_bg flower "$BIN/celery" -A shared.beat_app flower --address=127.0.0.1 --port="$FLOWER_PORT" \
     --basic-auth="$CLIPMASK_FLOWER_USER:$CLIPMASK_FLOWER_PASSWORD" --persistent=True --db="$RUN/flower.db"
@@ -107,7 +122,7 @@ up() {
 }
 
 down() {
-  for name in flower beat worker api s3; do
+  for name in flower beat $(cd "$RUN/pids" 2>/dev/null && ls worker-extra*.pid 2>/dev/null | sed 's/\.pid$//') worker api s3; do
     if alive "$name"; then
       pid=$(cat "$RUN/pids/$name.pid")
       kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
