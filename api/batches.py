@@ -67,7 +67,7 @@ bp.before_request(refuse_unstorable_ids)
 
 FAST_ITEM_FIELDS = frozenset({"image_url", "image_s3_uri", "metadata"})
 ITEM_FIELDS = ("image_url", "image_s3_uri", "prompts", "threshold", "metadata", "preset", "outputs", "image_prompts",
-               "embed", "model", "refine")
+               "box_prompts", "embed", "model", "refine")
 BATCH_CODES = {**FIELD_CODES, "items": "invalid_batch_item"}
 
 
@@ -193,6 +193,8 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
             "outputs": item["outputs"] if item.get("outputs") is not None else fields.outputs,
             "image_prompts": (item["image_prompts"] if item.get("image_prompts") is not None
                               else batch_image_prompts or []),
+            "box_prompts": (item["box_prompts"] if item.get("box_prompts") is not None
+                            else [p.model_dump() for p in fields.box_prompts or []]),
             "embed": item["embed"] if item.get("embed") is not None else (fields.embed or []),
             "model": item["model"] if item.get("model") is not None else fields.model,
             "refine": item["refine"] if item.get("refine") is not None else fields.refine,

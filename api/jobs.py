@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from api.auth import current_tenant, require_tenant
 from api.idempotency import ACCEPTED_HEADERS, fingerprint, idempotency, respond
-from api.labels import ImagePrompts, LabelResolver, check_s3_input, job_labels, job_spec
+from api.labels import ImagePrompts, LabelResolver, check_boxes_inside, check_s3_input, job_labels, job_spec
 from api.metrics import JOBS_CREATED
 from api.openapi import PREFER_APPLIED, Answers, spec
 from api.pagination import page
@@ -85,6 +85,7 @@ def _parse_json() -> tuple[JobSpec, str, str]:
     if parsed.image_base64 is not None:
         data = decode_base64_image(parsed.image_base64)
         check_image_bytes(data, "image_base64")
+        check_boxes_inside(params, data)
         return job_spec(params, input={}, image=data, **extra), fingerprint(body), "base64"
     return job_spec(params, input={"image_url": parsed.image_url}, **extra), fingerprint(body), "url"
 
@@ -111,6 +112,7 @@ def _parse_multipart() -> tuple[JobSpec, str, str]:
     labels = job_labels(resolve, params, shown)
     data = upload.read()
     check_image_bytes(data, "image")
+    check_boxes_inside(params, data)
     digest = hashlib.sha256(data).hexdigest()
     job = job_spec(params, labels=labels, input={}, image=data, filename=upload.filename or None,
                    image_prompts=shown, examples=examples, model_ref=resolve.model(params.model)[0],

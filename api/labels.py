@@ -6,6 +6,7 @@ database and the tenant."""
 from __future__ import annotations
 
 import hashlib
+import io
 from typing import Any
 
 from api.auth import current_tenant
@@ -78,13 +79,14 @@ class LabelResolver:
 
     def __call__(self, preset_id: str | None, prompts: list[str], *, field: str = "prompts",
                  image_prompts: list[dict[str, Any]] | None = None, embed: list[str] | None = None,
-                 model: str | None = None) -> list[dict[str, Any]]:
+                 model: str | None = None, box_prompts: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         ref, own = self.model(model)
         if ref is not None and not prompts and preset_id is None and not image_prompts:
             return own  # a fine-tuned model's own labels, at their calibrated thresholds
-        if not prompts and preset_id is None and not image_prompts and not embed:
-            raise ApiProblem(422, "invalid_prompts", "Give prompts, a preset, image_prompts or embed.",
-                             errors=[{"field": field, "message": "give prompts, a preset, image_prompts or embed"}])
+        if not prompts and preset_id is None and not image_prompts and not embed and not box_prompts:
+            raise ApiProblem(422, "invalid_prompts", "Give prompts, a preset, image_prompts, box_prompts or embed.",
+                             errors=[{"field": field,
+                                      "message": "give prompts, a preset, image_prompts, box_prompts or embed"}])
         found = None
         if preset_id is not None:
             found = self._presets.get(preset_id)
@@ -93,7 +95,7 @@ class LabelResolver:
                 if found is None:
                     raise presets.UnknownPreset(preset_id)
                 self._presets[preset_id] = found
-        return presets.expand(found, prompts, image_prompts or [])
+        return presets.expand(found, prompts, image_prompts or [], box_prompts or [])
 
 
 def check_s3_input(uri: str, field: str) -> None:
@@ -149,13 +151,15 @@ def job_labels(resolve: LabelResolver, params: JobParams, image_prompts: list[di
                field: str = "prompts") -> list[dict[str, Any]]:
     check_family(resolve, params)
     return resolve(params.preset, params.prompts, field=field, image_prompts=image_prompts,
-                   embed=[str(e) for e in params.embed], model=params.model)
+                   embed=[str(e) for e in params.embed], model=params.model,
+                   box_prompts=[p.model_dump() for p in params.box_prompts])
 
 
 def check_family(resolve: LabelResolver, params: JobParams) -> None:
     """422 unsupported_for_model for a field the family of the job's base cannot serve."""
     resolve.model(params.model)  # 422 unknown_model first
-    fields = {"image_prompts": bool(params.image_prompts), "embed": bool(params.embed)}
+    fields = {"image_prompts": bool(params.image_prompts), "box_prompts": bool(params.box_prompts),
+              "embed": bool(params.embed)}
     if not any(fields.values()):
         return
     if params.model is None:
@@ -171,6 +175,26 @@ def check_family(resolve: LabelResolver, params: JobParams) -> None:
         raise ApiProblem(422, "unsupported_for_model", f"{', '.join(refused)}: model {name!r} ({family}) cannot "
                          "serve it; GET /v1/models lists each base's capabilities.",
                          errors=[{"field": f, "message": f"not supported by the {family} family"} for f in refused])
+
+
+def check_boxes_inside(params: JobParams, data: bytes) -> None:
+    """422 invalid_box_prompts for a box past the edges of an image the API holds (base64, upload);
+    an image by URL is checked when the worker has it (the job fails with the same code)."""
+    if not params.box_prompts:
+        return
+    from PIL import Image
+
+    try:
+        width, height = Image.open(io.BytesIO(data)).size  # the header only
+    except Exception:  # noqa: BLE001 - the worker's decode says what is wrong with the image
+        return
+    for index, prompt in enumerate(params.box_prompts):
+        for kind in ("boxes", "negative_boxes"):
+            for box in getattr(prompt, kind):
+                if box[2] > width or box[3] > height:
+                    where = f"box_prompts[{index}].{kind}"
+                    raise ApiProblem(422, "invalid_box_prompts", f"{where}: {box} is outside the {width}x{height} "
+                                     "image", errors=[{"field": where, "message": "outside the image"}])
 
 
 def job_spec(params: JobParams, *, labels: list[dict[str, Any]], input: dict[str, Any], image: bytes | None = None,

@@ -47,7 +47,8 @@ ERROR_CODES = {
     "invalid_image_url, invalid_image_base64, missing_image, multiple_images, empty_image, unknown_field, "
     "invalid_filename, unknown_preset, invalid_outputs, too_many_labels, invalid_preset_id, invalid_labels, "
     "invalid_limit, invalid_status, invalid_job_id, invalid_batch_id, invalid_request, "
-    "invalid_image_prompts, invalid_embed, invalid_search_query, invalid_result_index, invalid_scope, no_embedding, "
+    "invalid_image_prompts, invalid_box_prompts, unsupported_for_model, unknown_model, invalid_embed, "
+    "invalid_search_query, invalid_result_index, invalid_scope, no_embedding, "
     "image_fetch_failed, image_invalid, image_too_large (search query images), "
     "invalid_items, invalid_batch_item (errors[0].field names the item: items[17].image_url). Text with a NUL "
     "character or a lone surrogate gets its field's code",

@@ -21,8 +21,9 @@ DATA_URI = re.compile(r"^data:(?P<type>[\w/+.-]*)(;[\w=-]+)*;base64,", re.IGNORE
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 MAX_INT_DIGITS = 4000  # below Python's 4,300-digit limit on int(str); longer integers parse as float (inf)
 LIST_FIELDS = frozenset({"prompts", "webhook_events", "outputs", "embed"})
-JSON_FIELDS = {"metadata": "invalid_metadata",
-               "image_prompts": "invalid_image_prompts"}  # form fields that hold a JSON string -> their error code
+# form fields that hold a JSON string -> their error code
+JSON_FIELDS = {"metadata": "invalid_metadata", "image_prompts": "invalid_image_prompts",
+               "box_prompts": "invalid_box_prompts"}
 
 
 def is_json_request() -> bool:

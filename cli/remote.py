@@ -91,6 +91,24 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     return out
 
 
+def _boxes(given: list[str]) -> list[dict[str, Any]]:
+    """--box LABEL=X0,Y0,X1,Y1 (or =-X0,... for a negative box), grouped by label in first-seen order."""
+    prompts: dict[str, dict[str, Any]] = {}
+    for value in given:
+        label, _, box = value.partition("=")
+        negative = box.startswith("-")
+        try:
+            coords = [float(v) for v in box.removeprefix("-").split(",")]
+        except ValueError:
+            coords = []
+        if not label or len(coords) != 4:
+            print(f"--box takes LABEL=X0,Y0,X1,Y1, got {value!r}", file=sys.stderr)
+            raise SystemExit(2)
+        entry = prompts.setdefault(label, {"label": label, "boxes": [], "negative_boxes": []})
+        entry["negative_boxes" if negative else "boxes"].append(coords)
+    return list(prompts.values())
+
+
 def cmd_submit(args: argparse.Namespace, _settings: Any) -> int:
     with _client(args) as cm:
         try:
@@ -98,7 +116,7 @@ def cmd_submit(args: argparse.Namespace, _settings: Any) -> int:
             job = cm.create_job(args.image, args.prompt or None, preset=args.preset, outputs=args.output or None,
                                 threshold=args.threshold, wait=60 if (args.wait or args.out) else None,
                                 image_prompts=dict(examples) if examples else None, embed=args.embed or None,
-                                model=args.model, refine=args.refine)
+                                model=args.model, refine=args.refine, box_prompts=_boxes(args.box) or None)
             print(f"job {job.id} {job.status}", file=sys.stderr)
             if args.wait or args.out:
                 job = cm.wait(job.id, timeout=args.timeout)
@@ -300,8 +318,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="segment what looks like IMAGE (path or URL) as LABEL; repeat for up to 4")
     submit.add_argument("--embed", action="append", default=[], choices=["image", "masks"],
                         help="store CLIP embeddings for search: of the image, of each label's crop")
-    submit.add_argument("--model", help="one of your fine-tuned models (clipmask models list); without --prompt and "
-                                        "--preset, its own labels")
+    submit.add_argument("--model", help="a base (a sam3 one too) or one of your fine-tuned models (clipmask models "
+                                        "list); without --prompt and --preset, a fine-tuned model's own labels")
+    submit.add_argument("--box", action="append", default=[], metavar="LABEL=X0,Y0,X1,Y1",
+                        help="sam3 bases: segment what looks like the boxed example as LABEL; repeat a LABEL for more "
+                             "boxes, prefix the box with - for a negative one (LABEL=-X0,Y0,X1,Y1)")
     submit.set_defaults(func=cmd_submit)
 
     find = sub.add_parser("search", help="find your most similar images or label crops (jobs run with --embed)")

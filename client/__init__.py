@@ -48,7 +48,7 @@ class MaskResult:
     bbox: list[int] | None
     area_fraction: float
     score: float
-    source: str = "text"  # preset, text or image
+    source: str = "text"  # preset, text, image or box
     mask_url: str | None = None
     soft_url: str | None = None
     cutout_url: str | None = None
@@ -56,6 +56,7 @@ class MaskResult:
     refine: str | None = None  # none, guided or matting: how this label's outputs were refined
     # outputs: instances - [{"bbox", "score", "area_fraction", "rle"}], best first
     instances: list[dict[str, Any]] | None = None
+    presence: float | None = None  # sam3 bases: how sure the model is that the label appears at all
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> MaskResult:
@@ -191,19 +192,23 @@ class Clipmask:
                    webhook_events: list[str] | None = None, metadata: dict[str, str] | None = None,
                    idempotency_key: str | None = None, wait: int | None = None,
                    image_prompts: dict[str, str | Path | bytes] | None = None, embed: list[str] | None = None,
-                   model: str | None = None, refine: str | None = None) -> Job:
+                   model: str | None = None, refine: str | None = None,
+                   box_prompts: list[dict[str, Any]] | None = None) -> Job:
         """`image`: an http(s) URL (the worker fetches it), an s3:// URI from a bucket your tenant may
         read, a file path, or the image bytes. `wait` (1 to 60 s) asks the API to answer once the job
         is final, if it gets there within that time (Prefer: wait). `image_prompts`: label -> example
         image (URL, path or bytes), segmented by look. `embed`: "image" and/or "masks". `model`: one
-        of your fine-tuned models (list_models); without prompts and preset, its own labels. `refine`:
-        none, guided (edges that follow the photo) or matting (soft maps and cutouts from a matte)."""
+        of the deployment's bases (list_models: a sam3 base too) or of your fine-tuned models; without
+        prompts and preset, a fine-tuned model's own labels. `refine`: none, guided (edges that follow
+        the photo) or matting (soft maps and cutouts from a matte). `box_prompts` (sam3 bases):
+        [{"label", "boxes": [[x0, y0, x1, y1]], "negative_boxes": [...]}]."""
         fields: dict[str, Any] = {}
         examples = None if image_prompts is None else [image_prompt(label, ex) for label, ex in image_prompts.items()]
         for name, value in (("prompts", prompts), ("preset", preset), ("outputs", outputs),
                             ("threshold", threshold), ("webhook_url", webhook_url),
                             ("webhook_events", webhook_events), ("metadata", metadata),
-                            ("image_prompts", examples), ("embed", embed), ("model", model), ("refine", refine)):
+                            ("image_prompts", examples), ("embed", embed), ("model", model), ("refine", refine),
+                            ("box_prompts", box_prompts)):
             if value is not None:
                 fields[name] = value
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
@@ -216,7 +221,7 @@ class Clipmask:
         name = "image" if isinstance(image, bytes) else Path(image).name
         form: dict[str, Any] = {}
         for key, value in fields.items():  # list fields repeat; metadata and image_prompts are JSON strings
-            form[key] = (json.dumps(value) if key in ("metadata", "image_prompts")
+            form[key] = (json.dumps(value) if key in ("metadata", "image_prompts", "box_prompts")
                          else value if isinstance(value, list) else str(value))
         return Job.from_api(self._request("POST", "/v1/jobs", data=form, files={"image": (name, data)},
                                           headers=headers))

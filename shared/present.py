@@ -84,6 +84,8 @@ def job_object(job: Job, storage: ObjectStorage, *, long_urls: bool = False) -> 
         "refine": job.refine or "none",
         "model": model,
         "image_prompts": image_prompts_shown(job.image_prompts),
+        "box_prompts": [{"label": label["name"], "boxes": label["boxes"], "negative_boxes": label["negative_boxes"]}
+                        for label in job.labels or [] if label.get("source") == "box"],
         "embed": list(job.embed or []),
         "embedding": job.embedding,
         "embedding_model": job.embedding_model,

@@ -175,10 +175,11 @@ def delete(session: Session, tenant_id: str, preset_id: str) -> bool:
     return True
 
 
-def expand(preset: PresetDef | None, prompts: list[str],
-           image_prompts: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def expand(preset: PresetDef | None, prompts: list[str], image_prompts: list[dict[str, Any]] | None = None,
+           box_prompts: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The job's labels, in result order: the preset's, then the text prompts, then the image
-    prompts (TooManyLabels past 32). An image label names its example: {"image_url"} or {"key"}."""
+    prompts, then the box prompts (TooManyLabels past 32). An image label names its example:
+    {"image_url"} or {"key"}; a box label carries its boxes and negative boxes."""
     labels = [{"name": label["name"], "prompts": list(label["prompts"]), "source": "preset",
                **({"threshold": label["threshold"]} if label.get("threshold") is not None else {})}
               for label in (preset.labels if preset else [])]
@@ -186,6 +187,9 @@ def expand(preset: PresetDef | None, prompts: list[str],
     for example in image_prompts or []:
         source = {"image_url": example["image_url"]} if "image_url" in example else {"key": example["key"]}
         labels.append({"name": example["label"], "prompts": [], "source": "image", "example": source})
+    for box in box_prompts or []:
+        labels.append({"name": box["label"], "prompts": [], "source": "box", "boxes": box["boxes"],
+                       "negative_boxes": box.get("negative_boxes", [])})
     if len(labels) > MAX_LABELS:
         raise TooManyLabels(len(labels))
     return labels

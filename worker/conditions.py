@@ -12,7 +12,7 @@ from shared.tables import Job
 from worker.decoders import Served
 from worker.deps import MODEL_INPUT, RunnerDeps
 from worker.engine.embed import VisualPrompt
-from worker.engine.types import LabelKey, LearnedLabel
+from worker.engine.types import BoxPrompt, LabelKey, LearnedLabel
 
 
 def label_conditions(labels: list[dict[str, Any]], job: Job, deps: RunnerDeps, *,
@@ -24,6 +24,10 @@ def label_conditions(labels: list[dict[str, Any]], job: Job, deps: RunnerDeps, *
     keys: list[LabelKey] = []
     examples = 0
     for label in labels:
+        if label.get("source") == "box":
+            keys.append(BoxPrompt(tuple(tuple(b) for b in label["boxes"]),
+                                  tuple(tuple(b) for b in label.get("negative_boxes", []))))
+            continue
         if label.get("source") != "image":
             keys.append(tuple(label["prompts"]))
             continue
@@ -55,3 +59,14 @@ def with_learned(labels: list[dict[str, Any]], conditions: list[LabelKey],
     return [LearnedLabel(f"{tuned.decoder.revision}:{label['model_label']}", embeddings[label["model_label"]])
             if label.get("source") == "model" else condition
             for label, condition in zip(labels, conditions, strict=True)]
+
+
+def check_boxes(labels: list[dict[str, Any]], width: int, height: int) -> None:
+    """A box prompt past the edges of the decoded image fails the job invalid_box_prompts (the API
+    checks the images it holds; an image by URL is known only here)."""
+    for index, label in enumerate(label for label in labels if label.get("source") == "box"):
+        for kind in ("boxes", "negative_boxes"):
+            for box in label.get(kind, []):
+                if box[2] > width or box[3] > height:
+                    raise JobFailure(f"box_prompts[{index}].{kind}: {box} is outside the {width}x{height} image",
+                                     code="invalid_box_prompts")

@@ -39,7 +39,7 @@ from shared.presets import labels_of
 from shared.s3uri import input_refusal, parse_s3_uri
 from shared.storage import job_object_keys
 from shared.tables import Job, Tenant
-from worker.conditions import label_conditions, with_learned
+from worker.conditions import check_boxes, label_conditions, with_learned
 from worker.deps import MODEL_INPUT, RunnerDeps, Segments, TransientError
 from worker.engine.jpeg import EncodedJpeg
 from worker.engine.refine import apply_mattes
@@ -152,6 +152,7 @@ def _run(job: Job, *, deps: RunnerDeps, ctx: dict[str, str], retry_storage: bool
                                              model_input=model_input)
         del data
         # written with the job's final state, in its one transaction (not a round trip of their own)
+        check_boxes(labels, width, height)
         facts.update(image_width=width, image_height=height, model_revision=getattr(segmenter, "model_revision", None))
         if (stopped := _boundary(deps, job.id)) is not None:
             log.info("job %s before inference; it takes no batcher slot", _why(stopped), extra=ctx)

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.schemas.common import (
     HTTP_URL,
+    MAX_BOX_PROMPTS,
     MAX_IMAGE_PROMPTS,
     MAX_PROMPTS,
     METADATA,
@@ -19,7 +20,7 @@ from api.schemas.common import (
     RefineMethod,
     default_outputs,
 )
-from api.schemas.jobs import ImagePrompt
+from api.schemas.jobs import BoxPromptIn, ImagePrompt
 from shared.enums import BatchEvent, BatchStatus, JobEvent
 
 BatchPriority = Literal["low", "normal", "high"]
@@ -43,6 +44,7 @@ class BatchItem(BaseModel):
     preset: str | None = Field(default=None, description="Default: the batch's preset.")
     outputs: list[OutputKind] | None = Field(default=None, description="Default: the batch's outputs.")
     image_prompts: list[ImagePrompt] | None = Field(default=None, description="Default: the batch's image prompts.")
+    box_prompts: list[BoxPromptIn] | None = Field(default=None, description="Default: the batch's box prompts.")
     embed: list[EmbedKind] | None = Field(default=None, description="Default: the batch's embed.")
     model: str | None = Field(default=None, description="Default: the batch's model.")
     refine: RefineMethod | None = Field(default=None, description="Default: the batch's refine.")
@@ -64,6 +66,8 @@ class BatchCreate(BaseModel):
                                       description="Outputs for items that set none.")
     image_prompts: list[ImagePrompt] | None = Field(default=None, description="Image prompts for items that set none.",
                                                     json_schema_extra={"maxItems": MAX_IMAGE_PROMPTS})
+    box_prompts: list[BoxPromptIn] | None = Field(default=None, description="Box prompts for items that set none.",
+                                                  json_schema_extra={"maxItems": MAX_BOX_PROMPTS})
     embed: list[EmbedKind] | None = Field(default=None, description="Embeddings for items that set none.")
     model: str | None = Field(default=None, description="Model for items that set none (GET /v1/models).")
     refine: RefineMethod = Field(default="none",

@@ -38,6 +38,8 @@ EMBED_KINDS: tuple[str, ...] = ("image", "masks")
 
 
 MAX_IMAGE_PROMPTS = 4
+MAX_BOX_PROMPTS = 4  # SAM 3's exemplar prompts per job
+MAX_BOXES = 8  # positive boxes per box prompt, and negative ones
 
 
 MAX_PROMPTS = 16
@@ -65,6 +67,7 @@ FIELD_CODES = {
     "preset": "unknown_preset",
     "outputs": "invalid_outputs",
     "image_prompts": "invalid_image_prompts",
+    "box_prompts": "invalid_box_prompts",
     "embed": "invalid_embed",
     "model": "unknown_model",
     "refine": "invalid_refine",

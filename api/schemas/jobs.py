@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -9,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from api.schemas.common import (
     EMBED_KINDS,
     HTTP_URL,
+    MAX_BOX_PROMPTS,
+    MAX_BOXES,
     MAX_IMAGE_PROMPTS,
     MAX_METADATA_CHARS,
     MAX_METADATA_PAIRS,
@@ -32,6 +35,37 @@ from api.schemas.models import BaseInfo
 from shared.enums import JobEvent, JobStatus
 from shared.presets import PRESET_ID
 from shared.s3uri import parse_s3_uri
+
+Box = Annotated[list[float], Field(min_length=4, max_length=4, description="[x0, y0, x1, y1] in the image's pixels")]
+
+
+class BoxPromptIn(BaseModel):
+    """Exemplar boxes (SAM 3): segment every instance like the boxed examples, unlike the negative ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(description="The result's `prompt`.", json_schema_extra={"minLength": 1, "pattern": r"\S",
+                                                                               "maxLength": MAX_PROMPT_CHARS})
+    boxes: list[Box] = Field(min_length=1, max_length=MAX_BOXES)
+    negative_boxes: list[Box] = Field(default_factory=list, max_length=MAX_BOXES)
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, value: str) -> str:
+        text = value.strip()
+        if not text or len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(f"a label is 1 to {MAX_PROMPT_CHARS} characters")
+        return text
+
+    @field_validator("boxes", "negative_boxes")
+    @classmethod
+    def _boxes(cls, value: list[list[float]]) -> list[list[float]]:
+        for x0, y0, x1, y1 in value:
+            if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+                raise ValueError("box coordinates are finite numbers")
+            if x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:
+                raise ValueError("a box is [x0, y0, x1, y1] with 0 <= x0 < x1 and 0 <= y0 < y1, in pixels")
+        return value
 
 
 class ImagePrompt(BaseModel):
@@ -87,6 +121,11 @@ class JobParams(BaseModel):
         default_factory=list, max_length=MAX_IMAGE_PROMPTS,
         description=f"Up to {MAX_IMAGE_PROMPTS} example images: segment what looks like each (results after the "
                     "text prompts').")
+    box_prompts: list[BoxPromptIn] = Field(
+        default_factory=list, max_length=MAX_BOX_PROMPTS,
+        description=f"Up to {MAX_BOX_PROMPTS} exemplar prompts (sam3 bases): segment every instance like the boxed "
+                    "examples (results after the image prompts', source `box`). A box outside the image: 422 "
+                    "invalid_box_prompts (for an image by URL, the job fails with that code).")
     embed: list[EmbedKind] = Field(
         default_factory=list, description="CLIP image embeddings to compute and store for search: of the whole "
                                           "image (the job's `embedding`), of each label's masked crop (results').")
@@ -220,6 +259,8 @@ class JobCreateMultipart(BaseModel):
     outputs: list[OutputKind] | None = Field(default=None, description="Repeat the field once per output.")
     image_prompts: str | None = Field(default=None, description="A JSON list of image prompts, as a string.",
                                       json_schema_extra={"contentMediaType": "application/json"})
+    box_prompts: str | None = Field(default=None, description="A JSON list of box prompts, as a string.",
+                                    json_schema_extra={"contentMediaType": "application/json"})
     embed: list[EmbedKind] | None = Field(default=None, description="Repeat the field once per kind.")
     threshold: float = Field(default=0.4, gt=0, lt=1)
     model: str | None = None
@@ -258,7 +299,7 @@ class MaskResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(description="The preset label's name or the text prompt.")
-    source: Literal["preset", "text", "image", "model"]
+    source: Literal["preset", "text", "image", "box", "model"]
     mask_url: str | None = Field(default=None, description="(mask) Presigned GET URL of an 8-bit grayscale PNG, "
                                  "0 or 255, image size.")
     soft_url: str | None = Field(default=None, description="(soft) 8-bit grayscale PNG of round(255 * p).")
@@ -270,7 +311,10 @@ class MaskResult(BaseModel):
         description="[x0, y0, x1, y1], exclusive end; null for an empty mask."
     )
     area_fraction: float
-    score: float = Field(description="Highest probability anywhere in the image for this label.")
+    score: float = Field(description="clipseg: highest probability anywhere in the image for this label; sam3: the "
+                         "best kept instance's score (0 when none).")
+    presence: float | None = Field(default=None, ge=0, le=1, description="(sam3) How sure the model is that the "
+                                   "label appears in the image at all: sigmoid of its presence logit.")
     refine: RefineMethod | None = Field(default=None, description="How this label's outputs were refined: the "
                                         "job's refine, except guided where matting fell back (over the bound, or "
                                         "no outline to matte). Absent on jobs from before refine existed.")
@@ -280,7 +324,8 @@ class MaskResult(BaseModel):
                                              "first, at most CLIPMASK_MAX_INSTANCES (100): for clipseg the "
                                              "8-connected components of its mask covering at least "
                                              "CLIPMASK_INSTANCES_MIN_FRACTION (0.1%) of the image, each scored by "
-                                             "its mean probability.")
+                                             "its mean probability; for sam3 the instances SAM 3 kept (score = "
+                                             "sigmoid(logit) x sigmoid(presence) above the threshold).")
 
 
 class JobOutputs(BaseModel):
@@ -331,6 +376,7 @@ class JobObject(BaseModel):
     refine: RefineMethod = Field(description="The refinement asked for (each result says what it got).")
     model: ModelInfo | None = Field(description="The checkpoint that ran the job, once running.")
     image_prompts: list[dict[str, Any]]
+    box_prompts: list[dict[str, Any]] = Field(description="The box prompts as given: {label, boxes, negative_boxes}.")
     embed: list[str]
     embedding: list[float] | None
     embedding_model: str | None

@@ -109,7 +109,14 @@ async function loadModels() {
   try {
     const list = await api('GET', '/v1/models');
     select.length = 1;
-    for (const model of list.data.filter((m) => !m.builtin)) {  // the tenant's fine-tuned models
+    // the bases workers serve now (each with its family: clipseg, sam3), then the tenant's fine-tuned models
+    for (const model of list.data.filter((m) => m.builtin && m.served)) {
+      const opt = document.createElement('option');
+      opt.value = model.id;
+      opt.textContent = `${model.id} (${model.family})`;
+      select.append(opt);
+    }
+    for (const model of list.data.filter((m) => !m.builtin)) {
       const opt = document.createElement('option');
       opt.value = model.id;
       opt.textContent = `${model.id} (${model.labels.map((l) => l.name).join(', ')})`;
@@ -241,6 +248,7 @@ function render(job) {
     facts.textContent = `score ${r.score.toFixed(2)}, ${(100 * r.area_fraction).toFixed(1)}% of the image` +
       (r.bbox ? '' : ' (nothing found above the threshold)') +
       (r.refine && r.refine !== 'none' ? `, edges: ${r.refine}` : '') +
+      (typeof r.presence === 'number' ? `, present: ${(100 * r.presence).toFixed(0)}%` : '') +
       (r.instances ? `, ${r.instances.length} instance${r.instances.length === 1 ? '' : 's'}` : '');
     const pair = document.createElement('div');
     pair.className = 'pair';

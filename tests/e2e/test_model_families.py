@@ -6,6 +6,7 @@ what a family cannot do is 422 unsupported_for_model."""
 from __future__ import annotations
 
 import io
+import json
 import time
 import uuid
 
@@ -120,3 +121,46 @@ def test_what_sam3_cannot_do_is_refused(client, tenant, image_server, sam3_base,
     assert resp.status_code == 422
     body = resp.get_json()
     assert body["code"] == "unsupported_for_model" and body["errors"][0]["field"] == next(iter(fields))
+
+
+def b64(width: int = 160, height: int = 120) -> str:
+    import base64
+
+    return base64.b64encode(make_image(width, height)).decode()
+
+
+def test_box_prompts_segment_like_the_boxed_examples(client, tenant, sam3_base):
+    boxes = [{"label": "like this", "boxes": [[10, 20, 80, 100]], "negative_boxes": [[100, 10, 150, 60]]}]
+    resp = client.post("/v1/jobs", json={"image_base64": b64(), "model": sam3_base, "prompts": ["shirt"],
+                                         "box_prompts": boxes, "outputs": ["mask", "instances"], "threshold": 0.3},
+                       headers=tenant.headers)
+    assert resp.status_code == 202, resp.get_json()
+    job = wait_for_job(client, tenant, resp.get_json()["id"])
+    assert job["status"] == "succeeded", job
+    assert [(r["prompt"], r["source"]) for r in job["results"]] == [("shirt", "text"), ("like this", "box")]
+    assert job["box_prompts"] == boxes
+    assert 0 <= job["results"][1]["presence"] <= 1
+
+
+@pytest.mark.parametrize("box", [[10, 20, 5, 100], [-1, 0, 10, 10], [0, 0, 10], [0, 0, 10, float("inf")]])
+def test_a_malformed_box_is_refused(client, tenant, sam3_base, box):
+    resp = client.post("/v1/jobs", data=json.dumps({"image_base64": b64(), "model": sam3_base, "box_prompts": [
+        {"label": "x", "boxes": [box]}]}).replace("Infinity", "1e999"), headers=tenant.headers,
+        content_type="application/json")
+    assert resp.status_code == 422 and resp.get_json()["code"] == "invalid_box_prompts", resp.get_json()
+
+
+def test_a_box_outside_the_image(client, tenant, image_server, sam3_base):
+    outside = [{"label": "x", "boxes": [[10, 10, 170, 50]]}]  # the image is 160 wide
+    resp = client.post("/v1/jobs", json={"image_base64": b64(), "model": sam3_base, "box_prompts": outside},
+                       headers=tenant.headers)
+    assert resp.status_code == 422 and resp.get_json()["errors"][0]["field"] == "box_prompts[0].boxes"
+    # by URL the size is known only when it runs: the job fails with the same code
+    resp = post(client, tenant, image_server, model=sam3_base, box_prompts=outside)
+    job = wait_for_job(client, tenant, resp.get_json()["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "invalid_box_prompts", job
+
+
+def test_box_prompts_on_clipseg_are_refused(client, tenant, image_server, sam3_base):
+    resp = post(client, tenant, image_server, box_prompts=[{"label": "x", "boxes": [[1, 1, 20, 20]]}])
+    assert resp.status_code == 422 and resp.get_json()["code"] == "unsupported_for_model"
