@@ -27,15 +27,18 @@ bp.before_request(refuse_unstorable_ids)
 
 
 @bp.get("")
-@spec.validate(resp=Answers(200, ModelList, "The base model(s) first, then yours by id."), operation_id="listModels",
+@spec.validate(resp=Answers(200, ModelList, "The default base first, the other bases, then yours by id."),
+               operation_id="listModels",
                tags=["models"], skip_validation=True)
 def list_models() -> Response:
     """List models
 
-    The deployment's base model(s), read-only, then your fine-tuned decoders.
+    The deployment's base models, read-only (the default base first; each with its family and
+    capabilities), then your fine-tuned decoders.
     """
     session, settings = db(), services().settings
-    bases = tuned_models.current_bases(session, ttl_s=settings.served_base_ttl_s)
+    bases = sorted(tuned_models.current_bases(session, ttl_s=settings.served_base_ttl_s),
+                   key=lambda b: (b.id != settings.default_base, b.id))
     own = session.execute(select(TunedModel).where(TunedModel.tenant_id == current_tenant().id)
                           .order_by(TunedModel.id)).scalars()
     data = [tuned_models.base_object(b, live_s=settings.served_base_live_s) for b in bases] + [

@@ -91,7 +91,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    folder = Path(tempfile.mkdtemp(prefix="sam3-full-"))
+    scratch = tempfile.TemporaryDirectory(prefix="sam3-full-")  # 3.4 GB of fp32 weights, removed at exit
+    folder = Path(scratch.name)
     t0 = time.perf_counter()
     write_sam3_dev_model(folder, size="full")
     built = time.perf_counter() - t0
@@ -123,6 +124,7 @@ def main() -> None:
         report["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     report["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print(json.dumps(report) if args.json else report)
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

@@ -192,3 +192,16 @@ def test_a_batch_of_jobs_equals_each_job_alone(engine, images) -> None:
             assert a.score == pytest.approx(b.score, abs=1e-5)
             assert (a.mask != b.mask).mean() < 1e-4
     assert together[0].label_map is not None and together[0].label_map.shape == arrays[0].shape[:2]
+
+
+def test_non_finite_model_output_shows_in_the_logits_the_runner_checks(sam3_dir, images) -> None:
+    """The runner fails a job whose logits are not finite (model_output_invalid): a NaN presence
+    keeps no instance, so the engine must still say so."""
+    from worker.engine.families.sam3 import Sam3Engine, load_sam3
+
+    broken = Sam3Engine(load_sam3(str(sam3_dir), device="cpu"))
+    with torch.no_grad():
+        broken.loaded.model.detr_decoder.presence_head.layer3.bias.fill_(float("nan"))
+    arr = np.asarray(Image.open(images[0]).convert("RGB"))
+    result = broken.segment_batch([SegmentRequest(arr, ["shirt"], 0.5)])[0]
+    assert result.masks[0].score == 0 and not torch.isfinite(result.logits).all()

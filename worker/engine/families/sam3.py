@@ -284,6 +284,8 @@ class Sam3Engine:
             keep = keep[scores[keep].argsort(descending=True, stable=True)]  # best first
             mask_logits = raw["masks"][j]
             low.append(mask_logits.amax(dim=0) if len(mask_logits) else mask_logits.new_zeros(mask_logits.shape[1:]))
+            if not (torch.isfinite(raw["logits"][j]).all() and torch.isfinite(raw["presence"][j]).all()):
+                low[-1] = low[-1] + float("nan")  # the runner's finiteness check fails the job model_output_invalid
             prob = torch.zeros((height, width), device=dev)
             instances: list[Instance] = []
             step = max(1, MAX_UPSAMPLE_ELEMENTS // (height * width))
