@@ -222,8 +222,9 @@ def _validate_items(fields: BatchCreate, raw: list[Any], limit: int) -> BatchSpe
             raise _item_problem(index, "preset" if exc.code == "unknown_preset" else "prompts", exc.message) from exc
         except tuned_models.ModelError as exc:
             raise _item_problem(index, "model", exc.message) from exc
-        except ApiProblem as exc:
-            raise _item_problem(index, "prompts", exc.detail) from exc
+        except ApiProblem as exc:  # no labels, or a field the base's family cannot serve (unsupported_for_model)
+            field = str(exc.errors[0]["field"]) if exc.errors else "prompts"
+            raise _item_problem(index, field, exc.detail) from exc
         return job_spec(params, labels=labels, input=image_input, image_prompts=shown, examples=stored,
                         model_ref=resolve.model(params.model)[0], base=resolve.base(params.model)[0])
 

@@ -112,10 +112,10 @@ def main() -> None:
         prompts = WORDS[:count]
         row: dict = {"prompts": count}
         if not args.no_stock:
-            row["stock_images_per_s"] = round(args.images / stock(engine, arrays, prompts), 3)
+            row["stock_images_per_s"] = round(args.images / stock(engine, arrays, prompts), 4)
         for batch in [int(b) for b in args.batch.split(",")]:
             seconds = engine_run(engine, arrays, prompts, batch)
-            row[f"engine_b{batch}_images_per_s"] = round(args.images / seconds, 3)
+            row[f"engine_b{batch}_images_per_s"] = round(args.images / seconds, 4)
             if "stock_images_per_s" in row:
                 row[f"speedup_b{batch}"] = round(row[f"engine_b{batch}_images_per_s"] / row["stock_images_per_s"], 2)
         report["runs"].append(row)

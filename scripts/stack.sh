@@ -140,7 +140,7 @@ down() {
 }
 
 status() {
-  for name in s3 api worker beat flower; do
+  for name in s3 api worker $(cd "$RUN/pids" 2>/dev/null && ls worker-extra*.pid 2>/dev/null | sed 's/\.pid$//') beat flower; do
     if alive "$name"; then echo "$name running (pid $(cat "$RUN/pids/$name.pid"))"; else echo "$name not running"; fi
   done
 }
