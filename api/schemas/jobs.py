@@ -36,6 +36,15 @@ from shared.enums import JobEvent, JobStatus
 from shared.presets import PRESET_ID
 from shared.s3uri import parse_s3_uri
 
+
+def label_text(value: str) -> str:
+    """An image or box prompt's label: the result's `prompt`, trimmed, 1 to MAX_PROMPT_CHARS characters."""
+    text = value.strip()
+    if not text or len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"a label is 1 to {MAX_PROMPT_CHARS} characters")
+    return text
+
+
 Box = Annotated[list[float], Field(min_length=4, max_length=4, description="[x0, y0, x1, y1] in the image's pixels")]
 
 
@@ -49,13 +58,7 @@ class BoxPromptIn(BaseModel):
     boxes: list[Box] = Field(min_length=1, max_length=MAX_BOXES)
     negative_boxes: list[Box] = Field(default_factory=list, max_length=MAX_BOXES)
 
-    @field_validator("label")
-    @classmethod
-    def _label(cls, value: str) -> str:
-        text = value.strip()
-        if not text or len(text) > MAX_PROMPT_CHARS:
-            raise ValueError(f"a label is 1 to {MAX_PROMPT_CHARS} characters")
-        return text
+    _label = field_validator("label")(classmethod(lambda cls, value: label_text(value)))
 
     @field_validator("boxes", "negative_boxes")
     @classmethod
@@ -79,13 +82,7 @@ class ImagePrompt(BaseModel):
     image_url: str | None = Field(default=None, json_schema_extra=HTTP_URL)
     image_base64: str | None = Field(default=None, json_schema_extra={"contentEncoding": "base64"})
 
-    @field_validator("label")
-    @classmethod
-    def _label(cls, value: str) -> str:
-        text = value.strip()
-        if not text or len(text) > MAX_PROMPT_CHARS:
-            raise ValueError(f"a label is 1 to {MAX_PROMPT_CHARS} characters")
-        return text
+    _label = field_validator("label")(classmethod(lambda cls, value: label_text(value)))
 
     @field_validator("image_url")
     @classmethod
