@@ -7,6 +7,7 @@
   clipmask dev-model DIR          tiny random-weight CLIPSeg for offline runs (--size full: real shape;
                                   --family sam3: a SAM 3)
   clipmask dev-s3 DIR --port P    SeaweedFS's S3 server, objects kept under DIR (the native stack's storage)
+  clipmask dev-s3 DIR --port P --wait S   wait until that server serves every object it kept
   clipmask migrate                alembic upgrade head
   clipmask init-storage           create the bucket if missing
   clipmask model-available [ID]   exit 0 if the hub model can be loaded here
@@ -49,12 +50,22 @@ def cmd_dev_model(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dev_s3(args: argparse.Namespace, settings: Settings) -> int:
-    from cli.dev_s3 import run
+    from cli.dev_s3 import Ports, run, wait_ready
 
     if not (settings.s3_access_key_id and settings.s3_secret_access_key):
         print("set CLIPMASK_S3_ACCESS_KEY_ID and CLIPMASK_S3_SECRET_ACCESS_KEY: the server refuses anonymous "
               "requests", file=sys.stderr)
         return 2
+    if args.wait is not None:
+        try:
+            waited = wait_ready(f"http://127.0.0.1:{args.port}", access_key=settings.s3_access_key_id,
+                                secret_key=settings.s3_secret_access_key, timeout=args.wait,
+                                data_dir=Path(args.directory).resolve(), ports=Ports.from_s3(args.port))
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(json.dumps({"ready_after_s": round(waited, 2)}))
+        return 0
     return run(Path(args.directory).resolve(), args.port, access_key=settings.s3_access_key_id,
                secret_key=settings.s3_secret_access_key)
 
@@ -161,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the native stack's storage; keys from CLIPMASK_S3_ACCESS_KEY_ID/SECRET_ACCESS_KEY)")
     s3.add_argument("directory")
     s3.add_argument("--port", type=int, default=9000, help="the S3 port; the next seven ports are SeaweedFS's own")
+    s3.add_argument("--wait", type=float, metavar="SECONDS",
+                    help="do not serve: wait until the server already started on DIR and PORT answers and "
+                    "its master knows every volume on disk (after a restart, old objects read back)")
     s3.set_defaults(func=cmd_dev_s3)
 
     from cli.admin import add_commands

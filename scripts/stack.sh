@@ -85,6 +85,10 @@ up() {
     # SeaweedFS: objects on disk under $RUN/s3 (they outlive `down`/`up`; `make clean` removes them),
     # SigV4 with the CLIPMASK_S3_* keys; ports $S3_PORT to $S3_PORT+7 (cli/dev_s3.py)
     start_bg s3 "$BIN/clipmask" dev-s3 "$RUN/s3" --port "$S3_PORT"
+    # after a restart, ListBuckets answers before the volume server has told the master where the
+    # old volumes are (its heartbeat comes every 5 s); wait for that, or old masks read as 500s
+    "$BIN/clipmask" dev-s3 "$RUN/s3" --port "$S3_PORT" --wait 90 >/dev/null \
+      || { say "object storage did not get ready; see $RUN/logs/s3.log"; exit 1; }
   fi
   "$BIN/clipmask" migrate
   # waits for the S3 endpoint (SeaweedFS answers in a few seconds) and makes the bucket

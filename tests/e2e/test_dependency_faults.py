@@ -11,6 +11,7 @@ import requests
 from sqlalchemy import select
 
 from api import create_app
+from cli.dev_s3 import volumes_known, volumes_on_disk
 from shared.storage import ObjectStorage
 from shared.tables import Job
 from tests.support.api import wait_for_job
@@ -80,6 +81,32 @@ def test_storage_down_jobs_retry_then_fail_and_recover_when_it_is_back(
         assert [requests.get(r["mask_url"], timeout=10).content for r in again["results"]] == masks_before
     finally:
         stop_process(worker)
+        kill(s3)
+
+
+def test_a_restarted_s3_server_serves_every_kept_object_as_soon_as_it_is_ready(settings, tmp_path):
+    """SeaweedFS killed and started again on its folder: once `start` returns (what `make up` and
+    `clipmask dev-s3 --wait` wait for), every object written before reads back at once. ListBuckets
+    alone answers before the volume server's heartbeat tells the master where the old volumes are,
+    and a GET then is a 500 InternalError (a CI run saw it)."""
+    ports, data = s3_ports(), tmp_path / "s3"
+    own = settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{ports.s3}",
+                                      "s3_bucket": f"restart-{uuid.uuid4().hex[:8]}"})
+    s3 = start_s3_server(ports, data)
+    try:
+        storage = ObjectStorage(own)
+        storage.ensure_bucket()
+        kept = {f"kept/{index}.bin": uuid.uuid4().bytes * (index + 1) for index in range(6)}
+        for key, body in kept.items():
+            storage.put(key, body, content_type="application/octet-stream")
+        kill(s3)
+        assert volumes_on_disk(data) > 0
+        s3 = start_s3_server(ports, data)
+        assert volumes_known(ports.master) >= volumes_on_disk(data)
+        # as a client reads a mask: one GET of its presigned URL, no SDK retrying a 500
+        fresh = ObjectStorage(own)
+        assert {key: requests.get(fresh.presign_get(key), timeout=10).content for key in kept} == kept
+    finally:
         kill(s3)
 
 
