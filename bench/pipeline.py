@@ -455,9 +455,13 @@ def main() -> int:
                         print(f"  stage ms per image (wall, summed over threads): {stages}", flush=True)
                 report[kind] = rows
     finally:
-        for proc in procs:
+        for proc in procs:  # SeaweedFS takes up to 25 s to stop gracefully (its filer, then its volumes)
             proc.terminate()
-            proc.wait(timeout=10)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     if args.json:
         print(json.dumps(report))
     return 0
